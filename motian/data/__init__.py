@@ -1,0 +1,1 @@
+"""Data: built-in corpora and user files, cleaning, vocabulary, encoding, loading, masking."""

@@ -24,10 +24,10 @@ from __future__ import annotations
 
 import glob
 import gzip
+import importlib.util
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
-import importlib.util
 from pathlib import Path
 from typing import Literal
 

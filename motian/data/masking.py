@@ -1,0 +1,293 @@
+"""Masked-LM masking: which tokens the model must predict and what it sees in their place.
+
+Owns `MaskingConfig` (strategy, budget, replacement probabilities, presets) and `Masker`, which
+masks a whole batch at once with numpy: no Python loop over tokens or words on the hot path
+(the only loops run over word *lengths*, a handful of iterations per batch).
+
+How a batch is masked (B rows, L positions; the loader calls this fresh for every batch, so each
+epoch sees new masks: RoBERTa's dynamic masking):
+
+1. **Words.** Word starts come from the encoded shards (bit 0 of the flags: jieba words aligned
+   to tokens). A content token also starts a word when the token before it is not content
+   ([CLS], [SEP], padding), so a word cut at a row or document edge becomes a word of its own.
+   With ``strategy="token"`` every token is a word (BERT).
+2. **Units.** A unit is what gets chosen as one piece: a word (``whole_word``), an n-gram of 1-4
+   words with probabilities 40/30/20/10 (``ngram``, MacBERT's phrase masking), or a span of
+   words whose length follows a geometric law (p=0.2) truncated at 10 and renormalised
+   (``span``, SpanBERT, mean 3.8 words). Each row is cut into consecutive units of random
+   lengths; because units are then picked uniformly, the lengths of *picked* units follow the
+   configured law.
+3. **Budget.** A row with n content tokens gets ``budget = max(1, round(rate * n))`` tokens.
+   Units are visited in random order, word by word; a word is taken while the tokens taken
+   before it are fewer than the budget, and the word that crosses the budget is taken only if
+   that lands nearer the budget than stopping (ties and the row's first word are always taken).
+   So a row is never over its budget by more than one word, never under it by more than one
+   word, the mean rate is unbiased, and every row with content has at least one masked token
+   (an empty mask makes the MLM loss NaN). A unit cut by the budget keeps its first words.
+4. **Replacement, once per word** (UER-py decided per character, which leaks the word): each
+   chosen word draws one action: [MASK] on all its tokens, a random replacement, keep, or a
+   synonym. Random replacement is per token from the vocabulary (``random_mode="token"``,
+   BERT) or a whole random word of the same token length taken from the batch, so it follows
+   the corpus' word frequencies (``"word"``). A synonym is a same-length candidate from the
+   word's HIT Cilin row of the `SynonymTable` (MacBERT's similar-word masking); a word with no
+   usable synonym (none in Cilin, or cut at the row edge) falls back to ``synonym_fallback``.
+5. **Labels** are compact: flat positions into the (B*L) grid and the original ids there, so
+   the model computes its output layer on masked positions only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Literal
+
+import numpy as np
+
+from motian.data.shards import SynonymTable
+
+Strategy = Literal["token", "whole_word", "ngram", "span"]
+Preset = Literal["bert", "wwm", "spanbert", "motian"]
+# Per-token action codes (`MaskedBatch.actions`), for inspection and tests.
+NONE, MASK, RANDOM, KEEP, SYNONYM = 0, 1, 2, 3, 4
+ACTION_NAMES = {MASK: "mask", RANDOM: "random", KEEP: "keep", SYNONYM: "synonym"}
+
+
+@dataclass(frozen=True)
+class MaskingConfig:
+    """What the model is asked to predict. See the module docstring for the exact rules."""
+
+    strategy: Strategy = "whole_word"
+    rate: float = 0.15  # mask budget as a fraction of the content tokens of each row
+    ngram_probs: tuple[float, ...] = (0.4, 0.3, 0.2, 0.1)  # P(n = 1, 2, 3, 4 words)
+    span_p: float = 0.2  # SpanBERT geometric parameter
+    span_max: int = 10  # longest span, in words
+    # Replacement of a chosen word: probabilities of [MASK] / random / keep / synonym.
+    mask_prob: float = 0.8
+    random_prob: float = 0.1
+    keep_prob: float = 0.1
+    synonym_prob: float = 0.0
+    random_mode: Literal["token", "word"] = "token"
+    synonym_fallback: Literal["mask", "random", "keep"] = "mask"
+
+    def __post_init__(self) -> None:
+        probs = (self.mask_prob, self.random_prob, self.keep_prob, self.synonym_prob)
+        if min(probs) < 0 or abs(sum(probs) - 1.0) > 1e-6:
+            raise ValueError(f"mask/random/keep/synonym probabilities must be >= 0 and sum to 1, "
+                             f"got {probs}")
+        if not 0.0 < self.rate < 1.0:
+            raise ValueError(f"masking rate must be in (0, 1), got {self.rate}")
+        if self.strategy == "ngram" and (min(self.ngram_probs) < 0 or sum(self.ngram_probs) <= 0):
+            raise ValueError(f"ngram_probs must be >= 0 with a positive sum: {self.ngram_probs}")
+        if self.strategy == "span" and not (0 < self.span_p <= 1 and self.span_max >= 1):
+            raise ValueError("span masking needs 0 < span_p <= 1 and span_max >= 1")
+
+    @classmethod
+    def preset(cls, name: Preset, **overrides) -> MaskingConfig:
+        """Named recipes; keyword arguments override single fields."""
+        presets = {
+            # BERT: single tokens, 80% [MASK] / 10% random token / 10% unchanged.
+            "bert": cls(strategy="token"),
+            # Chinese BERT-wwm: the same replacement, whole jieba words chosen together.
+            "wwm": cls(strategy="whole_word"),
+            # SpanBERT: geometric spans of whole words, BERT's replacement per span word.
+            "spanbert": cls(strategy="span"),
+            # Motian (MacBERT-style): words and 1-4-word phrases; a chosen word becomes a
+            # same-length Cilin synonym instead of [MASK] (no [MASK] token the fine-tuned model
+            # never sees), a random same-length word when it has no synonym, else kept.
+            "motian": cls(strategy="ngram", mask_prob=0.0, random_prob=0.1, keep_prob=0.1,
+                          synonym_prob=0.8, random_mode="word", synonym_fallback="random"),
+        }
+        if name not in presets:
+            raise ValueError(f"unknown masking preset {name!r}; choose one of {sorted(presets)}")
+        return replace(presets[name], **overrides)
+
+    def unit_length_probs(self) -> np.ndarray:
+        """P(unit = k words) for k = 1..K under this strategy."""
+        if self.strategy == "ngram":
+            p = np.asarray(self.ngram_probs, dtype=np.float64)
+        elif self.strategy == "span":
+            k = np.arange(self.span_max)
+            p = self.span_p * (1 - self.span_p) ** k
+        else:
+            p = np.ones(1)
+        return p / p.sum()
+
+
+@dataclass
+class MaskedBatch:
+    """The result of masking one (B, L) batch."""
+
+    input_ids: np.ndarray  # int64 (B, L): what the model reads
+    mlm_positions: np.ndarray  # int64 (N,): flat indices into the B*L positions
+    mlm_labels: np.ndarray  # int64 (N,): original token ids at those positions
+    actions: np.ndarray  # int8 (B, L): NONE/MASK/RANDOM/KEEP/SYNONYM per token
+    word_starts: np.ndarray  # bool (B, L): the word starts masking used
+
+
+@dataclass
+class Masker:
+    """Masks batches with `config`. `random_ids` are the ids a random token may take."""
+
+    config: MaskingConfig
+    mask_id: int
+    random_ids: np.ndarray
+    synonyms: SynonymTable = field(default_factory=SynonymTable.empty)
+
+    def __post_init__(self) -> None:
+        self._unit_probs = self.config.unit_length_probs()
+        c = self.config
+        self._action_cdf = np.cumsum([c.mask_prob, c.random_prob, c.keep_prob, c.synonym_prob])
+        self._fallback = {"mask": MASK, "random": RANDOM, "keep": KEEP}[c.synonym_fallback]
+        self.random_ids = np.asarray(self.random_ids, dtype=np.int64)
+
+    def __call__(self, tokens: np.ndarray, word_start: np.ndarray, content: np.ndarray,
+                 synonym_rows: np.ndarray, rng: np.random.Generator) -> MaskedBatch:
+        """Mask a batch.
+
+        Args:
+            tokens: (B, L) token ids.
+            word_start: (B, L) bool, bit 0 of the shard flags.
+            content: (B, L) bool, True for text tokens that may be masked (not [CLS], [SEP],
+                padding).
+            synonym_rows: (B, L) int, the shards' synonym row at word starts, -1 elsewhere.
+            rng: the batch's generator (the loader derives it from seed, epoch and position).
+        """
+        B, L = tokens.shape
+        flat = np.ascontiguousarray(tokens, dtype=np.int64).reshape(-1)
+        content = content.astype(bool, copy=False)
+        prev_content = np.zeros_like(content)
+        prev_content[:, 1:] = content[:, :-1]
+        starts = content if self.config.strategy == "token" else \
+            content & (word_start.astype(bool, copy=False) | ~prev_content)
+        words = _word_table(starts, content)
+        chosen = self._choose_words(words, content.sum(1), rng)
+        # Token -> its word (-1 outside words) -> chosen?
+        tok_word = np.cumsum(starts.reshape(-1)) - 1
+        tok_word[~content.reshape(-1)] = -1
+        tok_chosen = np.zeros(B * L, dtype=bool)
+        inside = tok_word >= 0
+        tok_chosen[inside] = chosen[tok_word[inside]]
+
+        word_action = self._word_actions(words, chosen, synonym_rows.reshape(-1), rng)
+        actions = np.zeros(B * L, dtype=np.int8)
+        actions[tok_chosen] = word_action[tok_word[tok_chosen]]
+        out = flat.copy()
+        self._replace(out, flat, actions, words, word_action, synonym_rows.reshape(-1), rng)
+        positions = np.flatnonzero(tok_chosen)
+        return MaskedBatch(out.reshape(B, L), positions, flat[positions], actions.reshape(B, L),
+                           starts)
+
+    # ------------------------------------------------------------------ choosing words
+
+    def _choose_words(self, words: _Words, n_content: np.ndarray,
+                      rng: np.random.Generator) -> np.ndarray:
+        """Bool (W,): the words to mask, by the budget rule of the module docstring."""
+        W = len(words.pos)
+        if W == 0:
+            return np.zeros(0, dtype=bool)
+        unit_start = words.first_in_row.copy()
+        if len(self._unit_probs) > 1:
+            # Cut the batch's word sequence into units of random lengths; row starts also cut.
+            sizes = rng.choice(len(self._unit_probs), size=W, p=self._unit_probs) + 1
+            ends = np.cumsum(sizes)
+            unit_start[ends[ends < W]] = True
+        else:
+            unit_start[:] = True
+        unit = np.cumsum(unit_start) - 1
+        key = rng.random(unit[-1] + 1)[unit]
+        # Visit order: by row, then unit in random order, then word order within the unit
+        # (stable sort keeps index order among equal keys). Keys are < 1, so row + key sorts
+        # rows first.
+        order = np.argsort(words.row + key, kind="stable")
+        lens = words.length[order]
+        before = np.cumsum(lens) - lens
+        # Rows are contiguous in both orders, so the row's first entry gives its offset.
+        row_first = np.flatnonzero(words.first_in_row)
+        taken_before = before - before[row_first][words.row]
+        budget = np.maximum(1, np.floor(self.config.rate * n_content + 0.5)).astype(np.int64)
+        b = budget[words.row]
+        after = taken_before + lens
+        take = (taken_before < b) & ((after <= b) | (after - b <= b - taken_before)
+                                     | (taken_before == 0))
+        chosen = np.empty(W, dtype=bool)
+        chosen[order] = take
+        return chosen
+
+    # ------------------------------------------------------------------ replacement
+
+    def _word_actions(self, words: _Words, chosen: np.ndarray, syn_flat: np.ndarray,
+                      rng: np.random.Generator) -> np.ndarray:
+        """Int8 (W,): one action per word (NONE for words not chosen)."""
+        action = (np.searchsorted(self._action_cdf, rng.random(len(chosen)) * self._action_cdf[-1],
+                                  side="right") + 1).astype(np.int8)
+        action = np.minimum(action, SYNONYM)  # guards u * total == total
+        wants = action == SYNONYM
+        if wants.any():
+            usable = self._synonym_usable(words, syn_flat)
+            action[wants & ~usable] = self._fallback
+        action[~chosen] = NONE
+        return action
+
+    def _synonym_usable(self, words: _Words, syn_flat: np.ndarray) -> np.ndarray:
+        """Bool (W,): the word has a Cilin row whose candidates are as long as the word here
+        (a word cut at the row edge is shorter than its synonyms and cannot use them)."""
+        table = self.synonyms
+        row = syn_flat[words.pos].astype(np.int64)
+        ok = (row >= 0) & (row < len(table.count))
+        safe = np.where(ok, row, 0)
+        if len(table.count) == 0:
+            return np.zeros(len(row), dtype=bool)
+        return ok & (table.length[safe] == words.length) & (table.count[safe] > 0)
+
+    def _replace(self, out: np.ndarray, flat: np.ndarray, actions: np.ndarray, words: _Words,
+                 word_action: np.ndarray, syn_flat: np.ndarray, rng: np.random.Generator) -> None:
+        out[actions == MASK] = self.mask_id
+        rand_words = np.flatnonzero(word_action == RANDOM)
+        if len(rand_words) and self.config.random_mode == "token":
+            where = np.flatnonzero(actions == RANDOM)
+            out[where] = self.random_ids[rng.integers(len(self.random_ids), size=len(where))]
+        elif len(rand_words):
+            # A random word of the same token length, drawn from all words of the batch.
+            by_len = np.argsort(words.length, kind="stable")
+            sorted_len = words.length[by_len]
+            need = words.length[rand_words]
+            lo = np.searchsorted(sorted_len, need, side="left")
+            hi = np.searchsorted(sorted_len, need, side="right")
+            pick = by_len[lo + (rng.random(len(need)) * (hi - lo)).astype(np.int64)]
+            _copy_words(out, words.pos[rand_words], flat, words.pos[pick], need)
+        syn_words = np.flatnonzero(word_action == SYNONYM)
+        if len(syn_words):
+            t = self.synonyms
+            row = syn_flat[words.pos[syn_words]].astype(np.int64)
+            j = (rng.random(len(row)) * t.count[row]).astype(np.int64)
+            n = t.length[row].astype(np.int64)
+            _copy_words(out, words.pos[syn_words], t.tokens.astype(np.int64, copy=False),
+                        t.start[row] + j * n, n)
+
+
+@dataclass
+class _Words:
+    """The words of a batch in reading order (W of them), as flat arrays."""
+
+    pos: np.ndarray  # int64 (W,): flat position of the word's first token
+    length: np.ndarray  # int64 (W,): tokens in the word
+    row: np.ndarray  # int64 (W,): batch row
+    first_in_row: np.ndarray  # bool (W,): first word of its row
+
+
+def _word_table(starts: np.ndarray, content: np.ndarray) -> _Words:
+    B, L = starts.shape
+    pos = np.flatnonzero(starts.reshape(-1))
+    word_of_tok = np.cumsum(starts.reshape(-1)) - 1
+    length = np.bincount(word_of_tok[content.reshape(-1)], minlength=len(pos)).astype(np.int64)
+    row = pos // L
+    first = np.ones(len(pos), dtype=bool)
+    first[1:] = row[1:] != row[:-1]
+    return _Words(pos, length, row, first)
+
+
+def _copy_words(out: np.ndarray, dst: np.ndarray, src_array: np.ndarray, src: np.ndarray,
+                length: np.ndarray) -> None:
+    """out[dst[i] + k] = src_array[src[i] + k] for k < length[i]; loops over k only."""
+    for k in range(int(length.max(initial=0))):
+        m = length > k
+        out[dst[m] + k] = src_array[src[m] + k]

@@ -1,0 +1,119 @@
+"""Shared fixtures: small encoded datasets written with the real shard writer.
+
+`synthetic` builds a dataset from words given as token ids (the exact word structure is then
+known to the test); `pd98_encoded` trains a real vocabulary and encodes part of the bundled
+People's Daily corpus once per test session.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from motian.data.shards import (
+    FORMAT_VERSION,
+    PARAGRAPH_START,
+    SENTENCE_START,
+    WORD_START,
+    SynonymTable,
+    vocab_hash,
+    write_json_atomic,
+    write_shard,
+)
+
+SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+N_SPECIAL = len(SPECIALS)
+
+
+def write_vocab(directory: Path, n_tokens: int) -> Path:
+    """A vocab.txt of the specials plus `n_tokens` distinct CJK characters (ids 5, 6, ...)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    tokens = SPECIALS + [chr(0x4E00 + i) for i in range(n_tokens)]
+    (directory / "vocab.txt").write_text("\n".join(tokens) + "\n", encoding="utf-8")
+    return directory
+
+
+def write_dataset(out: Path, vocab_dir: Path, shards: list[list[list[list[tuple[int, ...]]]]],
+                  synonyms: SynonymTable | None = None,
+                  synonym_row: dict[tuple[int, ...], int] | None = None) -> Path:
+    """Write shards given as documents -> sentences -> words -> token ids."""
+    out.mkdir(parents=True, exist_ok=True)
+    entries = []
+    for index, docs in enumerate(shards):
+        tokens, flags, syn, offsets = [], [], [], [0]
+        for doc in docs:
+            for s, sentence in enumerate(doc):
+                for w, word in enumerate(sentence):
+                    first = WORD_START | (SENTENCE_START if w == 0 else 0) | \
+                        (PARAGRAPH_START if w == 0 and s == 0 else 0)
+                    tokens.extend(word)
+                    flags.extend([first] + [0] * (len(word) - 1))
+                    syn.extend([(synonym_row or {}).get(word, -1)] + [-1] * (len(word) - 1))
+            offsets.append(len(tokens))
+        entries.append(write_shard(out, index, np.asarray(tokens, np.uint16),
+                                   np.asarray(flags), np.asarray(syn), np.asarray(offsets)))
+    (synonyms or SynonymTable.empty()).save(out / "synonyms.npz")
+    write_json_atomic(out / "manifest.json", {
+        "kind": "encoded", "format_version": FORMAT_VERSION,
+        "vocab_hash": vocab_hash(vocab_dir / "vocab.txt"), "shards": entries})
+    return out
+
+
+@pytest.fixture
+def unique_tokens(tmp_path):
+    """Factory: a dataset whose every token id is distinct and increases along the corpus,
+    so a token id tells exactly where it came from. Returns (data_dir, vocab_dir)."""
+
+    def make(n_docs: int = 60, n_shards: int = 2, seed: int = 0, max_sentences: int = 5):
+        rng = np.random.default_rng(seed)
+        next_id = N_SPECIAL
+        shards = []
+        for _ in range(n_shards):
+            docs = []
+            for _ in range(n_docs // n_shards):
+                doc = []
+                for _ in range(rng.integers(1, max_sentences + 1)):
+                    sentence = []
+                    for _ in range(rng.integers(2, 9)):
+                        n = int(rng.integers(1, 4))
+                        sentence.append(tuple(range(next_id, next_id + n)))
+                        next_id += n
+                    doc.append(sentence)
+                docs.append(doc)
+            shards.append(docs)
+        vocab = write_vocab(tmp_path / f"vocab{seed}", next_id - N_SPECIAL)
+        return write_dataset(tmp_path / f"data{seed}", vocab, shards), vocab
+
+    return make
+
+
+@pytest.fixture
+def lexicon_data(tmp_path):
+    """A dataset drawn from a small lexicon in which some words have same-length synonyms.
+
+    Returns (data_dir, vocab_dir, synonym_row: word -> row, table)."""
+    rng = np.random.default_rng(1)
+    lexicon = [tuple(int(t) for t in rng.integers(N_SPECIAL, N_SPECIAL + 200, size=n))
+               for n in (1, 1, 2, 2, 2, 2, 3, 3, 3, 4, 4, 1, 2, 3)]
+    lexicon = list(dict.fromkeys(lexicon))
+    # Groups of same-length words (the first three of each length are synonyms of each other).
+    groups = [[w for w in lexicon if len(w) == n][:3] for n in (1, 2, 3)]
+    start, count, length, flat, words, row_of = [], [], [], [], [], {}
+    for group in groups:
+        for word in group:
+            others = [o for o in group if o != word]
+            row_of[word] = len(start)
+            start.append(len(flat))
+            count.append(len(others))
+            length.append(len(word))
+            flat.extend(t for o in others for t in o)
+            words.append("".join(chr(0x4E00 + t - N_SPECIAL) for t in word))
+    table = SynonymTable(np.asarray(start, np.int64), np.asarray(count, np.int32),
+                         np.asarray(length, np.int32), np.asarray(flat, np.int32), words)
+    docs = [[[lexicon[i] for i in rng.integers(len(lexicon), size=rng.integers(3, 12))]
+             for _ in range(rng.integers(1, 6))] for _ in range(80)]
+    vocab = write_vocab(tmp_path / "lexvocab", 200)
+    data = write_dataset(tmp_path / "lexdata", vocab, [docs[:40], docs[40:]], table, row_of)
+    return data, vocab, row_of, table

@@ -177,6 +177,9 @@ def _expand_path(path: Path, skips: SkipLog | None) -> Path | list[Path]:
         return path
     if _is_cleaned_dir(path):
         manifest = json.loads((path / "manifest.json").read_text(encoding="utf-8"))
+        if manifest.get("complete") is False:
+            raise UserError(f"{path}: this `motian clean` run did not finish; run the same "
+                            "clean command again to complete it, then use its output")
         return [path / shard["file"] for shard in manifest["shards"]]
     files = []
     for f in sorted(p for p in path.rglob("*") if p.is_file()):
@@ -229,6 +232,8 @@ def _read_lines(path: Path, max_line_bytes: int, skips: SkipLog) -> Iterator[tup
                 skips.add("invalid UTF-8", f"{path}:{lineno}",
                           f"byte {err.start}; convert the file to UTF-8 (e.g. iconv -f GB18030)")
                 continue
+            if lineno == 1 and text.startswith("\ufeff"):
+                text = text[1:]  # a UTF-8 byte-order mark (Windows editors) is not text
             yield lineno, text.rstrip("\r\n")
         if not any_bytes:
             skips.add("empty file", str(path))

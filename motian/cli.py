@@ -30,6 +30,7 @@ COMMANDS: dict[str, str] = {
     "encode": "motian.data.encode:encode",
     "prepare": "motian.pipeline:prepare",
     "demo": "motian.pipeline:demo",
+    "inspect-batch": "motian.data.inspect:inspect_batch",
 }
 
 

@@ -95,8 +95,12 @@ class PackedLoader:
     """Yields batches (dicts of torch tensors, see the module docstring) forever, epoch after
     epoch; `steps_per_epoch` says how many make an epoch, `state_dict` where it stands."""
 
-    def __init__(self, data: str | Path, tokenizer: str | Path, config: LoaderConfig):
-        self.config = config
+    def __init__(self, data: str | Path, tokenizer: str | Path | None = None,
+                 config: LoaderConfig | None = None):
+        """`data`: a directory written by `motian encode`; `tokenizer`: the tokenizer it was
+        encoded with (default: the vocab.txt that `encode` copies into `data`)."""
+        self.config = config = config or LoaderConfig()
+        tokenizer = Path(tokenizer) if tokenizer is not None else Path(data) / "vocab.txt"
         tok = load_tokenizer(tokenizer)
         self.special = special_token_ids(tok)
         vocab_file = Path(tokenizer) / "vocab.txt" if Path(tokenizer).is_dir() else None

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from motian.data.shards import PARAGRAPH_START, SENTENCE_START, WORD_START, Shard, SynonymTable
+from motian.data.shards import PARAGRAPH_START, SENTENCE_START, Shard, SynonymTable
 from motian.errors import SkipLog, UserError
 
 
@@ -184,27 +184,17 @@ def click_source(files: list[Path], tok, synonyms: SynonymTable, min_ctr: float 
 
 def encode_words(texts: list[str], tok, synonyms: SynonymTable
                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Tokenize `texts` and mark jieba word starts and Cilin rows, as the shards do.
-
-    A token starts a word when its first character lies in a different jieba word than the
-    previous token's; the synonym row is looked up by the jieba word's text. Used for click
-    logs only (they are small): the shards get theirs from `motian encode`.
-    """
+    """Tokenize `texts` and mark jieba word starts and Cilin rows with the very alignment
+    `motian encode` uses for shards (`motian.data.encode.align_chunk`). Returns (tokens,
+    flags, synonym rows, document offsets)."""
     import jieba  # imported here: jieba loads its dictionary on first use (~1 s)
 
-    row_of = {w: i for i, w in enumerate(synonyms.words)}
-    toks, flags, syns, docs = [], [], [], [0]
-    for enc, text in zip(tok.encode_batch(texts, add_special_tokens=False), texts):
-        spans = list(jieba.tokenize(text))
-        word_starts = np.array([s for _, s, _ in spans], dtype=np.int64)
-        char = np.array([o[0] for o in enc.offsets], dtype=np.int64)
-        word = np.searchsorted(word_starts, char, side="right") - 1
-        start = np.ones(len(word), dtype=bool)
-        start[1:] = word[1:] != word[:-1]
-        row = np.array([row_of.get(spans[w][0], -1) for w in word], dtype=np.int64)
-        toks.append(np.asarray(enc.ids, dtype=np.int64))
-        flags.append(np.where(start, WORD_START, 0).astype(np.uint8))
-        syns.append(np.where(start, row, -1))
-        docs.append(docs[-1] + len(enc.ids))
-    return (np.concatenate(toks), np.concatenate(flags), np.concatenate(syns),
-            np.asarray(docs, dtype=np.int64))
+    from motian.data.encode import align_chunk
+    from motian.data.tokenizer import vocab_tokens
+
+    words = [jieba.lcut(text, HMM=True) for text in texts]
+    encodings = tok.encode_batch(texts, add_special_tokens=False)
+    is_continuation = np.array([t.startswith("##") and len(t) > 2 for t in vocab_tokens(tok)])
+    return align_chunk(texts, words, [e.ids for e in encodings], [e.offsets for e in encodings],
+                       is_continuation, {w: r for r, w in enumerate(synonyms.words)},
+                       synonyms.length)

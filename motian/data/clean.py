@@ -109,30 +109,35 @@ _CJK_RANGES = ((0x3040, 0x30FF), (0x3400, 0x4DBF), (0x4E00, 0x9FFF), (0xAC00, 0x
                (0xF900, 0xFAFF))
 
 
-def _class_table() -> np.ndarray:
-    """Class of every BMP code point (uint8, 65,536 entries); above the BMP: CJK if in the
-    supplementary ideographic planes, else ALNUM. Built once per process (~20 ms)."""
-    chars = [chr(cp) for cp in range(0x10000)]
-    table = np.array([ALNUM if c.isalnum() else SPACE if c.isspace() else SYMBOL for c in chars],
-                     dtype=np.uint8)
-    table[0xD800:0xE000] = SYMBOL  # lone surrogates cannot occur in str from UTF-8
-    for lo, hi in _CJK_RANGES:
-        table[lo:hi + 1] = CJK
-    table[0x30FB] = SYMBOL  # katakana middle dot is punctuation
-    return table
+def _class_of(cp: int) -> int:
+    if any(lo <= cp <= hi for lo, hi in _CJK_RANGES):
+        return CJK
+    c = chr(cp)
+    return ALNUM if c.isalnum() else SPACE if c.isspace() else SYMBOL
 
 
-_CLASSES: np.ndarray | None = None
+# Class of every BMP code point (65,536 entries), built once per process (~30 ms); the rare
+# code points above the BMP (emoji: SYMBOL, CJK extension B+: CJK) are classified one by one.
+_BMP_CLASSES: np.ndarray | None = None
+_CJK_RANGES = (*_CJK_RANGES, (0x20000, 0x3FFFF))
 
 
 def char_classes(cps: np.ndarray) -> np.ndarray:
-    """Class (SPACE/CJK/ALNUM/SYMBOL) of each code point in `cps` (uint32 array)."""
-    global _CLASSES
-    if _CLASSES is None:
-        _CLASSES = _class_table()
-    out = _CLASSES[np.minimum(cps, 0xFFFF)]
-    high = cps > 0xFFFF
-    out[high] = np.where((cps[high] >= 0x20000) & (cps[high] <= 0x3FFFF), CJK, ALNUM)
+    """Class (SPACE/CJK/ALNUM/SYMBOL) of each code point of `cps` (uint32 array)."""
+    global _BMP_CLASSES
+    if _BMP_CLASSES is None:
+        chars = map(chr, range(0x10000))
+        table = np.array([ALNUM if c.isalnum() else SPACE if c.isspace() else SYMBOL
+                          for c in chars], dtype=np.uint8)
+        for lo, hi in _CJK_RANGES[:-1]:
+            table[lo:hi + 1] = CJK
+        table[0x30FB] = SYMBOL  # katakana middle dot is punctuation
+        _BMP_CLASSES = table
+    out = _BMP_CLASSES[np.minimum(cps, 0xFFFF)]
+    high = np.flatnonzero(cps > 0xFFFF)
+    if len(high):
+        uniq, inverse = np.unique(cps[high], return_inverse=True)
+        out[high] = np.array([_class_of(int(c)) for c in uniq], dtype=np.uint8)[inverse]
     return out
 
 
@@ -343,8 +348,9 @@ class _Progress:
             self.bar.update(new - self.bar.n)
         self.pos = new
 
-    def close(self) -> None:
-        self.bar.update(self.bar.total - self.bar.n)
+    def close(self, finished: bool) -> None:
+        if finished:
+            self.bar.update(self.bar.total - self.bar.n)
         self.bar.close()
 
 
@@ -662,8 +668,10 @@ def clean(inputs: list[str], out: Path, txt_mode: Literal["line", "blank"] = "li
         bar = _Progress(inputs, fingerprint, progress)
         try:
             _run(output, docs, workers or os.cpu_count() or 1, bar)
-        finally:
-            bar.close()
+        except BaseException:
+            bar.close(finished=False)
+            raise
+        bar.close(finished=True)
     rep = _report(output, skips)
     write_json_atomic(out / "report.json", rep)
     (out / "report.md").write_text(format_report(rep) + "\n" + _examples_md(rep), encoding="utf-8")

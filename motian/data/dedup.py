@@ -10,6 +10,7 @@ a compact numpy structure that is saved and restored exactly.
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -99,6 +100,7 @@ def minhash(cps: np.ndarray, doc: np.ndarray, n_docs: int, perm: int,
     return sig, has
 
 
+@functools.lru_cache(maxsize=16)
 def lsh_bands(threshold: float, perm: int) -> tuple[int, int]:
     """(bands, rows) with bands·rows <= perm that best separate Jaccard >= threshold.
 

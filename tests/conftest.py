@@ -117,3 +117,25 @@ def lexicon_data(tmp_path):
     vocab = write_vocab(tmp_path / "lexvocab", 200)
     data = write_dataset(tmp_path / "lexdata", vocab, [docs[:40], docs[40:]], table, row_of)
     return data, vocab, row_of, table
+
+
+@pytest.fixture(scope="session")
+def pd98_encoded(tmp_path_factory):
+    """The first 300 articles of People's Daily 1998 (~170k tokens): a real vocabulary trained
+    on them and the shards `motian encode` makes. Returns the encoded directory (it holds the
+    vocab.txt)."""
+    import itertools
+
+    from motian.data.encode import encode
+    from motian.data.sources import iter_documents
+    from motian.data.tokenizer import train_tokenizer
+
+    root = tmp_path_factory.mktemp("pd98")
+    docs = itertools.islice(iter_documents(["pd98"]), 300)
+    corpus = root / "pd98.txt"
+    corpus.write_text("\n\n".join(d.text for d in docs) + "\n", encoding="utf-8")
+    train_tokenizer([str(corpus)], root / "tok", vocab_size=3000, txt_mode="blank",
+                    progress=False)
+    encode([str(corpus)], root / "enc", tokenizer=root / "tok", workers=1, txt_mode="blank",
+           shard_docs=100, progress=False)
+    return root / "enc"

@@ -225,3 +225,74 @@ def test_loader_masks_freshly_each_epoch_with_the_motian_preset(lexicon_data):
                 n += 1
             original = tuple(arrays["tokens"].reshape(-1)[p: p + n].tolist())
             assert list(flat_out[p: p + n]) in table.candidates(row_of[original])
+
+
+# --------------------------------------------------------------------------- real text
+
+
+def real_batches(data, preset, n, seq_len=128, **overrides):
+    cfg = LoaderConfig(seq_len=seq_len, batch_size=16, seed=11,
+                       masking=MaskingConfig.preset(preset, **overrides))
+    loader = PackedLoader(data, config=cfg)
+    return loader, list(itertools.islice(loader.iter_numpy(), n))
+
+
+def masked_runs(m):
+    """Lengths (tokens) of the maximal runs of consecutive masked positions."""
+    chosen = np.zeros(m.actions.shape[0] * (m.actions.shape[1] + 1), np.int8)
+    rows, cols = np.nonzero(m.actions != NONE)
+    chosen[rows * (m.actions.shape[1] + 1) + cols] = 1
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], chosen])))
+    return edges[1::2] - edges[::2]
+
+
+def test_real_text_whole_words_never_a_whole_run_of_characters(pd98_encoded):
+    """transformers 5.x's offset-based whole-word mask treats a run of Chinese characters as
+    one word (masked runs of ~47 tokens, whole examples masked). motian masks jieba words."""
+    _, batches = real_batches(pd98_encoded, "wwm", 12)
+    runs, fully_masked = [], 0
+    for arrays, m in batches:
+        runs.extend(masked_runs(m).tolist())
+        content = (arrays["attention_mask"] > 0) & (arrays["tokens"] > 4)
+        fully_masked += int(((m.actions != NONE) | ~content).all(1).sum())
+        flat_ws = m.word_starts.reshape(-1)
+        chosen = np.zeros(m.actions.size, bool)
+        chosen[m.mlm_positions] = True
+        # Whole jieba words: a masked token's word start is masked, and so is the next token
+        # when it continues the same word.
+        nxt = np.append(chosen[1:], False) | ~np.append(content.reshape(-1)[1:], False)
+        assert (nxt | ~chosen | np.append(flat_ws[1:], True)).all()
+        prev = np.concatenate([[False], chosen[:-1]])
+        assert (prev | ~chosen | flat_ws).all()  # and a masked piece's word start is masked
+    assert fully_masked == 0
+    assert np.mean(runs) < 3.0 and max(runs) < 20
+
+
+@pytest.mark.parametrize("preset", ["bert", "wwm", "spanbert", "motian"])
+def test_real_text_mask_rate_within_tolerance(pd98_encoded, preset):
+    _, batches = real_batches(pd98_encoded, preset, 20)
+    masked = sum(len(m.mlm_positions) for _, m in batches)
+    content = sum(int(((a["attention_mask"] > 0) & (a["tokens"] > 4)).sum()) for a, _ in batches)
+    assert abs(masked / content - 0.15) < 0.01, masked / content
+    assert all(np.bincount(m.mlm_positions // 128, minlength=16).min() >= 1 for _, m in batches)
+
+
+def test_real_text_synonyms_come_from_the_words_cilin_group(pd98_encoded):
+    from motian.data.synonyms import candidates_by_word, parse_cilin
+
+    cilin = candidates_by_word(parse_cilin())
+    loader, batches = real_batches(pd98_encoded, "motian", 6)
+    checked = 0
+    for arrays, m in batches:
+        acts, ws = m.actions.reshape(-1), m.word_starts.reshape(-1)
+        original, shown = arrays["tokens"].reshape(-1), m.input_ids.reshape(-1)
+        for p in np.flatnonzero((acts == SYNONYM) & ws):
+            q = p + 1
+            while q < len(acts) and acts[q] == SYNONYM and not ws[q]:
+                q += 1
+            word = "".join(loader.vocab[t] for t in original[p:q])
+            synonym = "".join(loader.vocab[t] for t in shown[p:q])
+            assert len(synonym) == len(word) and synonym != word
+            assert synonym in cilin[word], (word, synonym)
+            checked += 1
+    assert checked > 50

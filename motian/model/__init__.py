@@ -1,0 +1,35 @@
+"""The motian Transformer: config and presets, backbone, position schemes, task heads, checkpoints.
+
+Hugging Face interop (`motian.model.hf`) is imported on demand because `transformers` is an
+optional extra.
+"""
+
+from motian.model.config import EXTRAPOLATING, POSITIONS, PRESETS, ModelConfig, preset
+from motian.model.heads import (
+    HEADS,
+    CausalLM,
+    MaskedLM,
+    ModelOutput,
+    MultipleChoice,
+    PreTrainingModel,
+    SequenceClassification,
+    SpanExtraction,
+    TokenClassification,
+)
+from motian.model.io import (
+    LoadReport,
+    count_parameters,
+    from_pretrained,
+    load_weights,
+    save_pretrained,
+    strip_wrapper_prefixes,
+)
+from motian.model.transformer import MotianModel
+
+__all__ = [
+    "EXTRAPOLATING", "POSITIONS", "PRESETS", "HEADS", "ModelConfig", "preset", "MotianModel",
+    "ModelOutput", "MaskedLM", "PreTrainingModel", "SequenceClassification",
+    "TokenClassification", "SpanExtraction", "MultipleChoice", "CausalLM", "LoadReport",
+    "count_parameters", "from_pretrained", "load_weights", "save_pretrained",
+    "strip_wrapper_prefixes",
+]

@@ -1,0 +1,289 @@
+"""Task heads on the motian backbone, each a complete model whose `forward` returns the loss when
+labels are given: `MaskedLM`, `PreTrainingModel` (MLM + pair task, per-task losses),
+`SequenceClassification`, `TokenClassification`, `SpanExtraction`, `MultipleChoice`, `CausalLM`.
+
+Inputs follow the batch contract of docs/model.md (`input_ids`, `attention_mask`,
+`token_type_ids`, `position_ids`, `document_ids`, compact `mlm_positions` / `mlm_labels`,
+`pair_labels`), so `model(**batch)` works with the loader's batches.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from motian.errors import UserError
+from motian.model.config import ModelConfig
+from motian.model.transformer import MotianModel, init_weights
+
+
+@dataclass
+class ModelOutput:
+    """What every head returns. `loss` is set when labels were given; `losses` holds the
+    unweighted per-task losses so a trainer can weight them (e.g. uncertainty weighting)."""
+
+    loss: Tensor | None = None
+    logits: Tensor | None = None  # the head's main output; see each head for its shape
+    hidden_states: Tensor | None = None  # (B, L, hidden), last layer
+    losses: dict[str, Tensor] = field(default_factory=dict)
+    pair_logits: Tensor | None = None  # PreTrainingModel: (B, 2)
+    end_logits: Tensor | None = None  # SpanExtraction: (B, L); `logits` holds the start logits
+
+
+class MLMHead(nn.Module):
+    """BERT's prediction head: dense + GELU + LayerNorm, then the output layer. The output
+    weight is the word-embedding matrix when `tie_word_embeddings` (passed in by the owner)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden, config.hidden)
+        self.norm = nn.LayerNorm(config.hidden, eps=config.layer_norm_eps)
+        self.decoder = (None if config.tie_word_embeddings
+                        else nn.Linear(config.hidden, config.vocab_size, bias=False))
+        self.bias = nn.Parameter(torch.zeros(config.vocab_size))
+
+    def forward(self, h: Tensor, embedding: Tensor) -> Tensor:
+        """h (..., hidden) -> logits (..., vocab)."""
+        h = self.norm(F.gelu(self.dense(h)))
+        weight = embedding if self.decoder is None else self.decoder.weight
+        return F.linear(h, weight, self.bias)
+
+
+def compact_mlm_labels(labels: Tensor) -> tuple[Tensor, Tensor]:
+    """HF form (B, L) with -100 at unmasked positions -> (flat positions (N,), labels (N,))."""
+    flat = labels.reshape(-1)
+    positions = (flat != -100).nonzero().squeeze(1)
+    return positions, flat[positions]
+
+
+def masked_lm_logits(model: MaskedLM | PreTrainingModel, h: Tensor,
+                     mlm_positions: Tensor | None) -> Tensor:
+    """MLM logits at the masked positions only, (N, vocab), or everywhere (B, L, vocab).
+
+    The output layer is hidden x vocab per position; computing it only where a loss is taken
+    (~15% of tokens) is the largest single saving of an MLM step at small hidden sizes (measured
+    in benchmarks/mlm_head.py, as in cramming). h: (B, L, hidden); mlm_positions index B * L.
+    """
+    embedding = model.backbone.embeddings.word.weight
+    if mlm_positions is not None:
+        h = h.reshape(-1, h.shape[-1])[mlm_positions]  # (N, hidden)
+    return model.mlm(h, embedding)
+
+
+class _Backbone(nn.Module):
+    """Shared plumbing: owns `backbone` and passes the contract's inputs through."""
+
+    def __init__(self, config: ModelConfig, **head_kwargs):
+        super().__init__()
+        self.config = config
+        self.head_kwargs = head_kwargs  # saved with checkpoints to rebuild the same head
+        self.backbone = MotianModel(config)
+
+    def encode(self, input_ids: Tensor, attention_mask: Tensor | None = None,
+               token_type_ids: Tensor | None = None, position_ids: Tensor | None = None,
+               document_ids: Tensor | None = None) -> Tensor:
+        return self.backbone(input_ids, attention_mask, token_type_ids, position_ids, document_ids)
+
+    def _init_head(self) -> None:
+        for name, child in self.named_children():
+            if name != "backbone":
+                init_weights(child, self.config)
+
+
+class MaskedLM(_Backbone):
+    """Masked language model. `logits` is (N, vocab) at `mlm_positions`, or (B, L, vocab) when no
+    positions are given; HF-style `labels` (B, L) with -100 are converted to the compact form."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__(config)
+        self.mlm = MLMHead(config)
+        self._init_head()
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
+                token_type_ids: Tensor | None = None, position_ids: Tensor | None = None,
+                document_ids: Tensor | None = None, mlm_positions: Tensor | None = None,
+                mlm_labels: Tensor | None = None, labels: Tensor | None = None) -> ModelOutput:
+        h = self.encode(input_ids, attention_mask, token_type_ids, position_ids, document_ids)
+        if labels is not None:
+            mlm_positions, mlm_labels = compact_mlm_labels(labels)
+        logits = masked_lm_logits(self, h, mlm_positions)
+        out = ModelOutput(logits=logits, hidden_states=h)
+        if mlm_labels is not None:
+            out.loss = out.losses["mlm"] = F.cross_entropy(logits.float(), mlm_labels)
+        return out
+
+
+class ClassifierHead(nn.Module):
+    """[CLS] -> pooler (dense + tanh, as BERT) -> dropout -> linear to `num_labels`."""
+
+    def __init__(self, config: ModelConfig, num_labels: int):
+        super().__init__()
+        self.pooler = nn.Linear(config.hidden, config.hidden)
+        self.dropout = nn.Dropout(config.dropout)
+        self.classifier = nn.Linear(config.hidden, num_labels)
+
+    def forward(self, h: Tensor) -> Tensor:
+        """h (B, L, hidden) -> (B, num_labels), from the first token."""
+        return self.classifier(self.dropout(torch.tanh(self.pooler(h[:, 0]))))
+
+
+class PreTrainingModel(_Backbone):
+    """MLM + a pair task from [CLS] (sentence order, query-title click, or BERT's NSP).
+    `losses` = {"mlm": ..., "pair": ...} unweighted; `loss` is their plain sum."""
+
+    def __init__(self, config: ModelConfig, num_pair_labels: int = 2):
+        super().__init__(config, num_pair_labels=num_pair_labels)
+        self.mlm = MLMHead(config)
+        self.pair = ClassifierHead(config, num_pair_labels)
+        self._init_head()
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
+                token_type_ids: Tensor | None = None, position_ids: Tensor | None = None,
+                document_ids: Tensor | None = None, mlm_positions: Tensor | None = None,
+                mlm_labels: Tensor | None = None, pair_labels: Tensor | None = None,
+                labels: Tensor | None = None) -> ModelOutput:
+        h = self.encode(input_ids, attention_mask, token_type_ids, position_ids, document_ids)
+        if labels is not None:
+            mlm_positions, mlm_labels = compact_mlm_labels(labels)
+        out = ModelOutput(logits=masked_lm_logits(self, h, mlm_positions), hidden_states=h,
+                          pair_logits=self.pair(h))
+        if mlm_labels is not None:
+            out.losses["mlm"] = F.cross_entropy(out.logits.float(), mlm_labels)
+        if pair_labels is not None:
+            out.losses["pair"] = F.cross_entropy(out.pair_logits.float(), pair_labels)
+        if out.losses:
+            out.loss = sum(out.losses.values())
+        return out
+
+
+class SequenceClassification(_Backbone):
+    """One label per sequence (or pair) from [CLS]: logits (B, num_labels). `num_labels=1` is
+    regression (MSE on float labels)."""
+
+    def __init__(self, config: ModelConfig, num_labels: int = 2):
+        super().__init__(config, num_labels=num_labels)
+        self.num_labels = num_labels
+        self.head = ClassifierHead(config, num_labels)
+        self._init_head()
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
+                token_type_ids: Tensor | None = None, position_ids: Tensor | None = None,
+                labels: Tensor | None = None) -> ModelOutput:
+        h = self.encode(input_ids, attention_mask, token_type_ids, position_ids)
+        out = ModelOutput(logits=self.head(h), hidden_states=h)
+        if labels is not None:
+            if self.num_labels == 1:
+                out.loss = F.mse_loss(out.logits.float().squeeze(-1), labels.float())
+            else:
+                out.loss = F.cross_entropy(out.logits.float(), labels)
+        return out
+
+
+class TokenClassification(_Backbone):
+    """One label per token (NER, segmentation): logits (B, L, num_labels); labels -100 ignored."""
+
+    def __init__(self, config: ModelConfig, num_labels: int = 2):
+        super().__init__(config, num_labels=num_labels)
+        self.dropout = nn.Dropout(config.dropout)
+        self.classifier = nn.Linear(config.hidden, num_labels)
+        self._init_head()
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
+                token_type_ids: Tensor | None = None, position_ids: Tensor | None = None,
+                labels: Tensor | None = None) -> ModelOutput:
+        h = self.encode(input_ids, attention_mask, token_type_ids, position_ids)
+        logits = self.classifier(self.dropout(h))
+        out = ModelOutput(logits=logits, hidden_states=h)
+        if labels is not None:
+            out.loss = F.cross_entropy(logits.float().flatten(0, 1), labels.reshape(-1),
+                                       ignore_index=-100)
+        return out
+
+
+class SpanExtraction(_Backbone):
+    """Extractive QA: start logits (B, L) in `logits`, end logits in `end_logits`; the loss is
+    the mean of start and end cross-entropies over positions (as BERT on SQuAD)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__(config)
+        self.span = nn.Linear(config.hidden, 2)
+        self._init_head()
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
+                token_type_ids: Tensor | None = None, position_ids: Tensor | None = None,
+                start_positions: Tensor | None = None,
+                end_positions: Tensor | None = None) -> ModelOutput:
+        h = self.encode(input_ids, attention_mask, token_type_ids, position_ids)
+        start, end = self.span(h).float().unbind(-1)  # (B, L) each
+        if attention_mask is not None:  # an answer never starts or ends in padding
+            start = start.masked_fill(attention_mask == 0, -1e4)
+            end = end.masked_fill(attention_mask == 0, -1e4)
+        out = ModelOutput(logits=start, end_logits=end, hidden_states=h)
+        if start_positions is not None and end_positions is not None:
+            out.loss = (F.cross_entropy(start, start_positions)
+                        + F.cross_entropy(end, end_positions)) / 2
+        return out
+
+
+class MultipleChoice(_Backbone):
+    """Pick one of C candidates: inputs (B, C, L) are scored as B * C sequences from [CLS];
+    logits (B, C), labels (B,) the index of the right choice."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__(config)
+        self.head = ClassifierHead(config, 1)
+        self._init_head()
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
+                token_type_ids: Tensor | None = None, labels: Tensor | None = None) -> ModelOutput:
+        B, C, L = input_ids.shape
+
+        def flat(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.reshape(B * C, L)
+
+        h = self.encode(flat(input_ids), flat(attention_mask), flat(token_type_ids))
+        logits = self.head(h).view(B, C)
+        out = ModelOutput(logits=logits, hidden_states=h)
+        if labels is not None:
+            out.loss = F.cross_entropy(logits.float(), labels)
+        return out
+
+
+class CausalLM(_Backbone):
+    """Decoder language model (GPT-like; needs `causal=True`): logits (B, L, vocab) predict the
+    next token; `labels` (B, L) are the inputs themselves (shifted here), -100 ignored."""
+
+    def __init__(self, config: ModelConfig):
+        if not config.causal:
+            raise UserError("CausalLM needs a causal config (causal=True); an encoder would see "
+                            "the token it must predict")
+        super().__init__(config)
+        # No extra LayerNorm: the backbone already ends in one (Pre-LN final_norm, as GPT-2's
+        # ln_f; Post-LN's last block norm).
+        self.decoder = (None if config.tie_word_embeddings
+                        else nn.Linear(config.hidden, config.vocab_size, bias=False))
+        self._init_head()
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
+                position_ids: Tensor | None = None, document_ids: Tensor | None = None,
+                labels: Tensor | None = None) -> ModelOutput:
+        h = self.encode(input_ids, attention_mask, None, position_ids, document_ids)
+        weight = (self.backbone.embeddings.word.weight if self.decoder is None
+                  else self.decoder.weight)
+        logits = F.linear(h, weight)  # (B, L, vocab)
+        out = ModelOutput(logits=logits, hidden_states=h)
+        if labels is not None:
+            out.loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1),
+                                       labels[:, 1:].reshape(-1), ignore_index=-100)
+        return out
+
+
+# Head name -> class, for checkpoints that record which head they hold (io.py, hf.py).
+HEADS: dict[str, type[nn.Module]] = {
+    cls.__name__: cls
+    for cls in (MotianModel, MaskedLM, PreTrainingModel, SequenceClassification,
+                TokenClassification, SpanExtraction, MultipleChoice, CausalLM)
+}

@@ -1,0 +1,378 @@
+"""Hugging Face interop: the ONE place where BERT weight names are mapped to motian's.
+
+- `import_bert(directory)`: a `transformers` BERT directory (BertForPreTraining / BertForMaskedLM
+  / BertModel / BertFor{Sequence,Token}Classification, safetensors or `.bin` read with
+  `weights_only=True`, sharded or not) -> motian Post-LN + absolute model, with a loud report of
+  every key that did not load (the MLM head included).
+- `export_hf(model, directory)`: a BERT-shaped model -> a directory `transformers` loads natively
+  (BertForMaskedLM, ...); any other configuration (Pre-LN, relative positions, GEGLU, decoder) ->
+  a directory that loads with `trust_remote_code=True` from a `modeling_motian.py` generated from
+  motian's own model source files, so no model code is written twice.
+- `import_hf` / `export_hf_dir`: the same as CLI verbs, directory to directory.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from importlib import resources
+from pathlib import Path
+from typing import Literal
+
+import torch
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from motian.errors import UserError
+from motian.model.config import ModelConfig
+from motian.model.heads import HEADS
+from motian.model.io import (
+    LoadReport,
+    from_pretrained,
+    load_weights,
+    read_state_dict,
+    save_pretrained,
+    strip_wrapper_prefixes,
+)
+
+# BERT name (inside `bert.` / a bare BertModel) <-> motian name (inside `backbone.`), per layer i.
+# q/k/v are three Linear layers in BERT and one fused `qkv` in motian (one matmul instead of 3).
+_LAYER = [
+    ("attention.output.dense", "attention.out"),
+    ("attention.output.LayerNorm", "attention_norm"),
+    ("intermediate.dense", "ffn.up"),
+    ("output.dense", "ffn.down"),
+    ("output.LayerNorm", "ffn_norm"),
+]
+_EMBEDDINGS = [
+    ("embeddings.word_embeddings", "embeddings.word"),
+    ("embeddings.position_embeddings", "embeddings.position"),
+    ("embeddings.token_type_embeddings", "embeddings.token_type"),
+    ("embeddings.LayerNorm", "embeddings.norm"),
+]
+# Head modules: BERT name -> motian name, per motian head class.
+_HEADS = {
+    "MaskedLM": [("cls.predictions.transform.dense", "mlm.dense"),
+                 ("cls.predictions.transform.LayerNorm", "mlm.norm"),
+                 ("cls.predictions.decoder", "mlm.decoder"),
+                 ("cls.predictions", "mlm")],  # cls.predictions.bias -> mlm.bias
+    "PreTrainingModel": [("cls.predictions.transform.dense", "mlm.dense"),
+                         ("cls.predictions.transform.LayerNorm", "mlm.norm"),
+                         ("cls.predictions.decoder", "mlm.decoder"),
+                         ("cls.predictions", "mlm"),
+                         ("bert.pooler.dense", "pair.pooler"),
+                         ("cls.seq_relationship", "pair.classifier")],
+    "SequenceClassification": [("bert.pooler.dense", "head.pooler"),
+                               ("classifier", "head.classifier")],
+    "TokenClassification": [("classifier", "classifier")],
+    "SpanExtraction": [("qa_outputs", "span")],
+    "MotianModel": [],
+}
+_ARCHITECTURES = {
+    "BertForPreTraining": "PreTrainingModel", "BertForMaskedLM": "MaskedLM",
+    "BertModel": "MotianModel", "BertForSequenceClassification": "SequenceClassification",
+    "BertForTokenClassification": "TokenClassification",
+    "BertForQuestionAnswering": "SpanExtraction",
+}
+_HEAD_TO_BERT = {v: k for k, v in _ARCHITECTURES.items()}
+Head = Literal["auto", "MotianModel", "MaskedLM", "PreTrainingModel", "SequenceClassification",
+               "TokenClassification", "SpanExtraction"]
+
+
+# --- import ------------------------------------------------------------------------------------
+
+def config_from_bert(hf: dict, source: str) -> ModelConfig:
+    """A BERT config.json dict -> motian Post-LN + learned-absolute ModelConfig."""
+    if hf.get("hidden_act", "gelu") != "gelu":
+        raise UserError(f"{source}: hidden_act={hf['hidden_act']!r} is not supported; motian's "
+                        "BERT import expects exact 'gelu'")
+    if hf.get("position_embedding_type", "absolute") != "absolute":
+        raise UserError(f"{source}: position_embedding_type={hf['position_embedding_type']!r}; "
+                        "only 'absolute' BERT checkpoints can be imported")
+    return ModelConfig(
+        vocab_size=hf["vocab_size"], hidden=hf["hidden_size"], layers=hf["num_hidden_layers"],
+        heads=hf["num_attention_heads"], ffn=hf["intermediate_size"], activation="gelu",
+        dropout=hf.get("hidden_dropout_prob", 0.1),
+        attention_dropout=hf.get("attention_probs_dropout_prob", 0.1), norm="post",
+        position="absolute", max_positions=hf.get("max_position_embeddings", 512),
+        type_vocab_size=hf.get("type_vocab_size", 2), layer_norm_eps=hf.get("layer_norm_eps", 1e-12),
+        tie_word_embeddings=hf.get("tie_word_embeddings", True),
+        initializer_range=hf.get("initializer_range", 0.02))
+
+
+def read_hf_weights(directory: Path) -> dict[str, Tensor]:
+    """model.safetensors, pytorch_model.bin, or their sharded `*.index.json` forms."""
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if (directory / name).is_file():
+            return read_state_dict(directory / name)
+        index = directory / f"{name}.index.json"
+        if index.is_file():
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            state: dict[str, Tensor] = {}
+            for shard in shards:
+                state.update(read_state_dict(directory / shard))
+            return state
+    raise UserError(f"{directory}: no model.safetensors or pytorch_model.bin (nor a sharded "
+                    "index) found; point at a directory written by save_pretrained")
+
+
+def bert_to_motian(state: dict[str, Tensor], head: str, layers: int) -> tuple[dict, list[str]]:
+    """Rename BERT keys to motian keys (fusing q/k/v). Returns (state, BERT keys not mapped)."""
+    state = {_legacy_name(k): v for k, v in strip_wrapper_prefixes(state).items()}
+    if not any(k.startswith("bert.") for k in state):  # a bare BertModel: no prefix
+        state = {(f"bert.{k}" if k.split(".")[0] in ("embeddings", "encoder", "pooler") else k): v
+                 for k, v in state.items()}
+    # HF keeps copies that are tied in motian (decoder.bias = predictions.bias; the decoder
+    # weight = word embeddings, checked in `_tied`) and position_ids buffers: skipping them
+    # loses nothing.
+    state = {k: v for k, v in state.items()
+             if not k.endswith("position_ids") and k != "cls.predictions.decoder.bias"}
+    if head not in ("MaskedLM", "PreTrainingModel") or _tied(state):
+        state.pop("cls.predictions.decoder.weight", None)
+    out, used = {}, set()
+    renames = [(f"bert.{a}", f"backbone.{b}") for a, b in _EMBEDDINGS] + _HEADS[head]
+    for i in range(layers):
+        renames += [(f"bert.encoder.layer.{i}.{a}", f"backbone.blocks.{i}.{b}") for a, b in _LAYER]
+        qkv = [f"bert.encoder.layer.{i}.attention.self.{n}" for n in ("query", "key", "value")]
+        for part in ("weight", "bias"):
+            names = [f"{q}.{part}" for q in qkv]
+            if all(n in state for n in names):
+                out[f"backbone.blocks.{i}.attention.qkv.{part}"] = torch.cat([state[n] for n in names])
+                used.update(names)
+    for key, value in state.items():
+        for bert, ours in renames:
+            if key.startswith(bert + ".") and key.count(".") == bert.count(".") + 1:
+                out[ours + key[len(bert):]] = value
+                used.add(key)
+                break
+    if head == "MotianModel":  # the backbone alone has no `backbone.` level
+        out = {k.removeprefix("backbone."): v for k, v in out.items()}
+    return out, sorted(set(state) - used)
+
+
+def _legacy_name(key: str) -> str:
+    # Checkpoints converted from the original TF BERT name LayerNorm parameters gamma/beta.
+    return re.sub(r"LayerNorm\.gamma$", "LayerNorm.weight", re.sub(r"LayerNorm\.beta$",
+                                                                   "LayerNorm.bias", key))
+
+
+def _tied(state: dict[str, Tensor]) -> bool:
+    word = state.get("bert.embeddings.word_embeddings.weight")
+    decoder = state.get("cls.predictions.decoder.weight")
+    return word is not None and decoder is not None and torch.equal(word, decoder)
+
+
+def import_bert(directory: str | Path, head: Head = "auto", strict: bool = False,
+                **config_overrides) -> tuple[nn.Module, LoadReport]:
+    """Load a `transformers` BERT directory into a motian model.
+
+    `head="auto"` picks the motian head from config.json's `architectures`. Every weight that did
+    not load is printed to stderr and returned in the report (`strict=True` raises instead).
+    `config_overrides` may change dropout etc., and `type_vocab_size` / `vocab_size`: the rows the
+    checkpoint has are copied, the new ones keep their fresh initialisation (and are reported).
+    """
+    directory = Path(directory)
+    config_path = directory / "config.json"
+    if not config_path.is_file():
+        raise UserError(f"{directory}: no config.json; not a Hugging Face model directory")
+    hf = json.loads(config_path.read_text(encoding="utf-8"))
+    if hf.get("model_type") != "bert":
+        raise UserError(f"{config_path}: model_type={hf.get('model_type')!r}; import_bert reads "
+                        "BERT checkpoints (model_type 'bert')")
+    if head == "auto":
+        arch = (hf.get("architectures") or ["BertForPreTraining"])[0]
+        head = _ARCHITECTURES.get(arch, "PreTrainingModel")
+    config = config_from_bert(hf, str(config_path)).replace(**config_overrides)
+    kwargs = {"num_labels": len(hf.get("id2label") or {0: 0, 1: 1})} if head in (
+        "SequenceClassification", "TokenClassification") else {}
+    model = HEADS[head](config, **kwargs)
+    state, unmapped = bert_to_motian(read_hf_weights(directory), head, config.layers)
+    resized = _copy_overlapping_rows(model, state)
+    report = load_weights(model, state, str(directory), strict=False, quiet=True)
+    report.unexpected = sorted(set(report.unexpected) | set(unmapped))
+    report.mismatched += resized
+    if not report.ok:
+        if strict:
+            raise UserError(report.summary() + "\n(strict import)")
+        print("motian: warning: " + report.summary(), file=sys.stderr)
+    return model, report
+
+
+def _copy_overlapping_rows(model: nn.Module, state: dict[str, Tensor]) -> list[str]:
+    """Vocabulary / segment tables of another size: keep the checkpoint's rows, init the rest."""
+    notes = []
+    own = model.state_dict()
+    resizable = ("embeddings.word.weight", "embeddings.token_type.weight", "mlm.bias",
+                 "mlm.decoder.weight")
+    for key in [k for k in state if k.endswith(resizable)]:
+        if key in own and state[key].shape[1:] == own[key].shape[1:] \
+                and state[key].shape[0] != own[key].shape[0]:
+            n = min(state[key].shape[0], own[key].shape[0])
+            merged = own[key].clone()
+            merged[:n] = state[key][:n]
+            notes.append(f"{key}: resized rows {state[key].shape[0]} -> {own[key].shape[0]} "
+                         f"(first {n} copied)")
+            state[key] = merged
+    return notes
+
+
+# --- export ------------------------------------------------------------------------------------
+
+def is_bert_shaped(model: nn.Module) -> bool:
+    """True if `transformers`' own BERT classes compute exactly what `model` computes."""
+    c: ModelConfig = model.config
+    return (type(model).__name__ in _HEAD_TO_BERT and c.norm == "post" and c.position == "absolute"
+            and c.activation == "gelu" and not c.causal and c.type_vocab_size > 0)
+
+
+def export_hf(model: nn.Module, directory: str | Path,
+              tokenizer: str | Path | None = None) -> Path:
+    """Write `model` as a Hugging Face directory: native BERT when `is_bert_shaped`, otherwise
+    motian's code as remote code (`trust_remote_code=True`). Tokenizer files are copied from
+    `tokenizer` (a directory or a vocab.txt / tokenizer.json file) when given."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    if is_bert_shaped(model):
+        _export_bert(model, directory)
+    else:
+        _export_remote(model, directory)
+    if tokenizer is not None:
+        _copy_tokenizer(Path(tokenizer), directory)
+    return directory
+
+
+def _export_bert(model: nn.Module, directory: Path) -> None:
+    head, c = type(model).__name__, model.config
+    state = motian_to_bert(model.state_dict(), head, c.layers)
+    save_file({k: v.detach().contiguous().cpu() for k, v in state.items()},
+              str(directory / "model.safetensors"), metadata={"format": "pt"})
+    hf = {"architectures": [_HEAD_TO_BERT[head]], "model_type": "bert",
+          "vocab_size": c.vocab_size, "hidden_size": c.hidden, "num_hidden_layers": c.layers,
+          "num_attention_heads": c.heads, "intermediate_size": c.ffn, "hidden_act": "gelu",
+          "hidden_dropout_prob": c.dropout, "attention_probs_dropout_prob": c.attention_dropout,
+          "max_position_embeddings": c.max_positions, "type_vocab_size": c.type_vocab_size,
+          "layer_norm_eps": c.layer_norm_eps, "initializer_range": c.initializer_range,
+          "position_embedding_type": "absolute", "tie_word_embeddings": c.tie_word_embeddings,
+          "pad_token_id": 0, "torch_dtype": "float32"}
+    num_labels = getattr(model, "head_kwargs", {}).get("num_labels")
+    if num_labels:
+        hf["id2label"] = {str(i): f"LABEL_{i}" for i in range(num_labels)}
+        hf["label2id"] = {f"LABEL_{i}": i for i in range(num_labels)}
+    _write_json(directory / "config.json", hf)
+
+
+def motian_to_bert(state: dict[str, Tensor], head: str, layers: int) -> dict[str, Tensor]:
+    """Rename motian keys to BERT keys (splitting q/k/v); the inverse of `bert_to_motian`."""
+    state = strip_wrapper_prefixes(state)
+    if head == "MotianModel":
+        state = {f"backbone.{k}": v for k, v in state.items()}
+    renames = [(f"backbone.{b}", f"bert.{a}") for a, b in _EMBEDDINGS]
+    renames += [(ours, bert) for bert, ours in _HEADS[head]]
+    out = {}
+    for i in range(layers):
+        renames += [(f"backbone.blocks.{i}.{b}", f"bert.encoder.layer.{i}.{a}") for a, b in _LAYER]
+        for part in ("weight", "bias"):
+            q, k, v = state.pop(f"backbone.blocks.{i}.attention.qkv.{part}").chunk(3)
+            for name, t in zip(("query", "key", "value"), (q, k, v)):
+                out[f"bert.encoder.layer.{i}.attention.self.{name}.{part}"] = t
+    for key, value in state.items():
+        for ours, bert in renames:
+            if key.startswith(ours + ".") and key.count(".") == ours.count(".") + 1:
+                out[bert + key[len(ours):]] = value
+                break
+        else:
+            raise UserError(f"export: motian weight {key!r} has no BERT name")
+    if head == "MotianModel":  # BertModel is saved without the `bert.` prefix
+        out = {k.removeprefix("bert."): v for k, v in out.items()}
+    return out
+
+
+REMOTE_SOURCES = ("config.py", "positions.py", "transformer.py", "heads.py", "hf_remote.py")
+
+
+def modeling_source() -> str:
+    """One self-contained modeling_motian.py from motian's own model files: their `motian.*`
+    imports are dropped (the names are defined earlier in the same file) and `UserError`
+    becomes a local ValueError subclass."""
+    parts = ['"""Generated by motian.model.hf.export_hf from motian/model/'
+             f'{{{",".join(REMOTE_SOURCES)}}}; do not edit."""\n',
+             "from __future__ import annotations\n",
+             "\nclass UserError(ValueError):\n    pass\n"]
+    package = resources.files("motian.model")
+    for name in REMOTE_SOURCES:
+        source = package.joinpath(name).read_text(encoding="utf-8")
+        source = re.sub(r"^from __future__ import annotations\n", "", source, flags=re.M)
+        source = re.sub(r"^from motian[\w.]* import \([^)]*\)\n", "", source, flags=re.M)
+        source = re.sub(r"^from motian[\w.]* import [^\n(]*\n", "", source, flags=re.M)
+        parts.append(f"\n# ---- motian/model/{name} " + "-" * 60 + "\n" + source)
+    return "".join(parts)
+
+
+def _export_remote(model: nn.Module, directory: Path) -> None:
+    from motian.model.hf_remote import WRAPPERS  # needs transformers: imported only here
+
+    head = type(model).__name__
+    state = model.state_dict()
+    if head == "PreTrainingModel":  # HF has no pair-task class: keep the MLM part
+        print("motian: note: exporting PreTrainingModel as MaskedLM (the pair head is dropped)",
+              file=sys.stderr)
+        head = "MaskedLM"
+        state = {k: v for k, v in state.items() if not k.startswith("pair.")}
+    if head not in WRAPPERS:
+        raise UserError(f"export: no Hugging Face class for a non-BERT {head}; exportable "
+                        f"heads: {', '.join(WRAPPERS)}")
+    wrapper, auto = WRAPPERS[head]
+    save_file({f"motian.{k}": v.detach().contiguous().cpu() for k, v in state.items()},
+              str(directory / "model.safetensors"), metadata={"format": "pt"})
+    (directory / "modeling_motian.py").write_text(modeling_source(), encoding="utf-8")
+    head_kwargs = getattr(model, "head_kwargs", {}) if head == type(model).__name__ else {}
+    _write_json(directory / "config.json", {
+        "architectures": [wrapper.__name__], "model_type": "motian",
+        "auto_map": {"AutoConfig": "modeling_motian.MotianConfig",
+                     auto: f"modeling_motian.{wrapper.__name__}"},
+        "motian": model.config.to_dict(), "head": head, "head_kwargs": head_kwargs,
+        "tie_word_embeddings": False, "torch_dtype": "float32"})
+
+
+def _copy_tokenizer(source: Path, directory: Path) -> None:
+    names = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+    files = [source] if source.is_file() else [source / n for n in names if (source / n).is_file()]
+    if not files:
+        raise UserError(f"{source}: no tokenizer files ({', '.join(names)}) found")
+    for f in files:
+        (directory / f.name).write_bytes(f.read_bytes())
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+# --- CLI verbs ---------------------------------------------------------------------------------
+
+def import_hf(source: Path, out: Path, head: Head = "auto", strict: bool = False) -> Path:
+    """Convert a Hugging Face BERT checkpoint directory into a motian model directory.
+
+    Args:
+        source: directory written by `transformers` save_pretrained (config.json + weights).
+        out: motian model directory to write (config.json + model.safetensors).
+        head: motian head to build; auto follows config.json's architectures.
+        strict: fail instead of warning when any weight does not load.
+    """
+    model, _ = import_bert(source, head=head, strict=strict)
+    return save_pretrained(model, out)
+
+
+def export_hf_dir(source: Path, out: Path, tokenizer: Path | None = None) -> Path:
+    """Export a motian model directory for Hugging Face (native BERT or trust_remote_code).
+
+    Args:
+        source: motian model directory (config.json + model.safetensors).
+        out: Hugging Face directory to write.
+        tokenizer: vocab.txt / tokenizer.json, or a directory holding them, to copy alongside.
+    """
+    model = from_pretrained(source)
+    path = export_hf(model, out, tokenizer)
+    kind = "BERT (native)" if is_bert_shaped(model) else "trust_remote_code"
+    print(f"motian: wrote {kind} Hugging Face model to {path}")
+    return path

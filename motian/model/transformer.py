@@ -1,0 +1,283 @@
+"""The motian Transformer backbone: embeddings, attention, feed-forward, blocks, `MotianModel`.
+
+Read top to bottom: `Embeddings` -> `Attention` -> `FeedForward` -> `Block` -> `MotianModel`.
+One code path serves BERT (Post-LN, learned absolute positions), the Motian recipe (Pre-LN,
+relative positions) and GPT-like decoders (`causal=True`); the differences are config values.
+Attention goes through `torch.nn.functional.scaled_dot_product_attention` (SDPA) for every scheme
+but NEZHA, whose value-side term needs the probabilities (see positions.py). Task heads that sit
+on top of the (B, L, hidden) output live in heads.py.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from motian.errors import UserError
+from motian.model.config import ModelConfig
+from motian.model.positions import (
+    T5Bias,
+    TupeBias,
+    alibi_bias,
+    apply_rotary,
+    deberta_bias,
+    deberta_index,
+    nezha_attention,
+    nezha_index,
+    nezha_table,
+    rotary_tables,
+    sinusoid,
+)
+
+
+class Embeddings(nn.Module):
+    """word + segment (+ absolute position) embeddings, then LayerNorm and dropout (as BERT)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.word = nn.Embedding(config.vocab_size, config.hidden)
+        self.position = (nn.Embedding(config.max_positions, config.hidden)
+                         if config.position == "absolute" else None)
+        self.token_type = (nn.Embedding(config.type_vocab_size, config.hidden)
+                           if config.type_vocab_size > 0 else None)
+        self.norm = nn.LayerNorm(config.hidden, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, input_ids: Tensor, token_type_ids: Tensor | None,
+                position_ids: Tensor) -> Tensor:
+        x = self.word(input_ids)  # (B, L, hidden)
+        if self.position is not None:
+            x = x + self.position(position_ids)
+        elif self.config.position == "sinusoidal":
+            x = x + sinusoid(position_ids, self.config.hidden).to(x.dtype)
+        if self.token_type is not None:
+            if token_type_ids is None:
+                token_type_ids = torch.zeros_like(input_ids)
+            x = x + self.token_type(token_type_ids)
+        return self.dropout(self.norm(x))
+
+
+@dataclass
+class AttentionContext:
+    """What every layer's attention needs, built once per forward by `MotianModel`."""
+
+    mask: Tensor | None  # additive float (B|1, 1|h, L, L): 0 / -inf, plus any shared position bias
+    is_causal: bool  # no mask tensor but a causal model: let SDPA pick its causal kernel
+    scale: float  # multiplies q . k
+    rotary: tuple[Tensor, Tensor] | None = None  # RoPE cos, sin (B|1, 1, L, d)
+    relative_index: Tensor | None = None  # nezha / deberta: (B|1, L, L) row into the table
+    relative_table: Tensor | None = None  # nezha: (2K+1, d); deberta: (2*span, hidden)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with a fused q/k/v projection."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.qkv = nn.Linear(config.hidden, 3 * config.hidden)
+        self.out = nn.Linear(config.hidden, config.hidden)
+
+    def forward(self, x: Tensor, ctx: AttentionContext) -> Tensor:
+        c = self.config
+        B, L, H = x.shape
+        q, k, v = self.qkv(x).view(B, L, 3, c.heads, c.head_dim).permute(2, 0, 3, 1, 4)
+        # q, k, v: (B, heads, L, head_dim)
+        if ctx.rotary is not None:
+            q, k = apply_rotary(q, *ctx.rotary), apply_rotary(k, *ctx.rotary)
+        mask = None if ctx.mask is None else ctx.mask.to(q.dtype)
+        dropout_p = c.attention_dropout if self.training else 0.0
+        if c.position == "nezha":
+            y = nezha_attention(q, k, v, mask, ctx.relative_index, ctx.relative_table, dropout_p)
+        else:
+            if c.position == "deberta":
+                # DeBERTa's extra score terms are a per-layer bias; scaled like q . k.
+                bias = deberta_bias(q, k, *self._relative_qk(ctx.relative_table),
+                                    ctx.relative_index) * ctx.scale
+                mask = bias if mask is None else mask + bias
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
+                                               is_causal=ctx.is_causal, scale=ctx.scale)
+        return self.out(y.transpose(1, 2).reshape(B, L, H))
+
+    def _relative_qk(self, rel: Tensor) -> tuple[Tensor, Tensor]:
+        """Project DeBERTa's shared relative embeddings (2*span, hidden) with this layer's query
+        and key weights -> two (heads, 2*span, head_dim) tables."""
+        c = self.config
+        rq, rk, _ = self.qkv(rel).view(rel.shape[0], 3, c.heads, c.head_dim).unbind(1)
+        return rq.transpose(0, 1), rk.transpose(0, 1)
+
+
+class FeedForward(nn.Module):
+    """hidden -> ffn -> hidden with GELU, or GEGLU: gelu(x W) * (x V) (Shazeer 2020)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.gated = config.activation == "geglu"
+        self.up = nn.Linear(config.hidden, config.ffn * (2 if self.gated else 1))
+        self.down = nn.Linear(config.ffn, config.hidden)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.up(x)  # (B, L, ffn) or (B, L, 2 * ffn)
+        if self.gated:
+            gate, h = h.chunk(2, dim=-1)
+            h = F.gelu(gate) * h
+        else:
+            h = F.gelu(h)  # exact erf GELU, as BERT's "gelu"
+        return self.dropout(self.down(h))
+
+
+class Block(nn.Module):
+    """One Transformer layer. Post-LN (BERT): x = LN(x + f(x)); Pre-LN: x = x + f(LN(x)).
+    Pre-LN keeps an identity path from output to input, so gradients stay well scaled at depth
+    and training needs no long warm-up (Xiong et al. 2020) - the Motian recipe's choice."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.pre_norm = config.norm == "pre"
+        self.attention = Attention(config)
+        self.attention_norm = nn.LayerNorm(config.hidden, eps=config.layer_norm_eps)
+        self.ffn = FeedForward(config)
+        self.ffn_norm = nn.LayerNorm(config.hidden, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: Tensor, ctx: AttentionContext) -> Tensor:
+        if self.pre_norm:
+            x = x + self.dropout(self.attention(self.attention_norm(x), ctx))
+            return x + self.ffn(self.ffn_norm(x))
+        x = self.attention_norm(x + self.dropout(self.attention(x, ctx)))
+        return self.ffn_norm(x + self.ffn(x))
+
+
+def attention_mask_bias(attention_mask: Tensor | None, document_ids: Tensor | None,
+                        causal: bool, L: int, device: torch.device) -> Tensor | None:
+    """Additive mask (B|1, 1, L, L), 0 where query i may see key j and -inf elsewhere, or None
+    when nothing is masked. Combines key padding, the block-diagonal document mask and causality.
+
+    A query that may see no key at all (a padding query whose document id matches no real
+    token, an all-padding row) would get an all -inf row and softmax would return NaN; such a
+    query sees itself instead. Real tokens always see themselves, so no real output changes, and
+    padding queries that do see real keys keep them (as in BERT), so padded outputs match it too.
+    """
+    allowed = None
+    # A batch without padding skips the mask (and keeps SDPA's fastest kernels); the check costs
+    # one device sync per forward.
+    if attention_mask is not None and not bool(attention_mask.all()):
+        allowed = attention_mask.bool()[:, None, :]  # (B, 1, L): key j is a real token
+    if document_ids is not None:
+        same = document_ids[:, :, None] == document_ids[:, None, :]  # (B, L, L)
+        allowed = same if allowed is None else allowed & same
+    if causal and allowed is not None:
+        allowed = allowed & torch.ones(L, L, dtype=torch.bool, device=device).tril()
+    if allowed is None:
+        return None
+    lonely = ~allowed.any(dim=-1, keepdim=True)  # (B, L, 1) queries that see nothing
+    allowed = allowed | (lonely & torch.eye(L, dtype=torch.bool, device=device))
+    zero = torch.zeros((), device=device)
+    return torch.where(allowed, zero, float("-inf"))[:, None]  # (B, 1, L, L)
+
+
+def causal_bias(L: int, device: torch.device) -> Tensor:
+    """(1, 1, L, L) additive causal mask, for when a position bias rules out SDPA's is_causal."""
+    future = torch.ones(L, L, dtype=torch.bool, device=device).triu(1)
+    return torch.zeros(L, L, device=device).masked_fill(future, float("-inf"))[None, None]
+
+
+class MotianModel(nn.Module):
+    """The backbone: embeddings, `layers` blocks, a final LayerNorm for Pre-LN. Returns the last
+    hidden states (B, L, hidden); heads.py adds the task outputs."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.embeddings = Embeddings(config)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.layers))
+        # Pre-LN leaves the residual stream unnormalised; one LayerNorm at the end fixes its scale.
+        self.final_norm = (nn.LayerNorm(config.hidden, eps=config.layer_norm_eps)
+                           if config.norm == "pre" else None)
+        self.t5_bias = T5Bias(config) if config.position == "t5" else None
+        self.tupe_bias = TupeBias(config) if config.position == "tupe" else None
+        if config.position == "deberta":  # shared by all layers, as in DeBERTa
+            self.relative_embeddings = nn.Embedding(2 * config.max_relative_position, config.hidden)
+            self.relative_norm = nn.LayerNorm(config.hidden, eps=config.layer_norm_eps)
+        init_weights(self, config)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
+                token_type_ids: Tensor | None = None, position_ids: Tensor | None = None,
+                document_ids: Tensor | None = None) -> Tensor:
+        """input_ids (B, L) -> hidden states (B, L, hidden); see the batch contract in
+        docs/model.md. `document_ids` is ignored unless `cross_document_attention` is False."""
+        c = self.config
+        L = input_ids.shape[1]
+        if position_ids is None:
+            position_ids = torch.arange(L, device=input_ids.device)[None]  # (1, L)
+        if c.position in ("absolute", "tupe") and L > c.max_positions:
+            raise UserError(f"sequence length {L} exceeds max_positions={c.max_positions} of the "
+                            f"'{c.position}' scheme, which cannot extrapolate; use a longer "
+                            "max_positions or a relative scheme (t5, alibi, rope, nezha, deberta)")
+        x = self.embeddings(input_ids, token_type_ids, position_ids)
+        ctx = self._attention_context(attention_mask, document_ids, position_ids, L)
+        for block in self.blocks:
+            if c.checkpoint_activations and self.training:
+                x = checkpoint(block, x, ctx, use_reentrant=False)
+            else:
+                x = block(x, ctx)
+        return x if self.final_norm is None else self.final_norm(x)
+
+    def _attention_context(self, attention_mask: Tensor | None, document_ids: Tensor | None,
+                           position_ids: Tensor, L: int) -> AttentionContext:
+        c, device = self.config, position_ids.device
+        if c.cross_document_attention:
+            document_ids = None
+        mask = attention_mask_bias(attention_mask, document_ids, c.causal, L, device)
+        bias = self._position_bias(position_ids)  # shared by all layers, or None
+        # SDPA takes is_causal or an attn_mask, not both: a causal model with score terms gets
+        # its causal mask as a tensor, folded into the bias.
+        adds_scores = bias is not None or c.position in ("nezha", "deberta")
+        if c.causal and mask is None and adds_scores:
+            mask = causal_bias(L, device)
+        if bias is not None:
+            mask = bias if mask is None else mask + bias  # (B|1, heads, L, L)
+        scale = 1.0 / math.sqrt(c.head_dim)
+        if c.position == "tupe":  # content and position terms each get 1/sqrt(2d)
+            scale = 1.0 / math.sqrt(2 * c.head_dim)
+        elif c.position == "deberta":  # c2c, c2p, p2c: 1/sqrt(3d)
+            scale = 1.0 / math.sqrt(3 * c.head_dim)
+        ctx = AttentionContext(mask=mask, is_causal=c.causal and mask is None, scale=scale)
+        if c.position == "rope":
+            ctx.rotary = rotary_tables(position_ids, c.head_dim, c.rope_base)
+        elif c.position == "nezha":
+            ctx.relative_index = nezha_index(position_ids, c.max_relative_position)
+            ctx.relative_table = nezha_table(c.max_relative_position, c.head_dim, device)
+        elif c.position == "deberta":
+            ctx.relative_index = deberta_index(position_ids, c.max_relative_position)
+            ctx.relative_table = self.relative_norm(self.relative_embeddings.weight)
+        return ctx
+
+    def _position_bias(self, position_ids: Tensor) -> Tensor | None:
+        if self.t5_bias is not None:
+            return self.t5_bias(position_ids)
+        if self.tupe_bias is not None:
+            return self.tupe_bias(position_ids)
+        if self.config.position == "alibi":
+            return alibi_bias(position_ids, self.config.heads)
+        return None
+
+
+def init_weights(module: nn.Module, config: ModelConfig) -> None:
+    """BERT initialisation: Linear and Embedding weights ~ N(0, initializer_range), biases 0,
+    LayerNorm weight 1 and bias 0 (Devlin et al. 2019; HF `BertPreTrainedModel._init_weights`)."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear | nn.Embedding):
+            nn.init.normal_(m.weight, mean=0.0, std=config.initializer_range)
+            if getattr(m, "bias", None) is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)

@@ -18,8 +18,8 @@ Per document, in this order (the first failing step names the drop reason):
 Steps 1–2 and the MinHash signatures run in worker processes on batches (vectorised numpy over
 the whole batch, no per-character Python). Steps 3–4 run in the main process in input order, so
 the output is identical for any number of workers. At most ``2 × workers`` batches are in
-flight, so memory is bounded by the batch size plus the dedup state (~0.8 KB per kept document
-at the defaults: 4 bytes per MinHash value, 16 per LSH band).
+flight, so memory is bounded by the batch size plus the dedup state (~0.7 KB per kept document
+at the defaults: 4 bytes per MinHash value, 16 per LSH band and exact hash).
 
 Output: ``clean-00000.jsonl`` … (``{"text", "source", "line"}`` per line), ``manifest.json``
 (read by `motian.data.sources`), ``report.json`` and ``report.md``. After each shard, the shard,

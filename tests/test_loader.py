@@ -166,7 +166,7 @@ def test_sop_rows(unique_tokens):
             in_order = b[0] > a[-1]
             assert batch["pair_labels"][r] == int(in_order)
             assert a == list(range(a[0], a[0] + len(a))) and b == list(range(b[0], b[0] + len(b)))
-            if in_order:
-                assert b[0] == a[-1] + 1  # truncation keeps the junction
+            # Truncation keeps the junction between the two sentences, swapped or not.
+            assert (b[0] == a[-1] + 1) if in_order else (a[0] == b[-1] + 1)
             labels.append(int(in_order))
     assert 0.3 < np.mean(labels) < 0.7

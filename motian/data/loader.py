@@ -119,6 +119,7 @@ class PackedLoader:
             shard, self._click = click_source([Path(f) for f in config.click_files], tok,
                                               self.dataset.synonyms())
             self.shards.append(shard)
+            self._click.shard = np.full_like(self._click.shard, len(self.shards) - 1)
         self.epoch, self.cursor = 0, 0
         self._plan_cache: tuple[int, _Plan] | None = None
         if self.steps_per_epoch == 0:

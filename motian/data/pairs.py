@@ -102,14 +102,13 @@ def sop_plan(sentences: SentenceIndex, cap: int, rng: np.random.Generator,
     last = first + n - 1
     a_start, a_end = s.start[first], s.end[split - 1]
     b_start, b_end = s.start[split], s.end[last]
+    # Truncate in reading order (so the junction survives), then swap.
+    p = PairPlan(s.shard[first], a_start, a_end - a_start, b_start, b_end - b_start,
+                 np.ones(len(first), np.int64)).truncated(cap)
     swap = rng.random(len(first)) < swap_prob
-    plan = PairPlan(s.shard[first],
-                    np.where(swap, b_start, a_start), np.where(swap, b_end - b_start,
-                                                               a_end - a_start),
-                    np.where(swap, a_start, b_start), np.where(swap, a_end - a_start,
-                                                               b_end - b_start),
-                    (~swap).astype(np.int64))
-    return plan.truncated(cap)
+    return PairPlan(p.shard, np.where(swap, p.b_start, p.a_start),
+                    np.where(swap, p.b_len, p.a_len), np.where(swap, p.a_start, p.b_start),
+                    np.where(swap, p.a_len, p.b_len), (~swap).astype(np.int64))
 
 
 # --------------------------------------------------------------------------- click logs

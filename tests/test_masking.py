@@ -296,3 +296,18 @@ def test_real_text_synonyms_come_from_the_words_cilin_group(pd98_encoded):
             assert synonym in cilin[word], (word, synonym)
             checked += 1
     assert checked > 50
+
+
+def test_inspect_batch_shows_words_phrases_and_synonyms(pd98_encoded, capsys):
+    import re
+
+    from motian.cli import main
+
+    assert main(["inspect-batch", "--data", str(pd98_encoded), "--examples", "4"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"\{[^{}⇒]+⇒[^{}]+\}", out)  # a synonym replacement
+    assert re.search(r"\[[^\[\]→]{2,}→[^\[\]]+\]", out)  # a multi-character word replaced
+    assert re.search(r"[\]}][\[{]", out)  # two masked words side by side: a phrase
+    assert main(["inspect-batch", "--data", str(pd98_encoded), "--preset", "wwm",
+                 "--examples", "2"]) == 0
+    assert "■■" in capsys.readouterr().out  # [MASK] over a whole two-character word

@@ -31,6 +31,7 @@ import os
 import re
 import sys
 import time
+from array import array
 from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from importlib.metadata import version
@@ -63,6 +64,7 @@ from motian.errors import SkipLog, UserError
 SENTENCE_END = re.compile(r"(?:[。！？!?…]+|\.(?=\s))[”’」』）)\"']*")
 NEWLINE = re.compile("\n")
 IN_FLIGHT_PER_WORKER = 2
+SUB_BATCH_DOCS = 256  # documents per encode_batch call inside a shard
 
 # ----------------------------------------------------------------------------- alignment
 
@@ -82,33 +84,30 @@ def _starts_after(boundaries: np.ndarray, positions: np.ndarray) -> np.ndarray:
     return first
 
 
-def align_chunk(texts: list[str], words: list[list[str]], ids: list[list[int]],
-                offsets: list[list[tuple[int, int]]], is_continuation: np.ndarray,
-                synonym_rows: dict[str, int], synonym_length: np.ndarray
-                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def align_chunk(texts: list[str], word_len: np.ndarray, word_row: np.ndarray,
+                tokens: np.ndarray, span: np.ndarray, n_tok: np.ndarray,
+                is_continuation: np.ndarray, row_length: np.ndarray
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Flags and synonym rows of the tokens of a chunk of documents.
 
-    `words[d]` is jieba's cut of `texts[d]` (it covers every character), `ids[d]`/`offsets[d]`
-    the tokens of `texts[d]` with (start, end) character offsets. Returns (tokens (T,) int64,
-    flags (T,) uint8, synonyms (T,) int32, docs (D + 1,) int64) for the concatenated chunk.
+    jieba's words of all `texts`, back to back, have lengths `word_len` (W,) (they cover every
+    character) and synonym rows `word_row` (W,) (-1: none). `tokens` (T,) are the tokens of
+    all documents, `span` (T, 2) their (start, end) character offsets within their document,
+    `n_tok` (D,) the tokens per document. Returns (flags (T,) uint8, synonyms (T,) int32,
+    docs (D + 1,) int64 offsets).
     """
-    n_tok = np.fromiter(map(len, ids), np.int64, len(ids))  # (D,)
-    docs = np.zeros(len(ids) + 1, np.int64)
+    docs = np.zeros(len(n_tok) + 1, np.int64)
     np.cumsum(n_tok, out=docs[1:])
-    tokens = np.fromiter(chain.from_iterable(ids), np.int64, int(docs[-1]))  # (T,)
-    span = np.fromiter(chain.from_iterable(chain.from_iterable(offsets)), np.int64,
-                       2 * len(tokens)).reshape(-1, 2)  # (T, 2) within each document
     # Work in chunk-wide character positions: document d starts at char_base[d].
     char_base = np.zeros(len(texts) + 1, np.int64)
     np.cumsum([len(t) for t in texts], out=char_base[1:])
-    span += np.repeat(char_base[:-1], n_tok)[:, None]
-    word_len = np.fromiter((len(w) for doc in words for w in doc), np.int64)  # (W,)
+    span = span + np.repeat(char_base[:-1], n_tok)[:, None]  # (T, 2)
     word_edge = np.zeros(len(word_len) + 1, np.int64)
     np.cumsum(word_len, out=word_edge[1:])  # word w covers chars [edge[w], edge[w + 1])
     if word_edge[-1] != char_base[-1]:
         raise ValueError("the words do not cover the text character for character")
     char_word = np.repeat(np.arange(len(word_len)), word_len)  # (C,) word of each character
-    token_word = char_word[span[:, 0]] if len(tokens) else np.zeros(0, np.int64)
+    token_word = char_word[span[:, 0]]  # (T,) the word holding each token's first character
 
     doc_first = np.zeros(len(tokens), bool)
     doc_first[docs[:-1][n_tok > 0]] = True
@@ -120,9 +119,8 @@ def align_chunk(texts: list[str], words: list[list[str]], ids: list[list[int]],
     sentence, paragraph = _boundaries(texts, char_base)
     flags |= np.where(_starts_after(sentence, span[:, 0]), SENTENCE_START, 0).astype(np.uint8)
     flags |= np.where(_starts_after(paragraph, span[:, 0]), PARAGRAPH_START, 0).astype(np.uint8)
-    synonyms = _synonym_rows(tokens, span, starts, token_word, word_edge, words,
-                             synonym_rows, synonym_length)
-    return tokens, flags, synonyms, docs
+    synonyms = _synonym_rows(span, starts, token_word, word_edge, word_row, row_length)
+    return flags, synonyms, docs
 
 
 def _boundaries(texts: list[str], char_base: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -138,21 +136,19 @@ def _boundaries(texts: list[str], char_base: np.ndarray) -> tuple[np.ndarray, np
     return np.array(sentence, np.int64), np.array(paragraph, np.int64)
 
 
-def _synonym_rows(tokens: np.ndarray, span: np.ndarray, starts: np.ndarray,
-                  token_word: np.ndarray, word_edge: np.ndarray, words: list[list[str]],
-                  rows: dict[str, int], row_length: np.ndarray) -> np.ndarray:
-    synonyms = np.full(len(tokens), -1, np.int32)
-    if not rows or not len(tokens):
-        return synonyms
+def _synonym_rows(span: np.ndarray, starts: np.ndarray, token_word: np.ndarray,
+                  word_edge: np.ndarray, word_row: np.ndarray,
+                  row_length: np.ndarray) -> np.ndarray:
+    """Row of the synonym table at each word start whose tokens cover exactly one jieba word
+    that has a row of candidates with as many tokens; -1 elsewhere."""
+    synonyms = np.full(len(starts), -1, np.int32)
     first = np.flatnonzero(starts)  # (S,) first token of each aligned word
-    last = np.append(first[1:], len(tokens)) - 1  # (S,) its last token
+    if not len(first):
+        return synonyms
+    last = np.append(first[1:], len(starts)) - 1  # (S,) its last token
     w = token_word[first]
-    # Only words whose tokens cover exactly one jieba word can be swapped for a synonym.
     exact = ((token_word[last] == w) & (span[first, 0] == word_edge[w])
              & (span[last, 1] == word_edge[w + 1]))
-    # One dict lookup per jieba word (C-level map), then everything else is vectorised.
-    flat_words = chain.from_iterable(words)
-    word_row = np.fromiter(map(rows.get, flat_words, repeat(-1)), np.int64, len(word_edge) - 1)
     row = np.where(exact, word_row[w], -1)  # (S,)
     ok = row >= 0
     ok[ok] = row_length[row[ok]] == (last - first + 1)[ok]
@@ -189,14 +185,37 @@ def _init_worker(tokenizer: str, user_dict: str | None, synonyms_file: str | Non
         rows={w: r for r, w in enumerate(table.words)}, row_length=table.length)
 
 
+def _tokenize(tok, texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(tokens (T,), span (T, 2), n_tok (D,)) of `texts`, in sub-batches so the tokenizer's
+    Encoding objects and Python lists (~300 bytes a token) never exist for a whole shard."""
+    parts = []
+    for i in range(0, len(texts), SUB_BATCH_DOCS):
+        encodings = tok.encode_batch(texts[i:i + SUB_BATCH_DOCS], add_special_tokens=False)
+        n_tok = np.fromiter((len(e.ids) for e in encodings), np.int64, len(encodings))
+        total = int(n_tok.sum())
+        tokens = np.fromiter(chain.from_iterable(e.ids for e in encodings), np.int64, total)
+        span = np.fromiter(chain.from_iterable(chain.from_iterable(e.offsets for e in encodings)),
+                           np.int64, 2 * total).reshape(-1, 2)
+        parts.append((tokens, span, n_tok))
+    if not parts:
+        return np.zeros(0, np.int64), np.zeros((0, 2), np.int64), np.zeros(0, np.int64)
+    return tuple(np.concatenate(p) for p in zip(*parts))  # type: ignore[return-value]
+
+
 def encode_chunk(index: int, texts: list[str]) -> dict:
     """Encode one chunk of documents into shard `index`; return its manifest entry."""
     w = _WORKER
-    words = [list(w["cutter"].cut(text, HMM=True)) for text in texts]
-    encodings = w["tok"].encode_batch(texts, add_special_tokens=False)
-    tokens, flags, synonyms, docs = align_chunk(
-        texts, words, [e.ids for e in encodings], [e.offsets for e in encodings],
-        w["is_continuation"], w["rows"], w["row_length"])
+    # Keep only what alignment needs of jieba's words: lengths and synonym rows (compact
+    # arrays, not a million str objects).
+    word_len, word_row = array("q"), array("q")
+    for text in texts:
+        words = list(w["cutter"].cut(text, HMM=True))
+        word_len.extend(map(len, words))
+        word_row.extend(map(w["rows"].get, words, repeat(-1)))
+    tokens, span, n_tok = _tokenize(w["tok"], texts)
+    flags, synonyms, docs = align_chunk(
+        texts, np.frombuffer(word_len, np.int64), np.frombuffer(word_row, np.int64),
+        tokens, span, n_tok, w["is_continuation"], w["row_length"])
     entry = write_shard(w["out"], index, tokens.astype(w["dtype"]), flags, synonyms, docs)
     entry.update(
         unk_tokens=int((tokens == w["unk"]).sum()),

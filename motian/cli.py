@@ -31,6 +31,7 @@ COMMANDS: dict[str, str] = {
     "prepare": "motian.pipeline:prepare",
     "demo": "motian.pipeline:demo",
     "inspect-batch": "motian.data.inspect:inspect_batch",
+    "hf-convert": "motian.model.hf:convert_hf",
 }
 
 

@@ -6,12 +6,10 @@ from __future__ import annotations
 import json
 import os
 
-import pytest
-import torch
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers reads it: never the network
 
-transformers = pytest.importorskip("transformers")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
+import pytest  # noqa: E402
+import torch  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 from transformers import (  # noqa: E402
     AutoModel,
@@ -24,6 +22,7 @@ from transformers import (  # noqa: E402
     BertModel,
 )
 
+from motian.cli import main as cli_main  # noqa: E402
 from motian.errors import UserError  # noqa: E402
 from motian.model import (  # noqa: E402
     CausalLM,
@@ -33,7 +32,7 @@ from motian.model import (  # noqa: E402
     from_pretrained,
     preset,
 )
-from motian.model.hf import export_hf, export_hf_dir, import_bert, import_hf  # noqa: E402
+from motian.model.hf import export_hf, import_bert  # noqa: E402
 
 V = 99
 ATOL = 1e-4
@@ -173,20 +172,27 @@ def test_export_decoder_and_backbone_as_remote_code(tmp_path):
         close(hf(x, attention_mask=mask).last_hidden_state, backbone(x, mask))
 
 
-def test_cli_functions_convert_directory_to_directory(tmp_path):
+def test_cli_converts_both_ways(tmp_path, capsys):
     torch.manual_seed(6)
     hf = BertForSequenceClassification(bert_config(num_labels=3)).eval()
     hf.save_pretrained(tmp_path / "hf")
-    import_hf(tmp_path / "hf", tmp_path / "motian")
+    (tmp_path / "vocab.txt").write_text("[PAD]\n[UNK]\n[CLS]\n[SEP]\n[MASK]\n")
+    assert cli_main(["hf-convert", "--source", str(tmp_path / "hf"),
+                     "--out", str(tmp_path / "motian")]) == 0
     model = from_pretrained(tmp_path / "motian").eval()
     x, mask, types = batch()
     with torch.no_grad():
         close(model(x, mask, types).logits, hf(x, mask, types).logits)
-    export_hf_dir(tmp_path / "motian", tmp_path / "back")
+    assert cli_main(["hf-convert", "--source", str(tmp_path / "motian"), "--out",
+                     str(tmp_path / "back"), "--tokenizer", str(tmp_path / "vocab.txt")]) == 0
+    assert (tmp_path / "back" / "vocab.txt").is_file()
     again = BertForSequenceClassification.from_pretrained(tmp_path / "back").eval()
     with torch.no_grad():
         close(again(x, mask, types).logits, hf(x, mask, types).logits)
+    (tmp_path / "gpt").mkdir()
+    (tmp_path / "gpt" / "config.json").write_text('{"model_type": "gpt2"}')
     with pytest.raises(UserError, match="model_type"):
-        (tmp_path / "gpt").mkdir()
-        (tmp_path / "gpt" / "config.json").write_text('{"model_type": "gpt2"}')
         import_bert(tmp_path / "gpt")
+    assert cli_main(["hf-convert", "--source", str(tmp_path / "nowhere"),
+                     "--out", str(tmp_path / "x")]) == 1
+    assert "no config.json" in capsys.readouterr().err

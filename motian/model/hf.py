@@ -8,7 +8,7 @@
   (BertForMaskedLM, ...); any other configuration (Pre-LN, relative positions, GEGLU, decoder) ->
   a directory that loads with `trust_remote_code=True` from a `modeling_motian.py` generated from
   motian's own model source files, so no model code is written twice.
-- `import_hf` / `export_hf_dir`: the same as CLI verbs, directory to directory.
+- `convert_hf(source, out)`: either direction, directory to directory (`motian hf-convert`).
 """
 
 from __future__ import annotations
@@ -348,31 +348,35 @@ def _write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-# --- CLI verbs ---------------------------------------------------------------------------------
+# --- CLI verb ----------------------------------------------------------------------------------
 
-def import_hf(source: Path, out: Path, head: Head = "auto", strict: bool = False) -> Path:
-    """Convert a Hugging Face BERT checkpoint directory into a motian model directory.
+def convert_hf(source: Path, out: Path, head: Head = "auto", strict: bool = False,
+               tokenizer: Path | None = None) -> Path:
+    """Convert between a Hugging Face BERT directory and a motian model directory.
 
-    Args:
-        source: directory written by `transformers` save_pretrained (config.json + weights).
-        out: motian model directory to write (config.json + model.safetensors).
-        head: motian head to build; auto follows config.json's architectures.
-        strict: fail instead of warning when any weight does not load.
-    """
-    model, _ = import_bert(source, head=head, strict=strict)
-    return save_pretrained(model, out)
-
-
-def export_hf_dir(source: Path, out: Path, tokenizer: Path | None = None) -> Path:
-    """Export a motian model directory for Hugging Face (native BERT or trust_remote_code).
+    The direction follows `source`: a `transformers` BERT directory (config.json with
+    model_type "bert") becomes a motian directory; a motian directory becomes a Hugging Face one
+    (native BERT when the model is BERT-shaped, otherwise loadable with trust_remote_code=True).
 
     Args:
-        source: motian model directory (config.json + model.safetensors).
-        out: Hugging Face directory to write.
-        tokenizer: vocab.txt / tokenizer.json, or a directory holding them, to copy alongside.
+        source: directory to read (Hugging Face BERT, or motian model).
+        out: directory to write.
+        head: when importing, the motian head to build; auto follows config.json's architectures.
+        strict: when importing, fail instead of warning when any weight does not load.
+        tokenizer: when exporting, vocab.txt / tokenizer.json or a directory holding them, copied alongside.
     """
+    source, out = Path(source), Path(out)
+    config_path = source / "config.json"
+    if not config_path.is_file():
+        raise UserError(f"{source}: no config.json; expected a Hugging Face BERT or a motian "
+                        "model directory")
+    if json.loads(config_path.read_text(encoding="utf-8")).get("model_type") == "bert":
+        model, _ = import_bert(source, head=head, strict=strict)
+        save_pretrained(model, out)
+        print(f"motian: wrote motian {type(model).__name__} to {out}")
+        return out
     model = from_pretrained(source)
-    path = export_hf(model, out, tokenizer)
+    export_hf(model, out, tokenizer)
     kind = "BERT (native)" if is_bert_shaped(model) else "trust_remote_code"
-    print(f"motian: wrote {kind} Hugging Face model to {path}")
-    return path
+    print(f"motian: wrote {kind} Hugging Face model to {out}")
+    return out

@@ -170,3 +170,22 @@ def test_sop_rows(unique_tokens):
             assert (b[0] == a[-1] + 1) if in_order else (a[0] == b[-1] + 1)
             labels.append(int(in_order))
     assert 0.3 < np.mean(labels) < 0.7
+
+
+@pytest.mark.parametrize("pair_task,cross", [("none", False), ("sop", True)])
+def test_batches_feed_the_model(pd98_encoded, pair_task, cross):
+    """The contract with issue 4: a batch goes straight into the real tiny model."""
+    from motian.model.config import preset
+    from motian.model.heads import PreTrainingModel
+
+    cfg = LoaderConfig(seq_len=64, batch_size=4, pair_task=pair_task,
+                       cross_document_attention=cross, masking=MaskingConfig.preset("motian"))
+    loader = PackedLoader(pd98_encoded, config=cfg)
+    torch.manual_seed(0)
+    model = PreTrainingModel(preset("tiny", vocab_size=len(loader.vocab), max_positions=64,
+                                    cross_document_attention=cross))
+    batch = take(loader, 1)[0]
+    out = model(**batch)
+    assert torch.isfinite(out.loss) and out.logits.shape[0] == len(batch["mlm_labels"])
+    assert ("pair" in out.losses) == (pair_task != "none")
+    out.loss.backward()

@@ -76,6 +76,8 @@ def test_click_pairs_in_the_loader(pd98_encoded, tmp_path):
                        masking=MaskingConfig.preset("wwm"))
     loader = PackedLoader(pd98_encoded, config=cfg)
     assert loader.steps_per_epoch == 3
+    click = loader.shards[-1]  # encoded like the shards: jieba word starts and Cilin rows
+    assert 0 < (click.flags & 1).sum() < len(click.tokens) and (click.synonyms >= 0).any()
     seen = []
     for arrays, m in itertools.islice(loader.iter_numpy(), 3):
         for r in range(4):

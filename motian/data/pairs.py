@@ -5,8 +5,8 @@ sources:
 
 * **Sentence order** (`sop_plan`, the default; ALBERT's SOP). Sentences come from the shards'
   flags (bit 1 sentence start, bit 2 paragraph start, plus every document start). Each
-  document is cut into windows of ``cap = L - 3`` tokens at a random phase drawn per document
-  and epoch; the sentences that start in a window form a chunk, and a chunk of two or more
+  document longer than ``cap = L - 3`` tokens is cut into windows of ``cap`` tokens at a random
+  phase drawn per document and epoch (a shorter one is a single window); the sentences that start in a window form a chunk, and a chunk of two or more
   sentences is split at a random sentence boundary into A and B. With probability
   ``swap_prob`` the two are swapped (label 0), else kept in order (label 1). A pair longer
   than ``cap`` is cut away from the junction: A loses its beginning, B its end, the shorter
@@ -62,6 +62,7 @@ class SentenceIndex:
     start: np.ndarray  # int64 (S,): token index in the shard
     end: np.ndarray  # int64 (S,)
     offset: np.ndarray  # int64 (S,): start - start of its document
+    doc_len: np.ndarray  # int64 (S,): tokens in its document
     n_docs: int
 
 
@@ -77,10 +78,11 @@ def sentence_index(shards: list[Shard]) -> SentenceIndex:
         doc = np.searchsorted(docs, starts, side="right") - 1
         nxt = np.append(starts[1:], docs[-1])
         end = np.minimum(nxt, docs[doc + 1])
-        parts.append((np.full(len(starts), s), doc + doc_base, starts, end, starts - docs[doc]))
+        parts.append((np.full(len(starts), s), doc + doc_base, starts, end, starts - docs[doc],
+                      docs[doc + 1] - docs[doc]))
         doc_base += len(docs) - 1
     if not parts:
-        return SentenceIndex(*[np.zeros(0, np.int64)] * 5, n_docs=0)
+        return SentenceIndex(*[np.zeros(0, np.int64)] * 6, n_docs=0)
     cols = [np.concatenate(c).astype(np.int64) for c in zip(*parts)]
     return SentenceIndex(*cols, n_docs=doc_base)
 
@@ -91,7 +93,8 @@ def sop_plan(sentences: SentenceIndex, cap: int, rng: np.random.Generator,
     s = sentences
     if len(s.start) == 0:
         return PairPlan(*[np.zeros(0, np.int64)] * 6)
-    phase = rng.integers(0, cap, size=max(s.n_docs, 1))[s.doc]
+    # A document that fits one window stays whole (a random phase would only halve it).
+    phase = np.where(s.doc_len > cap, rng.integers(0, cap, size=max(s.n_docs, 1))[s.doc], 0)
     window = (s.offset + phase) // cap
     new = np.ones(len(s.start), dtype=bool)
     new[1:] = (s.doc[1:] != s.doc[:-1]) | (window[1:] != window[:-1])
@@ -191,9 +194,14 @@ def encode_words(texts: list[str], tok, synonyms: SynonymTable
     from motian.data.encode import align_chunk
     from motian.data.tokenizer import vocab_tokens
 
-    words = [jieba.lcut(text, HMM=True) for text in texts]
+    rows = {w: r for r, w in enumerate(synonyms.words)}
+    words = [w for text in texts for w in jieba.lcut(text, HMM=True)]
     encodings = tok.encode_batch(texts, add_special_tokens=False)
+    tokens = np.array([i for e in encodings for i in e.ids], np.int64)
+    span = np.array([o for e in encodings for o in e.offsets], np.int64).reshape(-1, 2)
+    n_tok = np.array([len(e.ids) for e in encodings], np.int64)
     is_continuation = np.array([t.startswith("##") and len(t) > 2 for t in vocab_tokens(tok)])
-    return align_chunk(texts, words, [e.ids for e in encodings], [e.offsets for e in encodings],
-                       is_continuation, {w: r for r, w in enumerate(synonyms.words)},
-                       synonyms.length)
+    flags, syn, docs = align_chunk(texts, np.array([len(w) for w in words], np.int64),
+                                   np.array([rows.get(w, -1) for w in words], np.int64),
+                                   tokens, span, n_tok, is_continuation, synonyms.length)
+    return tokens, flags, syn, docs

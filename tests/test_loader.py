@@ -189,3 +189,12 @@ def test_batches_feed_the_model(pd98_encoded, pair_task, cross):
     assert torch.isfinite(out.loss) and out.logits.shape[0] == len(batch["mlm_labels"])
     assert ("pair" in out.losses) == (pair_task != "none")
     out.loss.backward()
+
+
+def test_tokenizer_json_is_checked_against_the_shards(pd98_encoded, unique_tokens):
+    trained = pd98_encoded.parent / "tok"  # the tokenizer.json the shards were made with
+    assert (trained / "tokenizer.json").is_file()
+    PackedLoader(pd98_encoded, trained, LoaderConfig(seq_len=64, batch_size=2))
+    _, other = unique_tokens()
+    with pytest.raises(UserError, match="another vocabulary"):
+        PackedLoader(pd98_encoded, other, LoaderConfig(seq_len=64, batch_size=2))

@@ -37,6 +37,7 @@ time, memory and a second place where the position lives, and gain nothing.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -103,10 +104,16 @@ class PackedLoader:
         tokenizer = Path(tokenizer) if tokenizer is not None else Path(data) / "vocab.txt"
         tok = load_tokenizer(tokenizer)
         self.special = special_token_ids(tok)
-        vocab_file = Path(tokenizer) / "vocab.txt" if Path(tokenizer).is_dir() else None
-        self.dataset = EncodedDataset(data, vocab_file if vocab_file and vocab_file.is_file()
-                                      else None)
         self.vocab = vocab_tokens(tok)
+        self.dataset = EncodedDataset(data)
+        # Refuse shards encoded with another vocabulary (ids would mean other tokens); the hash
+        # is the one `vocab_hash` computes from a vocab.txt, here from the loaded tokenizer.
+        actual = hashlib.sha256("\n".join(self.vocab).encode("utf-8")).hexdigest()
+        if self.dataset.manifest.get("vocab_hash") not in (None, actual):
+            raise UserError(f"{data}: these shards were encoded with another vocabulary than "
+                            f"{tokenizer}; token ids would mean different tokens. Use the "
+                            "tokenizer they were encoded with (the default, data/vocab.txt), "
+                            "or run `motian encode` again")
         random_ids = [i for i, t in enumerate(self.vocab) if not re.fullmatch(r"\[.*\]", t)]
         self.masker = Masker(config.masking, self.special["mask"], np.asarray(random_ids),
                              self.dataset.synonyms())

@@ -81,6 +81,24 @@ def test_files_and_manifest(trained):
     assert tok.encode("人民日报", add_special_tokens=False).tokens == ["人", "民", "日", "报"]
 
 
+def test_rerun_keeps_the_vocabulary_unless_told(tmp_path):
+    # Retraining is not bit-for-bit reproducible (the trainer breaks ties between equally
+    # frequent merges in hash order), so a rerun with the same inputs and settings keeps the
+    # vocabulary that shards may already have been encoded with.
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("\n".join(MIXED * 5), encoding="utf-8")
+    out = tmp_path / "tok"
+    first = train_tokenizer([str(corpus)], out, vocab_size=300, progress=False)
+    before = (out / "vocab.txt").stat().st_mtime_ns
+    assert train_tokenizer([str(corpus)], out, vocab_size=300, progress=False) == first
+    assert (out / "vocab.txt").stat().st_mtime_ns == before
+    again = train_tokenizer([str(corpus)], out, vocab_size=300, resume=False, progress=False)
+    assert (out / "vocab.txt").stat().st_mtime_ns != before
+    assert again["settings"] == first["settings"]
+    other = train_tokenizer([str(corpus)], out, vocab_size=250, progress=False)
+    assert other["counts"]["vocab_size"] <= 250
+
+
 def test_unseen_latin_word_splits_into_pieces(tmp_path):
     # 'q' and 'z' only ever start a word in training, so the trainer never makes ##q / ##z;
     # motian adds continuation forms for every letter, so "bq" is not one [UNK].

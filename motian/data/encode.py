@@ -55,9 +55,9 @@ from motian.data.shards import (
     write_json_atomic,
     write_shard,
 )
-from motian.data.sources import BUILTIN, Document, iter_documents, resolve_inputs
+from motian.data.sources import Document, iter_documents
 from motian.data.synonyms import build_synonym_table, file_sha256
-from motian.data.tokenizer import load_tokenizer, special_token_ids, vocab_tokens
+from motian.data.tokenizer import input_sizes, load_tokenizer, special_token_ids, vocab_tokens
 from motian.errors import SkipLog, UserError
 
 # A sentence ends after a run of end marks and any closing quotes/brackets that follow them.
@@ -272,11 +272,9 @@ def _settings(inputs: list[str], tok, digest: str, user_dict: Path | None,
               synonym_min_chars: int | None, shard_docs: int, shard_mb: float, txt_mode: str,
               text_field: str) -> dict:
     """Everything the shards depend on; a resumed run must match it exactly."""
-    files = [str(i) for i in resolve_inputs(inputs)]
     return {
         "inputs": [str(i) for i in inputs],
-        "input_sizes": {f: "built-in" if f in BUILTIN else Path(f).stat().st_size
-                        for f in files},
+        "input_sizes": input_sizes(inputs),
         "vocab_hash": digest,
         # normaliser settings (lower-casing...) change ids as much as the vocabulary does
         "tokenizer_sha256": hashlib.sha256(tok.to_str().encode("utf-8")).hexdigest(),

@@ -22,6 +22,7 @@ normaliser and pre-tokeniser that `transformers.BertTokenizerFast` uses, so ids 
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 import unicodedata
@@ -34,7 +35,7 @@ from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, process
 from tokenizers.models import WordPiece
 
 from motian.data.shards import vocab_hash, write_json_atomic
-from motian.data.sources import iter_documents
+from motian.data.sources import BUILTIN, iter_documents, resolve_inputs
 from motian.errors import SkipLog, UserError
 
 SPECIAL_TOKENS = {"pad": "[PAD]", "unk": "[UNK]", "cls": "[CLS]", "sep": "[SEP]",
@@ -191,6 +192,26 @@ def add_continuations(tok: Tokenizer, chars: Iterable[str]) -> int:
     return len(missing)
 
 
+def input_sizes(inputs: list[str]) -> dict[str, int | str]:
+    """Each input file's size (built-in corpora by name): a cheap check that a resumed run
+    reads the same text."""
+    return {str(f): "built-in" if f in BUILTIN else Path(f).stat().st_size
+            for f in resolve_inputs(inputs)}
+
+
+def _finished(out: Path, settings: dict) -> dict | None:
+    """The manifest of a vocabulary in `out` made with `settings`, if its files are intact."""
+    path = out / "manifest.json"
+    if not (path.is_file() and (out / "tokenizer.json").is_file()
+            and (out / "vocab.txt").is_file()):
+        return None
+    manifest = json.loads(path.read_text(encoding="utf-8"))
+    if (manifest.get("kind") != "tokenizer" or manifest.get("settings") != settings
+            or manifest.get("vocab_hash") != vocab_hash(out / "vocab.txt")):
+        return None
+    return manifest
+
+
 def _texts(inputs: list[str], txt_mode: str, text_field: str, skips: SkipLog) -> Iterator[str]:
     return (d.text for d in iter_documents(inputs, txt_mode=txt_mode, text_field=text_field,
                                            skips=skips))
@@ -228,7 +249,8 @@ def _train(inputs: list[str], vocab_size: int, min_frequency: int, char_min_coun
 def train_tokenizer(inputs: list[str], out: Path, vocab_size: int = 8000, min_frequency: int = 2,
                     char_min_count: int = 1, from_vocab: Path | None = None,
                     lowercase: bool = True, txt_mode: Literal["line", "blank"] = "line",
-                    text_field: str = "text", progress: bool = True) -> dict:
+                    text_field: str = "text", resume: bool = True,
+                    progress: bool = True) -> dict:
     """Train a BERT WordPiece vocabulary (every CJK character its own token), or adopt one.
 
     Writes out/vocab.txt, out/tokenizer.json and out/manifest.json (settings, counts and the
@@ -245,6 +267,8 @@ def train_tokenizer(inputs: list[str], out: Path, vocab_size: int = 8000, min_fr
         lowercase: lower-case (and strip accents from) the text, as BERT-Chinese does.
         txt_mode: .txt documents: one per line, or separated by blank lines.
         text_field: the field of .jsonl records that holds the text.
+        resume: keep a vocabulary already in `out` made from the same inputs and settings
+            (--no-resume trains again; two trainings can differ in rare tied merges).
         progress: show the trainer's progress bar.
     """
     out = Path(out)
@@ -252,7 +276,14 @@ def train_tokenizer(inputs: list[str], out: Path, vocab_size: int = 8000, min_fr
     settings = {"vocab_size": vocab_size, "min_frequency": min_frequency,
                 "char_min_count": char_min_count, "lowercase": lowercase,
                 "txt_mode": txt_mode, "text_field": text_field,
-                "from_vocab": str(from_vocab) if from_vocab else None}
+                "from_vocab": str(from_vocab) if from_vocab else None,
+                "from_vocab_hash": vocab_hash(from_vocab) if from_vocab else None,
+                "input_sizes": input_sizes(inputs) if inputs else {}}
+    previous = _finished(out, settings) if resume else None
+    if previous is not None:
+        print(f"vocabulary: {out} was made from the same inputs and settings; kept it "
+              "(--no-resume trains again)", flush=True)
+        return previous
     if from_vocab is not None:
         tok, info = tokenizer_from_vocab(Path(from_vocab), lowercase), {}
     else:
@@ -266,7 +297,8 @@ def train_tokenizer(inputs: list[str], out: Path, vocab_size: int = 8000, min_fr
     elif from_vocab is None:
         (out / "vocab.txt").write_text("\n".join(tokens) + "\n", encoding="utf-8")
     tok.save(str(out / "tokenizer.json"))
-    unk, total = unk_rate(tok, _texts(inputs, txt_mode, text_field, SkipLog(warn=False)))
+    unk, total = (unk_rate(tok, _texts(inputs, txt_mode, text_field, SkipLog(warn=False)))
+                  if inputs else (0, 0))
     manifest = {
         "kind": "tokenizer", "vocab_hash": vocab_hash(out / "vocab.txt"),
         "inputs": [str(i) for i in inputs], "settings": settings,

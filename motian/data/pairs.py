@@ -24,6 +24,8 @@ sources:
 
 from __future__ import annotations
 
+import logging
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -175,6 +177,9 @@ def click_source(files: list[Path], tok, synonyms: SynonymTable, min_ctr: float 
     if not pairs:
         raise UserError(f"no valid line in the click logs {', '.join(map(str, files))}"
                         + (f"; first problems: {skips.examples}" if skips.total else ""))
+    if skips.total:
+        print(f"motian: click logs: {len(pairs)} pairs read, {skips.total} bad lines skipped "
+              f"({', '.join(f'{n} {r}' for r, n in skips.counts.items())})", file=sys.stderr)
     texts = [t for p in pairs for t in (p.query, p.title)]
     tokens, flags, syn, docs = encode_words(texts, tok, synonyms)
     shard = Shard(tokens, flags, syn, docs)
@@ -190,6 +195,8 @@ def encode_words(texts: list[str], tok, synonyms: SynonymTable
     `motian encode` uses for shards (`motian.data.encode.align_chunk`). Returns (tokens,
     flags, synonym rows, document offsets)."""
     import jieba  # imported here: jieba loads its dictionary on first use (~1 s)
+
+    jieba.setLogLevel(logging.WARNING)
 
     from motian.data.encode import align_chunk
     from motian.data.tokenizer import vocab_tokens

@@ -29,6 +29,7 @@ import json
 import logging
 import os
 import re
+import signal
 import sys
 import time
 from array import array
@@ -170,6 +171,9 @@ def _init_worker(tokenizer: str, user_dict: str | None, synonyms_file: str | Non
     if not single_process:
         # Each worker is one process; rayon threads inside it would only oversubscribe.
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
+        # Ctrl-C is the parent's to handle (it stops the pool; the shards already recorded
+        # stay), not a traceback from every worker.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     jieba.setLogLevel(logging.WARNING)
     cutter = jieba.Tokenizer()
     cutter.initialize()
@@ -318,15 +322,18 @@ def _previous_run(out: Path, settings: dict, resume: bool) -> dict[int, dict]:
             if all((out / f"{e['name']}.{k}.npy").is_file() for k in ARRAYS)}
 
 
-def _summary(manifest: dict, seconds: float, out: Path) -> str:
+def _summary(manifest: dict, seconds: float, out: Path, new_bytes: int) -> str:
     c = manifest["counts"]
-    tokens, words, mb = max(c["tokens"], 1), max(c["word_starts"], 1), c["text_bytes"] / 1e6
+    tokens, words, mb = max(c["tokens"], 1), max(c["word_starts"], 1), new_bytes / 1e6
+    resumed = (f"; {manifest['resumed_shards']} shards were done by an earlier run"
+               if manifest["resumed_shards"] else "")
     return (f"encoded {c['docs']:,} documents, {c['tokens']:,} tokens "
             f"([UNK] {100 * c['unk_tokens'] / tokens:.3f}%), "
             f"word starts {100 * c['word_starts'] / tokens:.1f}% of tokens, "
             f"words with a synonym {100 * c['synonym_words'] / words:.1f}%, "
             f"{len(manifest['shards'])} shards -> {out} "
-            f"({mb:.1f} MB of text in {seconds:.1f} s, {mb / max(seconds, 1e-9):.2f} MB/s)")
+            f"({mb:.1f} MB of text in {seconds:.1f} s, {mb / max(seconds, 1e-9):.2f} MB/s"
+            f"{resumed})")
 
 
 def encode(inputs: list[str], out: Path, tokenizer: Path, user_dict: Path | None = None,
@@ -410,7 +417,8 @@ def encode(inputs: list[str], out: Path, tokenizer: Path, user_dict: Path | None
     manifest.update(complete=True, skipped=skips.to_dict(),
                     resumed_shards=len(done), seconds=round(time.perf_counter() - t0, 3))
     write_json_atomic(out / "manifest.json", manifest)
-    print(_summary(manifest, time.perf_counter() - t0, out), flush=True)
+    new_bytes = sum(e["text_bytes"] for i, e in finished.items() if i not in done)
+    print(_summary(manifest, time.perf_counter() - t0, out, new_bytes), flush=True)
     return manifest
 
 

@@ -131,6 +131,14 @@ def test_masked_lm_compact_labels_match_hf_form_and_full_logits():
     torch.testing.assert_close(compact.loss, expected, atol=1e-5, rtol=1e-5)
 
 
+def test_batch_without_masked_tokens_gives_zero_loss_not_nan():
+    model = MaskedLM(tiny())
+    out = model(ids(), mlm_positions=torch.zeros(0, dtype=torch.long),
+                mlm_labels=torch.zeros(0, dtype=torch.long))
+    assert out.loss.item() == 0.0
+    out.loss.backward()
+
+
 def test_tied_and_untied_output_layer():
     tied = MaskedLM(tiny())
     untied = MaskedLM(tiny(tie_word_embeddings=False))

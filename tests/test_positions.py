@@ -54,6 +54,19 @@ def test_scheme_trains_and_respects_packed_documents(position):
     torch.testing.assert_close(packed[:, 6:], alone, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("position", POSITIONS)
+def test_scheme_runs_under_bf16_autocast(position):
+    """Masks and tables follow the compute dtype (what a GPU run with bf16 autocast does)."""
+    model = MaskedLM(tiny(position, causal=position == "alibi", cross_document_attention=False))
+    mask = torch.ones(2, 8, dtype=torch.long)
+    mask[1, 6:] = 0
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(ids(2, 8), mask, document_ids=torch.tensor([[0] * 4 + [1] * 4] * 2),
+                    labels=ids(2, 8, seed=1))
+    out.loss.backward()
+    assert torch.isfinite(out.loss)
+
+
 @pytest.mark.parametrize("position", sorted(EXTRAPOLATING))
 def test_extrapolating_schemes_run_at_512_after_128(position):
     model = MotianModel(tiny(position)).eval()  # a stage-1 model: max_positions 128

@@ -73,6 +73,14 @@ def masked_lm_logits(model: MaskedLM | PreTrainingModel, h: Tensor,
     return model.mlm(h, embedding)
 
 
+def mlm_loss(logits: Tensor, labels: Tensor) -> Tensor:
+    """Mean cross-entropy over the N masked positions; 0 (with a graph) when a batch has none,
+    where `F.cross_entropy` would return NaN and poison the run."""
+    if labels.numel() == 0:
+        return logits.sum() * 0.0
+    return F.cross_entropy(logits.float(), labels)
+
+
 class _Backbone(nn.Module):
     """Shared plumbing: owns `backbone` and passes the contract's inputs through."""
 
@@ -112,7 +120,7 @@ class MaskedLM(_Backbone):
         logits = masked_lm_logits(self, h, mlm_positions)
         out = ModelOutput(logits=logits, hidden_states=h)
         if mlm_labels is not None:
-            out.loss = out.losses["mlm"] = F.cross_entropy(logits.float(), mlm_labels)
+            out.loss = out.losses["mlm"] = mlm_loss(logits, mlm_labels)
         return out
 
 
@@ -151,7 +159,7 @@ class PreTrainingModel(_Backbone):
         out = ModelOutput(logits=masked_lm_logits(self, h, mlm_positions), hidden_states=h,
                           pair_logits=self.pair(h))
         if mlm_labels is not None:
-            out.losses["mlm"] = F.cross_entropy(out.logits.float(), mlm_labels)
+            out.losses["mlm"] = mlm_loss(out.logits, mlm_labels)
         if pair_labels is not None:
             out.losses["pair"] = F.cross_entropy(out.pair_logits.float(), pair_labels)
         if out.losses:

@@ -70,28 +70,29 @@ def prepare(inputs: list[str], out: Path, vocab_size: int = 8000, workers: int =
 
 
 def _markdown(report: dict) -> str:
-    secs = report["seconds"]
-    lines = [f"# Data preparation report: {report['out']}", "",
+    from motian.data.clean import format_report
+
+    secs, out = report["seconds"], report["out"]
+    tok, enc = report["tokenizer"]["counts"], report["encode"]["counts"]
+    syn = report["encode"].get("synonym_table", {})
+    lines = [f"# Data preparation report: {out}", "",
              f"Inputs: {', '.join(report['inputs'])}", "",
              "| stage | seconds | output |", "|---|---:|---|",
-             f"| clean | {secs['clean']:.1f} | {report['out']}/clean |",
-             f"| tokenizer | {secs['tokenizer']:.1f} | {report['out']}/tokenizer |",
-             f"| encode | {secs['encode']:.1f} | {report['out']}/encoded |", ""]
-    for stage in ("clean", "tokenizer", "encode"):
-        lines += [f"## {stage}", "", "```", _summarise(report[stage]), "```", ""]
+             f"| clean | {secs['clean']:.1f} | {out}/clean |",
+             f"| tokenizer | {secs['tokenizer']:.1f} | {out}/tokenizer |",
+             f"| encode | {secs['encode']:.1f} | {out}/encoded |", "",
+             format_report(report["clean"]), "",
+             "## Vocabulary", "",
+             f"{tok['vocab_size']:,} tokens; {tok.get('distinct_chars', 0):,} distinct characters "
+             f"in the training text, all in the vocabulary; [UNK] {tok['unk_tokens']:,} of "
+             f"{tok['tokens']:,} tokens ({100 * tok['unk_rate']:.3f}%).", "",
+             "## Encoded shards", "",
+             f"{enc['docs']:,} documents, {enc['tokens']:,} tokens, "
+             f"{len(report['encode']['shards'])} shards; word starts "
+             f"{100 * enc['word_starts'] / max(enc['tokens'], 1):.1f}% of tokens; "
+             f"{enc['synonym_words']:,} words with a same-length Cilin synonym "
+             f"({syn.get('rows', 0):,} synonym rows, {syn.get('candidates', 0):,} candidates).", ""]
     return "\n".join(lines)
-
-
-def _summarise(d: dict, depth: int = 0) -> str:
-    """Scalars and small dicts of a stage report, indented (lists of shards are left out)."""
-    rows = []
-    for key, value in d.items():
-        if isinstance(value, dict) and depth < 2:
-            rows.append("  " * depth + f"{key}:")
-            rows.append(_summarise(value, depth + 1))
-        elif not isinstance(value, (list, dict)):
-            rows.append("  " * depth + f"{key}: {value}")
-    return "\n".join(r for r in rows if r)
 
 
 def demo(out: Path = Path("runs/demo"), workers: int = 0, resume: bool = True) -> dict:

@@ -83,8 +83,9 @@ def _markdown(report: dict) -> str:
              f"| encode | {secs['encode']:.1f} | {out}/encoded |", "",
              format_report(report["clean"]), "",
              "## Vocabulary", "",
-             f"{tok['vocab_size']:,} tokens; {tok.get('distinct_chars', 0):,} distinct characters "
-             f"in the training text, all in the vocabulary; [UNK] {tok['unk_tokens']:,} of "
+             f"{tok['vocab_size']:,} tokens; {tok.get('alphabet', 0):,} of the "
+             f"{tok.get('distinct_chars', 0):,} distinct characters of the training text are in "
+             f"the vocabulary; [UNK] {tok['unk_tokens']:,} of "
              f"{tok['tokens']:,} tokens ({100 * tok['unk_rate']:.3f}%).", "",
              "## Encoded shards", "",
              f"{enc['docs']:,} documents, {enc['tokens']:,} tokens, "

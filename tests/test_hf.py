@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers reads it: never the network
 
@@ -148,6 +149,8 @@ def test_export_other_configs_as_remote_code(tmp_path, position):
     model = MaskedLM(cfg).eval()
     out = export_hf(model, tmp_path / f"remote_{position}")
     assert json.loads((out / "config.json").read_text())["model_type"] == "motian"
+    source = (out / "modeling_motian.py").read_text()  # self-contained: torch + transformers only
+    assert not re.search(r"^\s*(from|import) motian", source, flags=re.M)
     hf = AutoModelForMaskedLM.from_pretrained(out, trust_remote_code=True).eval()
     x, mask, types = batch()
     with torch.no_grad():

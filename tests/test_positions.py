@@ -68,10 +68,21 @@ def test_scheme_runs_under_bf16_autocast(position):
 
 
 @pytest.mark.parametrize("position", sorted(EXTRAPOLATING))
-def test_extrapolating_schemes_run_at_512_after_128(position):
-    model = MotianModel(tiny(position)).eval()  # a stage-1 model: max_positions 128
+def test_extrapolating_schemes_train_at_512_after_128(position):
+    """Stage 1 at 128 (max_positions 128), then stage 2 continues at 512 with the same model."""
+    torch.manual_seed(0)
+    model = MaskedLM(tiny(position))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for length in (128, 512):
+        x = ids(1, length)
+        out = model(x, labels=x)
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+        assert torch.isfinite(out.loss), length
+    model.eval()
     with torch.no_grad():
-        h = model(ids(1, 512))
+        h = model.backbone(ids(1, 512))
     assert h.shape == (1, 512, 32) and torch.isfinite(h).all()
 
 

@@ -92,6 +92,18 @@ def test_import_bin_masked_lm_and_bare_bert_model(tmp_path):
         close(backbone.eval()(x, mask, types), base(x, mask, types).last_hidden_state)
 
 
+def test_import_sharded_checkpoint(tmp_path):
+    torch.manual_seed(7)
+    hf = BertForMaskedLM(bert_config()).eval()
+    hf.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
+    model, report = import_bert(tmp_path / "sharded")
+    assert report.ok, report.summary()
+    x, mask, types = batch()
+    with torch.no_grad():
+        close(model.eval()(x, mask, types).logits, hf(x, mask, types).logits)
+
+
 def test_missing_mlm_head_is_reported_loudly(tmp_path, capsys):
     BertModel(bert_config()).save_pretrained(tmp_path / "base")
     model, report = import_bert(tmp_path / "base", head="MaskedLM")

@@ -179,10 +179,12 @@ def test_mismatches_are_refused(work, reference, tmp_path):
     # reading shards with another vocabulary
     with pytest.raises(UserError, match="different words"):
         EncodedDataset(out, vocab_file=other)
-    # resuming with another tokenizer, other settings, or changed input
+    # resuming with another tokenizer, other settings, or changed input; nothing is touched
+    before = sorted((p.name, p.read_bytes()) for p in out.iterdir())
     with pytest.raises(UserError, match="vocab_hash"):
         encode([str(work / "news.txt")], out, tokenizer=other, workers=1,
                shard_docs=SHARD_DOCS, progress=False)
+    assert sorted((p.name, p.read_bytes()) for p in out.iterdir()) == before
     with pytest.raises(UserError, match="shard_docs"):
         encode([str(work / "news.txt")], out, tokenizer=work / "tok", workers=1,
                shard_docs=SHARD_DOCS + 1, progress=False)

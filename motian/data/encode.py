@@ -255,21 +255,33 @@ def _chunks(docs: Iterator[Document], shard_docs: int, shard_bytes: int
 
 
 def _prepare_vocab(tokenizer: Path, out: Path):
-    """Load the tokenizer, write out/vocab.txt (what the shard ids mean) and return
-    (tokenizer, its vocabulary hash)."""
+    """Load the tokenizer and write its vocabulary to out/vocab.txt.tmp (moved into place only
+    once the run is known to go ahead, so a refused resume leaves the old one). Returns
+    (tokenizer, the temporary file, its vocabulary hash)."""
     tok = load_tokenizer(tokenizer)
     special_token_ids(tok)
-    tokens = vocab_tokens(tok)
-    vocab_file = out / "vocab.txt"
     tmp = out / "vocab.txt.tmp"
-    tmp.write_text("\n".join(tokens) + "\n", encoding="utf-8")
-    os.replace(tmp, vocab_file)
-    digest = vocab_hash(vocab_file)
+    tmp.write_text("\n".join(vocab_tokens(tok)) + "\n", encoding="utf-8")
+    digest = vocab_hash(tmp)
     given = tokenizer / "vocab.txt" if tokenizer.is_dir() else None
     if given is not None and given.is_file() and vocab_hash(given) != digest:
         raise UserError(f"{tokenizer}: tokenizer.json and vocab.txt list different tokens; "
                         "write the directory again with `motian tokenizer`")
-    return tok, digest
+    return tok, tmp, digest
+
+
+def _check_user_dict(user_dict: Path | None) -> Path | None:
+    if user_dict is None:
+        return None
+    user_dict = Path(user_dict)
+    if not user_dict.is_file():
+        raise UserError(f"{user_dict}: no such jieba user dictionary")
+    try:
+        user_dict.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise UserError(f"{user_dict}: not UTF-8 (byte {err.start}); jieba dictionaries "
+                        "must be UTF-8") from err
+    return user_dict
 
 
 def _settings(inputs: list[str], tok, digest: str, user_dict: Path | None,
@@ -369,21 +381,18 @@ def encode(inputs: list[str], out: Path, tokenizer: Path, user_dict: Path | None
     out, tokenizer = Path(out), Path(tokenizer)
     if shard_docs < 1 or shard_mb <= 0:
         raise UserError("shard_docs and shard_mb must be positive")
-    if user_dict is not None:
-        user_dict = Path(user_dict)
-        if not user_dict.is_file():
-            raise UserError(f"{user_dict}: no such jieba user dictionary")
-        try:
-            user_dict.read_text(encoding="utf-8")
-        except UnicodeDecodeError as err:
-            raise UserError(f"{user_dict}: not UTF-8 (byte {err.start}); jieba dictionaries "
-                            "must be UTF-8") from err
+    user_dict = _check_user_dict(user_dict)
     out.mkdir(parents=True, exist_ok=True)
-    tok, digest = _prepare_vocab(tokenizer, out)
+    tok, vocab_tmp, digest = _prepare_vocab(tokenizer, out)
     settings = _settings(inputs, tok, digest, user_dict,
                          synonym_min_chars if synonyms else None, shard_docs, shard_mb, txt_mode,
                          text_field)
-    done = _previous_run(out, settings, resume)
+    try:
+        done = _previous_run(out, settings, resume)
+    except UserError:
+        vocab_tmp.unlink()
+        raise
+    os.replace(vocab_tmp, out / "vocab.txt")
     manifest = {
         "kind": "encoded", "format_version": FORMAT_VERSION, "vocab_hash": digest,
         "vocab_file": str(out / "vocab.txt"), "tokenizer": str(tokenizer),
@@ -409,17 +418,22 @@ def encode(inputs: list[str], out: Path, tokenizer: Path, user_dict: Path | None
     finished = _run_chunks(_chunks(docs, shard_docs, int(shard_mb * 1e6)), done, init,
                            workers, manifest, out, bar)
     bar.close()
+    _finish(manifest, finished, skips, len(done), out)
+    new_bytes = sum(e["text_bytes"] for i, e in finished.items() if i not in done)
+    print(_summary(manifest, time.perf_counter() - t0, out, new_bytes), flush=True)
+    return manifest
+
+
+def _finish(manifest: dict, finished: dict[int, dict], skips: SkipLog, resumed: int,
+            out: Path) -> None:
+    """Totals, skipped input and `complete: true`, written atomically: the run is done."""
     manifest["shards"] = [finished[i] for i in sorted(finished)]
     keys = ("n_docs", "n_tokens", "unk_tokens", "word_starts", "sentence_starts",
             "synonym_words", "text_bytes")
     sums = {k: sum(e[k] for e in manifest["shards"]) for k in keys}
     manifest["counts"] = {"docs": sums.pop("n_docs"), "tokens": sums.pop("n_tokens"), **sums}
-    manifest.update(complete=True, skipped=skips.to_dict(),
-                    resumed_shards=len(done), seconds=round(time.perf_counter() - t0, 3))
+    manifest.update(complete=True, skipped=skips.to_dict(), resumed_shards=resumed)
     write_json_atomic(out / "manifest.json", manifest)
-    new_bytes = sum(e["text_bytes"] for i, e in finished.items() if i not in done)
-    print(_summary(manifest, time.perf_counter() - t0, out, new_bytes), flush=True)
-    return manifest
 
 
 def _text_bytes(inputs: list[str], txt_mode: str, text_field: str) -> int:
@@ -439,7 +453,7 @@ def _run_chunks(chunks: Iterator[tuple[int, list[Document]]], done: dict[int, di
     finished = dict(done)
 
     def record(entry: dict, first: str) -> None:
-        entry.update(index=entry.get("index", -1), first=first)
+        entry["first"] = first  # checked on resume: the input must not have moved
         finished[entry["index"]] = entry
         manifest["shards"] = [finished[i] for i in sorted(finished)]
         write_json_atomic(out / "manifest.json", manifest)

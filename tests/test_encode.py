@@ -205,3 +205,16 @@ def test_mismatches_are_refused(work, reference, tmp_path):
     with pytest.raises(UserError, match="no such jieba user dictionary"):
         encode([str(changed)], tmp_path / "x", tokenizer=work / "tok",
                user_dict=tmp_path / "missing.txt", progress=False)
+
+
+def test_empty_documents_keep_their_place(work, tmp_path):
+    records = ["", "   ", "你好。", "\u200b"]
+    with open(tmp_path / "d.jsonl", "w", encoding="utf-8") as f:
+        for text in records:
+            f.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
+    report = encode([str(tmp_path / "d.jsonl")], tmp_path / "out", tokenizer=work / "tok",
+                    workers=1, progress=False)
+    shard = EncodedDataset(tmp_path / "out").shard(0)
+    assert report["counts"]["docs"] == 4
+    assert shard.docs.tolist() == [0, 0, 0, 3, 3]  # 你 好 。; the others have no token
+    assert shard.flags[0] == WORD_START | SENTENCE_START | PARAGRAPH_START

@@ -19,6 +19,7 @@ from motian.model import (
     TokenClassification,
     count_parameters,
     from_pretrained,
+    load_weights,
     preset,
     save_pretrained,
 )
@@ -229,13 +230,16 @@ def test_save_and_load_roundtrip_strips_wrapper_prefixes(tmp_path):
     assert isinstance(loaded, SequenceClassification) and loaded.head_kwargs == {"num_labels": 3}
     x = ids()
     torch.testing.assert_close(loaded(x).logits, model(x).logits)
-    # a torch.compile'd DDP model saves `module._orig_mod.` keys: they still load
-    wrapped = {f"module._orig_mod.{k}": v for k, v in model.state_dict().items()}
+    # a torch.compile'd, data-parallel model saves `module._orig_mod.` keys: they still load,
+    # and saving the wrapper saves the model inside
+    wrapper = torch.nn.DataParallel(torch.compile(model))
+    assert next(iter(wrapper.state_dict())).startswith("module._orig_mod.")
     fresh = SequenceClassification(model.config, num_labels=3).eval()
-    from motian.model import load_weights
-    report = load_weights(fresh, wrapped, "wrapped")
+    report = load_weights(fresh, wrapper.state_dict(), "wrapped")
     assert report.ok
     torch.testing.assert_close(fresh(x).logits, model(x).logits)
+    save_pretrained(wrapper, tmp_path / "w")
+    assert isinstance(from_pretrained(tmp_path / "w"), SequenceClassification)
     # missing keys are reported, and raise under strict
     partial = {k: v for k, v in model.state_dict().items() if not k.startswith("head.")}
     report = load_weights(SequenceClassification(model.config, num_labels=3), partial, "p")

@@ -23,6 +23,7 @@ from motian.model.io import (
     load_weights,
     save_pretrained,
     strip_wrapper_prefixes,
+    unwrap_model,
 )
 from motian.model.transformer import MotianModel
 
@@ -31,5 +32,5 @@ __all__ = [
     "ModelOutput", "MaskedLM", "PreTrainingModel", "SequenceClassification",
     "TokenClassification", "SpanExtraction", "MultipleChoice", "CausalLM", "LoadReport",
     "count_parameters", "from_pretrained", "load_weights", "save_pretrained",
-    "strip_wrapper_prefixes",
+    "strip_wrapper_prefixes", "unwrap_model",
 ]

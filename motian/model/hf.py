@@ -34,6 +34,7 @@ from motian.model.io import (
     read_state_dict,
     save_pretrained,
     strip_wrapper_prefixes,
+    unwrap_model,
 )
 
 # BERT name (inside `bert.` / a bare BertModel) <-> motian name (inside `backbone.`), per layer i.
@@ -231,6 +232,7 @@ def export_hf(model: nn.Module, directory: str | Path,
     """Write `model` as a Hugging Face directory: native BERT when `is_bert_shaped`, otherwise
     motian's code as remote code (`trust_remote_code=True`). Tokenizer files are copied from
     `tokenizer` (a directory or a vocab.txt / tokenizer.json file) when given."""
+    model = unwrap_model(model)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     if is_bert_shaped(model):

@@ -65,6 +65,15 @@ def strip_wrapper_prefixes(state: dict[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The motian model inside torch.compile (`_orig_mod`) and DDP / DataParallel (`module`)."""
+    while True:
+        inner = getattr(model, "_orig_mod", None) or getattr(model, "module", None)
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
+
+
 def load_weights(model: nn.Module, state: dict[str, Tensor], source: str,
                  strict: bool = False, quiet: bool = False) -> LoadReport:
     """Copy `state` into `model`; return (and print unless `quiet`) what did not load.
@@ -104,12 +113,12 @@ def read_state_dict(path: Path) -> dict[str, Tensor]:
 
 def save_pretrained(model: nn.Module, directory: str | Path) -> Path:
     """Write `model` as config.json (format, head, model config) + model.safetensors."""
+    model = unwrap_model(model)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "head": type(model).__name__,
             "head_kwargs": getattr(model, "head_kwargs", {}), "model": model.config.to_dict()}
-    state = {k: v.detach().contiguous().cpu() for k, v in strip_wrapper_prefixes(
-        model.state_dict()).items()}
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
     (directory / "config.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     return directory

@@ -410,7 +410,11 @@ def encode(inputs: list[str], out: Path, tokenizer: Path, user_dict: Path | None
         (out / "synonyms.npz").unlink(missing_ok=True)
     skips = SkipLog()
     docs = iter_documents(inputs, txt_mode=txt_mode, text_field=text_field, skips=skips)
-    total = _text_bytes(inputs, txt_mode, text_field) if progress else None
+    workers = workers if workers > 0 else (os.cpu_count() or 1)
+    total = None
+    if progress or workers > 1:
+        total, n_shards = _plan(inputs, txt_mode, text_field, shard_docs, int(shard_mb * 1e6))
+        workers = max(1, min(workers, n_shards - len(done)))
     bar = tqdm(total=total, unit="B", unit_scale=True, desc="encode", disable=not progress,
                file=sys.stderr)
     init = (str(tokenizer), str(user_dict) if user_dict else None,
@@ -436,19 +440,24 @@ def _finish(manifest: dict, finished: dict[int, dict], skips: SkipLog, resumed: 
     write_json_atomic(out / "manifest.json", manifest)
 
 
-def _text_bytes(inputs: list[str], txt_mode: str, text_field: str) -> int:
-    """Bytes of text to encode, for an exact ETA: one quick read of the input (reading is
-    ~20x faster than jieba, so this costs a few percent of the run)."""
-    quiet = SkipLog(warn=False)
-    return sum(len(d.text.encode("utf-8"))
-               for d in iter_documents(inputs, txt_mode=txt_mode, text_field=text_field,
-                                       skips=quiet))
+def _plan(inputs: list[str], txt_mode: str, text_field: str, shard_docs: int,
+          shard_bytes: int) -> tuple[int, int]:
+    """(bytes of text, number of shards) of the run: one quick read of the input (reading is
+    ~20x faster than jieba, a few percent of the run) that gives the progress bar an exact ETA
+    and keeps a big machine from starting more workers than there are shards."""
+    docs = iter_documents(inputs, txt_mode=txt_mode, text_field=text_field,
+                          skips=SkipLog(warn=False))
+    total = n_shards = 0
+    for _index, chunk in _chunks(docs, shard_docs, shard_bytes):
+        total += sum(len(d.text.encode("utf-8")) for d in chunk)
+        n_shards += 1
+    return total, n_shards
 
 
 def _run_chunks(chunks: Iterator[tuple[int, list[Document]]], done: dict[int, dict],
                 init: tuple, workers: int, manifest: dict, out: Path, bar: tqdm
                 ) -> dict[int, dict]:
-    """Encode every chunk not in `done` (in this process or a pool), recording each finished
+    """Encode every chunk not in `done` (in this process or a pool of `workers`), recording each finished
     shard in the manifest as it lands; return index → entry of all shards."""
     finished = dict(done)
 
@@ -459,7 +468,6 @@ def _run_chunks(chunks: Iterator[tuple[int, list[Document]]], done: dict[int, di
         write_json_atomic(out / "manifest.json", manifest)
         bar.update(entry["text_bytes"])
 
-    workers = workers if workers > 0 else (os.cpu_count() or 1)
     if workers == 1:
         _init_worker(*init, single_process=True)
         for index, chunk in chunks:

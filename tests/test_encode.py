@@ -218,3 +218,12 @@ def test_empty_documents_keep_their_place(work, tmp_path):
     assert report["counts"]["docs"] == 4
     assert shard.docs.tolist() == [0, 0, 0, 3, 3]  # 你 好 。; the others have no token
     assert shard.flags[0] == WORD_START | SENTENCE_START | PARAGRAPH_START
+
+
+def test_without_synonyms(work, tmp_path):
+    (tmp_path / "s.txt").write_text(SENTENCES[1] + "\n", encoding="utf-8")
+    report = encode([str(tmp_path / "s.txt")], tmp_path / "out", tokenizer=work / "tok",
+                    synonyms=False, workers=1, progress=False)
+    data = EncodedDataset(tmp_path / "out")
+    assert report["counts"]["synonym_words"] == 0 and (data.shard(0).synonyms == -1).all()
+    assert not (tmp_path / "out" / "synonyms.npz").exists() and not data.synonyms().words

@@ -399,15 +399,7 @@ def encode(inputs: list[str], out: Path, tokenizer: Path, user_dict: Path | None
         "special_token_ids": special_token_ids(tok), "settings": settings,
         "complete": False, "shards": [],
     }
-    synonyms_file = None
-    if synonyms:
-        table, _ = build_synonym_table(tok, min_chars=synonym_min_chars)
-        synonyms_file = out / "synonyms.npz"
-        table.save(synonyms_file)
-        manifest["synonym_table"] = {"rows": len(table.words),
-                                     "candidates": int(table.count.sum())}
-    else:
-        (out / "synonyms.npz").unlink(missing_ok=True)
+    synonyms_file = _write_synonyms(tok, out, synonym_min_chars if synonyms else None, manifest)
     skips = SkipLog()
     docs = iter_documents(inputs, txt_mode=txt_mode, text_field=text_field, skips=skips)
     workers = workers if workers > 0 else (os.cpu_count() or 1)
@@ -426,6 +418,19 @@ def encode(inputs: list[str], out: Path, tokenizer: Path, user_dict: Path | None
     new_bytes = sum(e["text_bytes"] for i, e in finished.items() if i not in done)
     print(_summary(manifest, time.perf_counter() - t0, out, new_bytes), flush=True)
     return manifest
+
+
+def _write_synonyms(tok, out: Path, min_chars: int | None, manifest: dict) -> Path | None:
+    """Build the synonym table (deterministic, so a resumed run writes the same file) and save
+    it as out/synonyms.npz; with `min_chars` None, no synonyms."""
+    path = out / "synonyms.npz"
+    if min_chars is None:
+        path.unlink(missing_ok=True)
+        return None
+    table, _ = build_synonym_table(tok, min_chars=min_chars)
+    table.save(path)
+    manifest["synonym_table"] = {"rows": len(table.words), "candidates": int(table.count.sum())}
+    return path
 
 
 def _finish(manifest: dict, finished: dict[int, dict], skips: SkipLog, resumed: int,

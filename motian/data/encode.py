@@ -58,7 +58,13 @@ from motian.data.shards import (
 )
 from motian.data.sources import Document, iter_documents
 from motian.data.synonyms import build_synonym_table, file_sha256
-from motian.data.tokenizer import input_sizes, load_tokenizer, special_token_ids, vocab_tokens
+from motian.data.tokenizer import (
+    CONTINUATION,
+    input_sizes,
+    load_tokenizer,
+    special_token_ids,
+    vocab_tokens,
+)
 from motian.errors import SkipLog, UserError
 
 # A sentence ends after a run of end marks and any closing quotes/brackets that follow them.
@@ -185,7 +191,7 @@ def _init_worker(tokenizer: str, user_dict: str | None, synonyms_file: str | Non
     _WORKER.update(
         tok=tok, cutter=cutter, out=Path(out), unk=tok.token_to_id("[UNK]"),
         dtype=np.uint16 if len(tokens) <= 1 << 16 else np.uint32,
-        is_continuation=np.array([t.startswith("##") and len(t) > 2 for t in tokens]),
+        is_continuation=continuation_mask(tok),
         rows={w: r for r, w in enumerate(table.words)}, row_length=table.length)
 
 
@@ -206,20 +212,39 @@ def _tokenize(tok, texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray
     return tuple(np.concatenate(p) for p in zip(*parts))  # type: ignore[return-value]
 
 
-def encode_chunk(index: int, texts: list[str]) -> dict:
-    """Encode one chunk of documents into shard `index`; return its manifest entry."""
-    w = _WORKER
+def continuation_mask(tok) -> np.ndarray:
+    """(V,) bool: which ids are ``##`` continuation pieces (they never start a word)."""
+    return np.array([t.startswith(CONTINUATION) and len(t) > len(CONTINUATION)
+                     for t in vocab_tokens(tok)])
+
+
+def encode_texts(texts: list[str], tok, cutter, rows: dict[str, int], row_length: np.ndarray,
+                 is_continuation: np.ndarray
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The whole per-document work of `motian encode`, for any caller that needs the same
+    tokens and word flags (the pair task encodes click logs with it): jieba `cutter`, the
+    tokenizer, `align_chunk`. Returns (tokens (T,) int64, flags (T,) uint8, synonym rows (T,)
+    int32, docs (D + 1,) int64 offsets)."""
     # Keep only what alignment needs of jieba's words: lengths and synonym rows (compact
     # arrays, not a million str objects).
     word_len, word_row = array("q"), array("q")
     for text in texts:
-        words = list(w["cutter"].cut(text, HMM=True))
+        words = list(cutter.cut(text, HMM=True))
         word_len.extend(map(len, words))
-        word_row.extend(map(w["rows"].get, words, repeat(-1)))
-    tokens, span, n_tok = _tokenize(w["tok"], texts)
+        word_row.extend(map(rows.get, words, repeat(-1)))
+    tokens, span, n_tok = _tokenize(tok, texts)
     flags, synonyms, docs = align_chunk(
         texts, np.frombuffer(word_len, np.int64), np.frombuffer(word_row, np.int64),
-        tokens, span, n_tok, w["is_continuation"], w["row_length"])
+        tokens, span, n_tok, is_continuation, row_length)
+    return tokens, flags, synonyms, docs
+
+
+def encode_chunk(index: int, texts: list[str]) -> dict:
+    """Encode one chunk of documents into shard `index` (in a worker set up by
+    `_init_worker`); return its manifest entry."""
+    w = _WORKER
+    tokens, flags, synonyms, docs = encode_texts(texts, w["tok"], w["cutter"], w["rows"],
+                                                 w["row_length"], w["is_continuation"])
     entry = write_shard(w["out"], index, tokens.astype(w["dtype"]), flags, synonyms, docs)
     entry.update(
         unk_tokens=int((tokens == w["unk"]).sum()),

@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 
-from motian.data.encode import encode
+from motian.data.encode import align_chunk, encode
 from motian.data.shards import (
     ARRAYS,
     PARAGRAPH_START,
@@ -227,3 +227,28 @@ def test_without_synonyms(work, tmp_path):
     data = EncodedDataset(tmp_path / "out")
     assert report["counts"]["synonym_words"] == 0 and (data.shard(0).synonyms == -1).all()
     assert not (tmp_path / "out" / "synonyms.npz").exists() and not data.synonyms().words
+
+
+def test_align_chunk_rules_on_exact_offsets():
+    # Two documents. Doc 0 "abcd xy。好": jieba words ab|cd| |xy|。|好, tokens abc ##d xy 。 好
+    # (a token crossing a jieba boundary keeps one word; no synonym for a span that is not
+    # exactly one jieba word). Doc 1 "甲乙\n丙": words 甲乙|\n|丙, tokens 甲 乙 丙.
+    texts = ["abcd xy。好", "甲乙\n丙"]
+    words = [["ab", "cd", " ", "xy", "。", "好"], ["甲乙", "\n", "丙"]]
+    vocab_rows = {"ab": 0, "xy": 1, "好": 2, "甲乙": 3}
+    row_length = np.array([2, 1, 1, 2], np.int32)  # "xy" has a row of 1-token candidates
+    tokens = np.array([10, 11, 12, 13, 14, 15, 16, 17])
+    is_cont = np.zeros(20, bool)
+    is_cont[11] = True  # ##d
+    span = np.array([[0, 3], [3, 4], [5, 7], [7, 8], [8, 9], [0, 1], [1, 2], [3, 4]])
+    flat = [w for doc in words for w in doc]
+    flags, syn, docs = align_chunk(
+        texts, np.array([len(w) for w in flat]), np.array([vocab_rows.get(w, -1) for w in flat]),
+        tokens, span, np.array([5, 3]), is_cont, row_length)
+    assert docs.tolist() == [0, 5, 8]
+    assert (flags & WORD_START).astype(bool).tolist() == [1, 0, 1, 1, 1, 1, 0, 1]
+    assert (flags & SENTENCE_START).astype(bool).tolist() == [1, 0, 0, 0, 1, 1, 0, 1]
+    assert (flags & PARAGRAPH_START).astype(bool).tolist() == [1, 0, 0, 0, 0, 1, 0, 1]
+    # abc##d is not exactly "ab": none; xy is one token, its row wants 1: yes; 好: row 2;
+    # 甲乙 (two tokens, row length 2): row 3 at its first token
+    assert syn.tolist() == [-1, -1, 1, -1, 2, 3, -1, -1]

@@ -136,6 +136,12 @@ def test_from_vocab_keeps_its_ids(tmp_path, corpus):
     assert report["counts"]["unk_rate"] > 0.5
     # a bare vocab.txt loads the same way (lower-casing guessed from the vocabulary)
     assert load_tokenizer(vocab_file).encode("人民AB").ids == tok.encode("人民AB").ids
+    # a checkpoint directory's tokenizer_config.json decides lower-casing
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "vocab.txt").write_bytes(vocab_file.read_bytes())
+    (ckpt / "tokenizer_config.json").write_text('{"do_lower_case": false}', encoding="utf-8")
+    assert load_tokenizer(ckpt).encode("AB", add_special_tokens=False).tokens == ["[UNK]"]
     transformers = pytest.importorskip("transformers")
     hf = transformers.BertTokenizerFast(vocab_file=str(vocab_file))
     for text in _texts(corpus)[:50]:

@@ -106,14 +106,15 @@ def tokenizer_from_vocab(vocab_file: Path, lowercase: bool | None = None) -> Tok
 
 
 def load_tokenizer(path: Path | str) -> Tokenizer:
-    """Load a tokenizer: a directory with tokenizer.json (preferred) or vocab.txt, a
-    tokenizer.json, or a BERT vocab.txt."""
+    """Load a tokenizer: a directory with tokenizer.json (preferred) or vocab.txt (a Hugging
+    Face checkpoint's tokenizer_config.json says whether to lower-case), a tokenizer.json, or
+    a BERT vocab.txt."""
     path = Path(path)
     if path.is_dir():
         if (path / "tokenizer.json").is_file():
             return Tokenizer.from_file(str(path / "tokenizer.json"))
         if (path / "vocab.txt").is_file():
-            return tokenizer_from_vocab(path / "vocab.txt")
+            return tokenizer_from_vocab(path / "vocab.txt", _hf_lowercase(path))
         raise UserError(f"{path}: no tokenizer.json or vocab.txt here; make one with "
                         "`motian tokenizer`")
     if not path.is_file():
@@ -122,6 +123,15 @@ def load_tokenizer(path: Path | str) -> Tokenizer:
     if path.suffix == ".json":
         return Tokenizer.from_file(str(path))
     return tokenizer_from_vocab(path)
+
+
+def _hf_lowercase(directory: Path) -> bool | None:
+    """`do_lower_case` of a Hugging Face checkpoint directory's tokenizer_config.json, if any."""
+    config = directory / "tokenizer_config.json"
+    if not config.is_file():
+        return None
+    value = json.loads(config.read_text(encoding="utf-8")).get("do_lower_case")
+    return value if isinstance(value, bool) else None
 
 
 def special_token_ids(path_or_tokenizer: Path | str | Tokenizer) -> dict[str, int]:

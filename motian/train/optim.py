@@ -1,0 +1,211 @@
+"""Optimisers for pretraining: LAMB written for this project, AdamW from torch, and the
+parameter groups both use (no weight decay for biases, norm weights and other 1-D parameters).
+
+Why a hand-written LAMB: torch ships none, apex's fused one needs a CUDA build, and the
+large-batch details the Motian recipe relies on (global gradient pre-normalisation, bias
+correction, the trust-ratio conventions) differ between the third-party versions. This one is
+small, tested against a numpy reference written out by hand (tests/test_optim.py), works on CPU
+and GPU alike, and never syncs with the host inside `step` (no `.item()`), so it does not stall
+a CUDA stream. The equations are in docs/optim.md.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from motian.errors import UserError
+
+OPTIMIZERS = ("lamb", "adamw")
+
+
+class Lamb(torch.optim.Optimizer):
+    """LAMB (You et al. 2020, "Large Batch Optimization for Deep Learning: Training BERT in 76
+    minutes", arXiv:1904.00962), one step for every parameter tensor w with gradient g:
+
+        g   <- g / max(1, ||G|| / max_grad_norm)     # G: all gradients of all groups together
+        m   <- b1 m + (1 - b1) g ;  v <- b2 v + (1 - b2) g^2
+        u   =  (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps) + weight_decay * w
+        r   =  ||w|| / ||u||   (1 when either norm is 0; at most `trust_clip` when set)
+        w   <- w - lr * r * u
+
+    The first line is the global gradient pre-normalisation of NVIDIA's large-batch BERT
+    implementation (`grad_pre_normalization`): it changes the gradient, not only the step size,
+    so the moments see clipped gradients. `bias_correction=False` drops the (1 - b^t) factors.
+    `always_adapt=False` applies the trust ratio only to groups with weight decay (apex's
+    `use_nvlamb=False`); the paper and the default apply it to every tensor.
+
+    Per-group keys (lr, betas, eps, weight_decay, trust_clip, always_adapt) override the
+    defaults. `last_grad_norm` holds the global gradient norm of the last step (a 0-d tensor,
+    before pre-normalisation) for logging; reading it with `.item()` is the caller's sync.
+    """
+
+    def __init__(self, params: Iterable[Tensor] | Iterable[dict], lr: float = 1e-3,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-6,
+                 weight_decay: float = 0.01, bias_correction: bool = True,
+                 grad_pre_normalization: bool = True, max_grad_norm: float = 1.0,
+                 trust_clip: float | None = None, always_adapt: bool = True):
+        if lr < 0 or eps < 0 or weight_decay < 0:
+            raise ValueError(f"Lamb: lr ({lr}), eps ({eps}) and weight_decay ({weight_decay}) "
+                             "must be >= 0")
+        if not all(0.0 <= b < 1.0 for b in betas):
+            raise ValueError(f"Lamb: betas must be in [0, 1), got {betas}")
+        if grad_pre_normalization and max_grad_norm <= 0:
+            raise ValueError(f"Lamb: max_grad_norm must be > 0, got {max_grad_norm}")
+        if trust_clip is not None and trust_clip <= 0:
+            raise ValueError(f"Lamb: trust_clip must be > 0 or None, got {trust_clip}")
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+                        bias_correction=bias_correction, trust_clip=trust_clip,
+                        always_adapt=always_adapt)
+        super().__init__(params, defaults)
+        # Global settings: the norm is taken over every group at once, so they are not per group.
+        self.grad_pre_normalization = grad_pre_normalization
+        self.max_grad_norm = max_grad_norm
+        self.last_grad_norm: Tensor | None = None
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        grads = [p.grad for group in self.param_groups for p in group["params"]
+                 if p.grad is not None]
+        if not grads:
+            return loss
+        if any(g.is_sparse for g in grads):
+            raise RuntimeError("Lamb does not support sparse gradients")
+        self.last_grad_norm = global_grad_norm(grads)
+        if self.grad_pre_normalization:
+            # Divide by max(1, ||G|| / max_norm) as a tensor: no host sync, and a no-op below max.
+            divisor = torch.clamp(self.last_grad_norm / self.max_grad_norm, min=1.0)
+            _foreach_on_devices(torch._foreach_div_, grads, divisor)
+        for group in self.param_groups:
+            self._update_group(group)
+        return loss
+
+    def _update_group(self, group: dict) -> None:
+        params = [p for p in group["params"] if p.grad is not None]
+        if not params:
+            return
+        grads = [p.grad for p in params]
+        exp_avgs, exp_avg_sqs, steps = self._state_of(params)
+        beta1, beta2 = group["betas"]
+        # Moments, in place over the whole group: m <- b1 m + (1-b1) g; v <- b2 v + (1-b2) g^2.
+        torch._foreach_mul_(exp_avgs, beta1)
+        torch._foreach_add_(exp_avgs, grads, alpha=1 - beta1)
+        torch._foreach_mul_(exp_avg_sqs, beta2)
+        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
+        # A parameter that had no gradient on some steps has its own step count, hence
+        # per-tensor bias corrections.
+        if group["bias_correction"]:
+            bc1 = [1 - beta1 ** t for t in steps]
+            bc2 = [1 - beta2 ** t for t in steps]
+        else:
+            bc1 = bc2 = [1.0] * len(steps)
+        # u = (m / bc1) / (sqrt(v / bc2) + eps) + wd w, built in ONE temporary list (the
+        # optimizer's only extra memory: one copy of the group's parameters).
+        update = torch._foreach_div(exp_avg_sqs, bc2)
+        torch._foreach_sqrt_(update)
+        torch._foreach_add_(update, group["eps"])
+        torch._foreach_reciprocal_(update)
+        torch._foreach_mul_(update, exp_avgs)
+        torch._foreach_mul_(update, [1.0 / b for b in bc1])
+        if group["weight_decay"] != 0:
+            torch._foreach_add_(update, params, alpha=group["weight_decay"])
+        if group["always_adapt"] or group["weight_decay"] != 0:
+            ratios = trust_ratios(params, update, group["trust_clip"])
+            torch._foreach_mul_(update, ratios)
+        torch._foreach_add_(params, update, alpha=-group["lr"])
+
+    def _state_of(self, params: list[Tensor]) -> tuple[list[Tensor], list[Tensor], list[int]]:
+        """The moment buffers of `params` (created as zeros on first use), with each step
+        count advanced by one. Steps are plain ints: the state dict then loads with
+        `torch.load(weights_only=True)` and bias corrections are computed on the host."""
+        exp_avgs, exp_avg_sqs, steps = [], [], []
+        for p in params:
+            state = self.state[p]
+            if not state:
+                state["step"] = 0
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["step"] = int(state["step"]) + 1
+            exp_avgs.append(state["exp_avg"])
+            exp_avg_sqs.append(state["exp_avg_sq"])
+            steps.append(state["step"])
+        return exp_avgs, exp_avg_sqs, steps
+
+
+def global_grad_norm(grads: list[Tensor]) -> Tensor:
+    """||G||_2 over all tensors together, in fp32 (fp64 for fp64 tensors), on the first
+    tensor's device (0-d)."""
+    return torch.linalg.vector_norm(_norms(grads))
+
+
+def trust_ratios(params: list[Tensor], update: list[Tensor],
+                 clip: float | None) -> list[Tensor]:
+    """Per tensor ||w|| / ||u||, 1 where either norm is 0 (a zero-initialised bias, or a
+    parameter whose update vanished), clamped to `clip` when given. 0-d tensors, no sync."""
+    w, u = _norms(params), _norms(update)
+    ratio = torch.where((w > 0) & (u > 0), w / u.clamp(min=torch.finfo(u.dtype).tiny),
+                        torch.ones_like(w))
+    if clip is not None:
+        ratio = ratio.clamp(max=clip)
+    return [r.to(p.device, p.dtype) for r, p in zip(ratio.unbind(), params)]
+
+
+def _norms(tensors: list[Tensor]) -> Tensor:
+    """(n,) the L2 norm of each tensor, accumulated in at least fp32 (bf16 grads would lose
+    the sum of squares), gathered on the first tensor's device."""
+    dtype = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+    norms = torch._foreach_norm(tensors, 2, dtype=dtype)
+    return torch.stack([n.to(tensors[0].device) for n in norms])
+
+
+def _foreach_on_devices(op: Callable, tensors: list[Tensor], scalar: Tensor) -> None:
+    """Apply an in-place foreach op with a 0-d tensor operand, per device (the operand must
+    live where the tensors do)."""
+    by_device: dict[torch.device, list[Tensor]] = {}
+    for t in tensors:
+        by_device.setdefault(t.device, []).append(t)
+    for device, group in by_device.items():
+        op(group, scalar.to(device))
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Two groups: tensors with 2 or more dimensions (matrices, embeddings, the relative
+    position tables) get `weight_decay`; every 1-D or 0-D tensor (biases, LayerNorm/RMSNorm
+    weights and biases, learned scalars such as per-task log-variances) gets none.
+
+    The rule is on shape, not on names, so it holds for any module: decaying a norm's gain
+    towards 0 or a bias towards 0 only fights the layer's scale (BERT's `bias` and
+    `LayerNorm.weight` exclusion, stated generally). Frozen parameters are left out; a tied
+    weight appears once."""
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def build_optimizer(model: nn.Module, name: Literal["lamb", "adamw"], lr: float,
+                    weight_decay: float = 0.01, betas: tuple[float, float] = (0.9, 0.999),
+                    eps: float = 1e-6) -> torch.optim.Optimizer:
+    """The named optimiser over `param_groups(model, weight_decay)`.
+
+    lamb: `Lamb` with bias correction and global gradient pre-normalisation to norm 1 (the
+    large-batch BERT settings). adamw: `torch.optim.AdamW` (decoupled weight decay, Loshchilov
+    & Hutter 2019), the BERT baseline; clip its gradients in the loop."""
+    groups = param_groups(model, weight_decay)
+    if not groups:
+        raise UserError("build_optimizer: the model has no trainable parameters")
+    if name == "lamb":
+        return Lamb(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+    raise UserError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")

@@ -1,0 +1,182 @@
+"""LAMB against a numpy reference written out by hand, AdamW, parameter groups, and LAMB
+training the real tiny motian model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from motian.errors import UserError
+from motian.model import MaskedLM, preset
+from motian.train.optim import Lamb, build_optimizer, param_groups
+
+# Two parameter tensors of very different norms, and the targets of a quadratic loss
+# L = sum_i 0.5 * sum(scale_i * (w_i - target_i)^2), whose gradient is scale_i * (w_i - target_i).
+W0 = [np.array([3.0, -4.0, 12.0]), np.array([[0.01, -0.02], [0.03, 0.005]])]
+TARGETS = [np.array([1.0, 1.0, 1.0]), np.array([[0.5, 0.5], [-0.5, 0.0]])]
+SCALES = [0.7, 2.0]
+
+
+def lamb_reference(lr, b1, b2, eps, wd, max_norm, steps, prenorm=True, bias_correction=True,
+                   trust_clip=None, w0=W0):
+    """LAMB (You et al. 2020, Algorithm 2) + NVIDIA's global gradient pre-normalisation, in
+    numpy float64, one line per equation. Returns the weights after each step and whether the
+    pre-normalisation was active at each step."""
+    w = [x.copy() for x in w0]
+    m = [np.zeros_like(x) for x in w]
+    v = [np.zeros_like(x) for x in w]
+    history, clipped = [], []
+    for t in range(1, steps + 1):
+        g = [s * (wi - ti) for wi, ti, s in zip(w, TARGETS, SCALES)]
+        global_norm = np.sqrt(sum(np.sum(gi * gi) for gi in g))
+        clipped.append(bool(prenorm and global_norm > max_norm))
+        if clipped[-1]:
+            g = [gi / (global_norm / max_norm) for gi in g]
+        for i in range(len(w)):
+            m[i] = b1 * m[i] + (1 - b1) * g[i]
+            v[i] = b2 * v[i] + (1 - b2) * g[i] * g[i]
+            m_hat = m[i] / (1 - b1 ** t) if bias_correction else m[i]
+            v_hat = v[i] / (1 - b2 ** t) if bias_correction else v[i]
+            update = m_hat / (np.sqrt(v_hat) + eps) + wd * w[i]
+            w_norm = np.sqrt(np.sum(w[i] ** 2))
+            u_norm = np.sqrt(np.sum(update ** 2))
+            ratio = w_norm / u_norm if w_norm > 0 and u_norm > 0 else 1.0
+            if trust_clip is not None:
+                ratio = min(ratio, trust_clip)
+            w[i] = w[i] - lr * ratio * update
+        history.append([x.copy() for x in w])
+    return history, clipped
+
+
+def run_lamb(steps, w0=W0, **kwargs):
+    params = [torch.nn.Parameter(torch.tensor(x, dtype=torch.float64)) for x in w0]
+    opt = Lamb(params, **kwargs)
+    history = []
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = sum(0.5 * s * ((p - torch.tensor(t)) ** 2).sum()
+                   for p, t, s in zip(params, TARGETS, SCALES))
+        loss.backward()
+        opt.step()
+        history.append([p.detach().numpy().copy() for p in params])
+    return history, opt
+
+
+@pytest.mark.parametrize("max_norm,expect_clip", [(100.0, False), (1.0, True)])
+@pytest.mark.parametrize("bias_correction", [True, False])
+def test_lamb_matches_hand_reference(max_norm, expect_clip, bias_correction):
+    settings = dict(lr=0.05, b1=0.9, b2=0.99, eps=1e-6, wd=0.1)
+    ref, clipped = lamb_reference(**settings, max_norm=max_norm, steps=3,
+                                  bias_correction=bias_correction)
+    assert all(c == expect_clip for c in clipped)  # the path under test is really taken
+    got, opt = run_lamb(3, lr=0.05, betas=(0.9, 0.99), eps=1e-6, weight_decay=0.1,
+                        max_grad_norm=max_norm, bias_correction=bias_correction)
+    for step_ref, step_got in zip(ref, got):
+        for a, b in zip(step_ref, step_got):
+            np.testing.assert_allclose(b, a, rtol=1e-12, atol=1e-14)
+    # The two tensors moved by amounts proportional to their own norms (the point of LAMB):
+    moved = [np.linalg.norm(got[0][i] - W0[i]) / np.linalg.norm(W0[i]) for i in range(2)]
+    assert moved[0] == pytest.approx(moved[1], rel=0.5)
+    assert opt.last_grad_norm is not None and opt.last_grad_norm.ndim == 0
+
+
+def test_lamb_without_prenormalisation_and_with_trust_clip():
+    ref, clipped = lamb_reference(0.05, 0.9, 0.999, 1e-6, 0.01, 1.0, 3, prenorm=False,
+                                  trust_clip=2.0)
+    assert not any(clipped)
+    got, _ = run_lamb(3, lr=0.05, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.01,
+                      grad_pre_normalization=False, trust_clip=2.0)
+    # Without the clip the big tensor's ratio is ~12: the clip must bind for this to match.
+    unclipped, _ = lamb_reference(0.05, 0.9, 0.999, 1e-6, 0.01, 1.0, 3, prenorm=False)
+    assert not np.allclose(unclipped[-1][0], ref[-1][0])
+    for a, b in zip(ref[-1], got[-1]):
+        np.testing.assert_allclose(b, a, rtol=1e-12, atol=1e-14)
+
+
+def test_zero_norm_parameter_gets_trust_ratio_one():
+    w0 = [np.zeros(3), W0[1]]  # a zero-initialised bias-like tensor
+    ref, _ = lamb_reference(0.05, 0.9, 0.999, 1e-6, 0.1, 1.0, 2, w0=w0)
+    got, _ = run_lamb(2, w0=w0, lr=0.05, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.1)
+    for a, b in zip(ref[-1], got[-1]):
+        np.testing.assert_allclose(b, a, rtol=1e-12, atol=1e-14)
+    # First step from w = 0: ratio 1, so w1 = -lr * sign(g) elementwise (Adam's first step).
+    first, _ = run_lamb(1, w0=w0, lr=0.05, betas=(0.9, 0.999), eps=0.0, weight_decay=0.1)
+    np.testing.assert_allclose(first[0][0], -0.05 * np.sign(-TARGETS[0]), rtol=1e-12)
+
+
+def test_zero_gradient_and_zero_decay_leave_the_parameter_unchanged():
+    p = torch.nn.Parameter(torch.tensor([1.0, 2.0], dtype=torch.float64))
+    opt = Lamb([p], lr=0.1, weight_decay=0.0)
+    p.grad = torch.zeros_like(p)
+    opt.step()
+    assert torch.equal(p.detach(), torch.tensor([1.0, 2.0], dtype=torch.float64))
+
+
+def test_parameter_without_gradient_is_skipped_and_state_round_trips():
+    a = torch.nn.Parameter(torch.ones(4))
+    b = torch.nn.Parameter(torch.ones(2))
+    opt = Lamb([a, b], lr=0.1)
+    (a.sum() * 2).backward()
+    opt.step()
+    assert b not in opt.state and opt.state[a]["step"] == 1
+    twin = Lamb([torch.nn.Parameter(torch.ones(4)), torch.nn.Parameter(torch.ones(2))], lr=0.1)
+    twin.load_state_dict(opt.state_dict())
+    assert torch.equal(twin.state[twin.param_groups[0]["params"][0]]["exp_avg"],
+                       opt.state[a]["exp_avg"])
+
+
+def test_param_groups_exclude_biases_and_norm_weights():
+    model = MaskedLM(preset("tiny", vocab_size=100, norm="pre"))
+    groups = param_groups(model, weight_decay=0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decay = {names[id(p)] for p in groups[0]["params"]}
+    no_decay = {names[id(p)] for p in groups[1]["params"]}
+    assert groups[0]["weight_decay"] == 0.1 and groups[1]["weight_decay"] == 0.0
+    assert any(n.endswith("attention_norm.weight") for n in no_decay)
+    assert any("final_norm" in n for n in no_decay)
+    assert all(not n.endswith(".bias") for n in decay)
+    assert all(n.endswith(".bias") or "norm" in n for n in no_decay)
+    assert any("word" in n for n in decay)  # embeddings are decayed, as in BERT
+    assert decay | no_decay == set(names.values()) and not decay & no_decay
+
+
+def test_adamw_path_is_torch_adamw():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.LayerNorm(3))
+    twin = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.LayerNorm(3))
+    twin.load_state_dict(model.state_dict())
+    opt = build_optimizer(model, "adamw", lr=0.01, weight_decay=0.1)
+    assert type(opt) is torch.optim.AdamW
+    ref = torch.optim.AdamW(param_groups(twin, 0.1), lr=0.01, eps=1e-6, weight_decay=0.1)
+    x = torch.randn(5, 4)
+    for m, o in ((model, opt), (twin, ref)):
+        for _ in range(3):
+            o.zero_grad()
+            m(x).pow(2).sum().backward()
+            o.step()
+    for a, b in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(a, b)
+    assert isinstance(build_optimizer(model, "lamb", lr=0.01), Lamb)
+    with pytest.raises(UserError, match="unknown optimizer 'sgd'"):
+        build_optimizer(model, "sgd", lr=0.01)
+
+
+def test_lamb_trains_the_tiny_model():
+    torch.manual_seed(0)
+    model = MaskedLM(preset("tiny", vocab_size=200, dropout=0.0, attention_dropout=0.0))
+    ids = torch.randint(5, 200, (8, 32))
+    labels = torch.full_like(ids, -100)
+    masked = torch.rand(ids.shape) < 0.3
+    labels[masked] = ids[masked]
+    ids = ids.masked_fill(masked, 4)
+    opt = build_optimizer(model, "lamb", lr=0.05)
+    losses = []
+    for _ in range(20):
+        opt.zero_grad()
+        loss = model(ids, labels=labels).loss
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert all(np.isfinite(losses))
+    assert losses[-1] < 0.5 * losses[0], losses

@@ -144,6 +144,10 @@ class EncodedDataset:
             raise UserError(f"{manifest_path}: format version "
                             f"{self.manifest.get('format_version')} but this motian reads "
                             f"{FORMAT_VERSION}; encode the data again with this version")
+        if self.manifest.get("complete") is False:
+            raise UserError(f"{manifest_path}: `motian encode` has not finished writing this "
+                            "dataset; run the same encode command again to complete it (finished "
+                            "shards are kept)")
         if vocab_file is not None:
             check_vocab(self.manifest, vocab_file, manifest_path)
         self.shard_entries: list[dict] = self.manifest["shards"]

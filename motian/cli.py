@@ -30,6 +30,7 @@ COMMANDS: dict[str, str] = {
     "encode": "motian.data.encode:encode",
     "prepare": "motian.pipeline:prepare",
     "demo": "motian.pipeline:demo",
+    "pretrain": "motian.pretrain:pretrain",
     "inspect-batch": "motian.data.inspect:inspect_batch",
     "hf-convert": "motian.model.hf:convert_hf",
 }

@@ -191,24 +191,13 @@ def click_source(files: list[Path], tok, synonyms: SynonymTable, min_ctr: float 
 
 def encode_words(texts: list[str], tok, synonyms: SynonymTable
                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Tokenize `texts` and mark jieba word starts and Cilin rows with the very alignment
-    `motian encode` uses for shards (`motian.data.encode.align_chunk`). Returns (tokens,
+    """Tokenize `texts` and mark jieba word starts and Cilin rows exactly as `motian encode`
+    does for shards (one shared function, `motian.data.encode.encode_texts`). Returns (tokens,
     flags, synonym rows, document offsets)."""
     import jieba  # imported here: jieba loads its dictionary on first use (~1 s)
 
+    from motian.data.encode import continuation_mask, encode_texts
+
     jieba.setLogLevel(logging.WARNING)
-
-    from motian.data.encode import align_chunk
-    from motian.data.tokenizer import vocab_tokens
-
     rows = {w: r for r, w in enumerate(synonyms.words)}
-    words = [w for text in texts for w in jieba.lcut(text, HMM=True)]
-    encodings = tok.encode_batch(texts, add_special_tokens=False)
-    tokens = np.array([i for e in encodings for i in e.ids], np.int64)
-    span = np.array([o for e in encodings for o in e.offsets], np.int64).reshape(-1, 2)
-    n_tok = np.array([len(e.ids) for e in encodings], np.int64)
-    is_continuation = np.array([t.startswith("##") and len(t) > 2 for t in vocab_tokens(tok)])
-    flags, syn, docs = align_chunk(texts, np.array([len(w) for w in words], np.int64),
-                                   np.array([rows.get(w, -1) for w in words], np.int64),
-                                   tokens, span, n_tok, is_continuation, synonyms.length)
-    return tokens, flags, syn, docs
+    return encode_texts(texts, tok, jieba.dt, rows, synonyms.length, continuation_mask(tok))

@@ -1,0 +1,167 @@
+"""Pretraining objectives: which head a recipe trains and how its task losses combine.
+
+Owns `build_model` (MaskedLM, PreTrainingModel for MLM + pair task, CausalLM for decoders),
+`TaskWeighting` (fixed weights, or learned uncertainty weighting, Kendall, Gal & Cipolla 2018,
+"Multi-Task Learning Using Uncertainty to Weigh Losses", arXiv:1705.07115) and `Pretrainer`,
+the module the loop differentiates: model + weighting in one `nn.Module`, so DDP all-reduces
+the learned log-variances with the weights and one optimizer owns both.
+
+**Token-weighted micro-batches.** The MLM loss of a step is the mean over *all* masked tokens of
+the global batch. Each micro-batch therefore contributes ``sum of its token losses / masked
+tokens in the global batch`` (the count is known before the first backward: the loop draws a
+step's micro-batches first and all-reduces the count). The gradient is then the same however
+the global batch is split into micro-batches and processes, which a per-micro-batch mean would
+not give (micro-batches hold different numbers of masked tokens).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from motian.errors import UserError
+from motian.model import CausalLM, LoadReport, MaskedLM, ModelConfig, PreTrainingModel
+from motian.train.recipe import ObjectiveSpec
+
+
+def task_names(objective: ObjectiveSpec, pair_task: str) -> list[str]:
+    if objective.kind == "causal":
+        return ["lm"]
+    return ["mlm"] if pair_task == "none" else ["mlm", "pair"]
+
+
+def build_model(config: ModelConfig, objective: ObjectiveSpec, pair_task: str) -> nn.Module:
+    """The head the objective needs: a pair task adds [CLS] classification to MLM."""
+    if objective.kind == "causal":
+        return CausalLM(config)
+    return MaskedLM(config) if pair_task == "none" else PreTrainingModel(config)
+
+
+class TaskWeighting(nn.Module):
+    """total = sum_i w_i * L_i (fixed), or with learned uncertainty
+    total = sum_i exp(-s_i) * L_i + s_i / 2, s_i = log sigma_i^2 (Kendall et al. 2018, eq. 10
+    for classification losses: 1/sigma^2 scales the loss, log sigma penalises a large sigma).
+    s_i starts at 0 (weight 1). Minimising over s_i alone gives exp(-s_i) = 1 / (2 L_i): a task
+    whose loss stays high is weighted down instead of dominating the gradient."""
+
+    def __init__(self, tasks: list[str], spec: ObjectiveSpec):
+        super().__init__()
+        self.tasks = list(tasks)
+        self.learned = spec.weighting == "uncertainty" and len(tasks) > 1
+        self.fixed = {t: float(spec.weights.get(t, 1.0)) for t in tasks}
+        # One learned log-variance per task; a lone task needs none (its weight only rescales
+        # the learning rate).
+        self.log_vars = nn.Parameter(torch.zeros(len(tasks))) if self.learned else None
+
+    def forward(self, losses: dict[str, Tensor], regulariser_scale: float) -> Tensor:
+        """Weighted sum of `losses` (already scaled to their share of the step) plus the
+        uncertainty regulariser times `regulariser_scale` (1 / micro-steps, so a step adds it
+        once)."""
+        total = torch.zeros((), device=next(iter(losses.values())).device)
+        for i, task in enumerate(self.tasks):
+            if task not in losses:
+                continue
+            if self.log_vars is None:
+                total = total + self.fixed[task] * losses[task]
+            else:
+                s = self.log_vars[i]
+                total = total + torch.exp(-s) * losses[task] + 0.5 * s * regulariser_scale
+        return total
+
+    def weights(self) -> dict[str, float]:
+        """The effective weight of every task (logged each step)."""
+        if self.log_vars is None:
+            return dict(self.fixed)
+        return {t: math.exp(-float(s)) for t, s in zip(self.tasks, self.log_vars.detach())}
+
+
+class Pretrainer(nn.Module):
+    """model + task weighting. `forward(batch, scale)` returns (total loss for backward,
+    statistics for logging). `scale` = {"tokens": masked (or predicted) tokens in the global
+    batch / world size, "rows": micro-steps per optimizer step}: see the module docstring."""
+
+    def __init__(self, model: nn.Module, weighting: TaskWeighting):
+        super().__init__()
+        self.model = model
+        self.weighting = weighting
+
+    def forward(self, batch: dict[str, Tensor], tokens_per_rank: float,
+                micro_steps: int) -> tuple[Tensor, dict[str, Tensor]]:
+        if isinstance(self.model, CausalLM):
+            return self._causal(batch, tokens_per_rank, micro_steps)
+        out = self.model(**batch)
+        labels = batch["mlm_labels"]
+        token_loss = nn.functional.cross_entropy(out.logits.float(), labels, reduction="sum")
+        losses = {"mlm": token_loss / tokens_per_rank}
+        if "pair" in out.losses:
+            losses["pair"] = out.losses["pair"] / micro_steps
+        stats = {"mlm_loss_sum": token_loss.detach(), "mlm_tokens": labels.new_tensor(
+            labels.numel(), dtype=torch.float32),
+            "mlm_correct": (out.logits.detach().argmax(-1) == labels).sum().float()}
+        if out.pair_logits is not None and "pair_labels" in batch:
+            stats["pair_loss_sum"] = out.losses["pair"].detach() * len(batch["pair_labels"])
+            stats["pair_rows"] = torch.tensor(float(len(batch["pair_labels"])))
+            stats["pair_correct"] = (out.pair_logits.detach().argmax(-1)
+                                     == batch["pair_labels"]).sum().float()
+        return self.weighting(losses, 1.0 / micro_steps), stats
+
+    def _causal(self, batch: dict[str, Tensor], tokens_per_rank: float,
+                micro_steps: int) -> tuple[Tensor, dict[str, Tensor]]:
+        out = self.model(batch["input_ids"], batch.get("attention_mask"))
+        labels = batch["labels"][:, 1:].reshape(-1)  # (B * (L-1),), -100 at padding
+        logits = out.logits[:, :-1].float().flatten(0, 1)
+        token_loss = nn.functional.cross_entropy(logits, labels, ignore_index=-100,
+                                                 reduction="sum")
+        valid = labels != -100
+        stats = {"lm_loss_sum": token_loss.detach(), "lm_tokens": valid.sum().float(),
+                 "lm_correct": ((logits.detach().argmax(-1) == labels) & valid).sum().float()}
+        return self.weighting({"lm": token_loss / tokens_per_rank}, 1.0 / micro_steps), stats
+
+
+def predicted_tokens(batch: dict[str, Tensor]) -> int:
+    """How many tokens of `batch` carry a loss (masked tokens, or next-token targets)."""
+    if "mlm_labels" in batch:
+        return int(batch["mlm_labels"].numel())
+    return int((batch["labels"][:, 1:] != -100).sum())
+
+
+def init_weights_from(model: nn.Module, source: Path, verbose: bool = True) -> LoadReport:
+    """Start from the weights in `source` (a motian model/checkpoint directory, or a Hugging
+    Face BERT directory): copy every tensor whose name and shape match, and print what was
+    loaded and what keeps its fresh initialisation, so continued pretraining never silently
+    starts from random weights."""
+    from motian.model.io import FORMAT, load_weights, read_state_dict
+
+    source = Path(source)
+    config_path = source / "config.json"
+    if not config_path.is_file():
+        raise UserError(f"--init-from {source}: no config.json; give a motian checkpoint or "
+                        "model directory, or a Hugging Face BERT directory")
+    meta = json.loads(config_path.read_text(encoding="utf-8"))
+    if meta.get("format") == FORMAT:
+        state = read_state_dict(source / "model.safetensors")
+        unused: list[str] = []
+    elif meta.get("model_type") == "bert":
+        from motian.model.hf import bert_to_motian, read_hf_weights
+
+        state, unused = bert_to_motian(read_hf_weights(source), type(model).__name__,
+                                       model.config.layers)
+    else:
+        raise UserError(f"{config_path}: neither a motian model nor a BERT config")
+    report = load_weights(model, state, str(source), strict=False, quiet=True)
+    report.unexpected = sorted(set(report.unexpected) | set(unused))
+    if verbose:
+        loaded = len(model.state_dict()) - len(report.missing) - len(report.mismatched)
+        print(f"motian: --init-from {source}: loaded {loaded} of {len(model.state_dict())} "
+              "tensors", file=sys.stderr)
+        for label, keys in (("newly initialised (not in the source)", report.missing),
+                            ("newly initialised (shape differs)", report.mismatched),
+                            ("in the source but unused", report.unexpected)):
+            if keys:
+                print(f"  {label}: {len(keys)}: {', '.join(keys)}", file=sys.stderr)
+    return report

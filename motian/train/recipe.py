@@ -1,0 +1,264 @@
+"""Pretraining recipes: typed dataclasses for *what* is trained and *how* a run executes.
+
+A `Recipe` (model, data, objective, optimiser, stages, evaluation) decides the result; a
+`RunSettings` (device, precision, micro-batch, compile, activation recomputation, threads)
+decides only speed and memory, so changing it must not change the result beyond floating-point
+noise (the split follows cramming's `arch/data/train` vs `impl`). Recipes live as YAML files in
+`configs/` and load with `load_recipe("demo")` or a path; `save_recipe` writes the fully
+resolved form next to every run so it can be reproduced.
+
+Gradient accumulation is never configured: it is derived per stage as
+``global_batch / (micro_batch * world_size)`` by `accumulation`, which refuses a split that does
+not divide (a silently different global batch is a different experiment).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from motian.data.masking import MaskingConfig
+from motian.errors import UserError
+from motian.model.config import ModelConfig, preset
+
+CONFIGS_DIR = Path(__file__).resolve().parents[2] / "configs"
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A model preset plus field overrides (any `ModelConfig` field)."""
+
+    preset: str = "tiny"
+    overrides: dict = field(default_factory=dict)
+
+    def build(self, vocab_size: int | None = None) -> ModelConfig:
+        extra = {} if vocab_size is None else {"vocab_size": vocab_size}
+        return preset(self.preset, **{**self.overrides, **extra})
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """How batches are made from the encoded shards (see `motian.data.loader`)."""
+
+    masking: str = "motian"  # a `MaskingConfig.preset` name
+    masking_overrides: dict = field(default_factory=dict)
+    pair_task: Literal["none", "sop", "click"] = "sop"
+    click_files: tuple[str, ...] = ()
+    cross_document_attention: bool = True
+    seed: int = 0
+
+    def masking_config(self) -> MaskingConfig:
+        return MaskingConfig.preset(self.masking, **self.masking_overrides)
+
+
+@dataclass(frozen=True)
+class ObjectiveSpec:
+    """How the task losses combine. `kind="causal"` trains a decoder (next-token loss)."""
+
+    kind: Literal["mlm", "causal"] = "mlm"
+    weighting: Literal["uncertainty", "fixed"] = "uncertainty"
+    weights: dict = field(default_factory=lambda: {"mlm": 1.0, "pair": 1.0})  # fixed weighting
+
+
+@dataclass(frozen=True)
+class OptimSpec:
+    name: Literal["lamb", "adamw"] = "lamb"
+    lr: float = 1e-3  # peak learning rate
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-6
+    clip_norm: float = 1.0  # global gradient-norm clipping; 0 = off
+    decay: Literal["linear", "cosine", "constant"] = "linear"
+    min_ratio: float = 0.0  # final LR as a fraction of the peak
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A part of the run: `fraction` of all steps (or of the time budget) at `seq_len` tokens
+    with `global_batch` rows per optimizer step, after its own warm-up (fraction of the stage)."""
+
+    fraction: float = 1.0
+    seq_len: int = 128
+    global_batch: int = 32
+    warmup: float = 0.06
+    name: str = ""
+
+
+@dataclass(frozen=True)
+class EvalSpec:
+    """The common held-out evaluation. Keep it identical across recipes to compare them: every
+    `holdout_every`-th document of the encoded data is never trained on, and `rows` rows of
+    `seq_len` tokens from them are masked with BERT token masking at 15% with a fixed seed."""
+
+    every: int = 100  # optimizer steps between evaluations (and at the end); 0 = only at the end
+    holdout_every: int = 50
+    seq_len: int = 128
+    rows: int = 256
+    batch: int = 32
+    seed: int = 1234
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Everything that decides the trained weights."""
+
+    name: str = "custom"
+    model: ModelSpec = field(default_factory=ModelSpec)
+    data: DataSpec = field(default_factory=DataSpec)
+    objective: ObjectiveSpec = field(default_factory=ObjectiveSpec)
+    optim: OptimSpec = field(default_factory=OptimSpec)
+    stages: tuple[Stage, ...] = (Stage(),)
+    steps: int = 1000  # optimizer steps over all stages (unless budget_minutes is set)
+    budget_minutes: float = 0.0  # > 0: the schedule is keyed to wall-clock time instead
+    eval: EvalSpec = field(default_factory=EvalSpec)
+    checkpoint_every: int = 500  # steps; 0 = only at the end
+    keep_last: int = 3
+    max_bad_steps: int = 20  # stop after this many non-finite steps in a row
+    seed: int = 0  # model initialisation and dropout
+
+    def __post_init__(self) -> None:
+        total = sum(s.fraction for s in self.stages)
+        if not self.stages or abs(total - 1.0) > 1e-6:
+            raise UserError(f"recipe {self.name}: stage fractions must sum to 1, got {total:g}")
+        for s in self.stages:
+            if s.seq_len < 8 or s.global_batch < 1 or not 0 <= s.warmup < 1:
+                raise UserError(f"recipe {self.name}: stage {s} needs seq_len >= 8, "
+                                "global_batch >= 1 and 0 <= warmup < 1")
+        if self.steps < 1 and self.budget_minutes <= 0:
+            raise UserError(f"recipe {self.name}: set steps >= 1 or budget_minutes > 0")
+
+    def stage_bounds(self) -> list[tuple[float, float]]:
+        """[(start, end)] of each stage as fractions of the whole run."""
+        bounds, start = [], 0.0
+        for s in self.stages:
+            bounds.append((start, start + s.fraction))
+            start += s.fraction
+        return bounds
+
+    def fingerprint(self) -> str:
+        """A hash of everything that decides the result (resume refuses another recipe)."""
+        d = to_dict(self)
+        d.pop("budget_minutes")  # a resumed run may be given more time
+        d.pop("steps")
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """How the run executes; none of it changes the result beyond floating-point noise."""
+
+    device: str = "auto"  # auto: cuda when available, else cpu
+    precision: Precision = "auto"  # auto: bf16 on CUDA that supports it, else fp32
+    micro_batch: int = 0  # rows per forward pass per process; 0 = the stage's whole share
+    compile: bool = False  # torch.compile the model
+    checkpoint_activations: bool = False  # recompute each block in backward
+    threads: int = 0  # torch intra-op threads; 0 = torch's default
+    dist_timeout_s: float = 300.0  # a collective that waits longer means a rank died
+
+
+def accumulation(stage: Stage, micro_batch: int, world_size: int) -> tuple[int, int]:
+    """(micro-batch rows per process, micro-steps per optimizer step) for `stage`."""
+    if stage.global_batch % world_size:
+        raise UserError(f"global batch {stage.global_batch} of stage {stage.name or stage.seq_len}"
+                        f" is not divisible by {world_size} processes; choose a global batch "
+                        f"that is a multiple of {world_size}")
+    share = stage.global_batch // world_size
+    micro = micro_batch or share
+    if share % micro:
+        raise UserError(f"stage {stage.name or stage.seq_len}: each of {world_size} processes "
+                        f"gets {share} rows per step, which micro-batch {micro} does not divide; "
+                        f"use a micro-batch that divides {share}")
+    return micro, share // micro
+
+
+# --------------------------------------------------------------------------- YAML
+
+
+def to_dict(obj: Any) -> Any:
+    """Dataclasses -> plain dicts/lists (tuples become lists), for YAML and JSON."""
+    if is_dataclass(obj):
+        return {k: to_dict(v) for k, v in asdict(obj).items()}
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [to_dict(v) for v in obj]
+    return obj
+
+
+def _build(cls: type, data: Any, where: str) -> Any:
+    """Construct dataclass `cls` from a YAML mapping, naming unknown keys and the file."""
+    if not isinstance(data, dict):
+        raise UserError(f"{where}: expected a mapping, got {type(data).__name__}")
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise UserError(f"{where}: unknown key(s) {', '.join(unknown)}; known: "
+                        f"{', '.join(known)}")
+    nested = {"model": ModelSpec, "data": DataSpec, "objective": ObjectiveSpec,
+              "optim": OptimSpec, "eval": EvalSpec}
+    kwargs = {}
+    for key, value in data.items():
+        if cls is Recipe and key in nested:
+            value = _build(nested[key], value or {}, f"{where}: {key}")
+        elif cls is Recipe and key == "stages":
+            value = tuple(_build(Stage, s, f"{where}: stages[{i}]") for i, s in enumerate(value))
+        elif isinstance(value, list):
+            value = tuple(value)
+        kwargs[key] = value
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise UserError(f"{where}: {e}") from None
+
+
+def recipe_path(name_or_path: str | Path) -> Path:
+    """A recipe name (`demo` -> configs/demo.yaml) or a path to a YAML file."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        return path
+    candidate = CONFIGS_DIR / f"{name_or_path}.yaml"
+    if not candidate.is_file():
+        shipped = sorted(p.stem for p in CONFIGS_DIR.glob("*.yaml"))
+        raise UserError(f"no recipe {name_or_path!r}: not a file, and not one of the shipped "
+                        f"recipes ({', '.join(shipped)})")
+    return candidate
+
+
+def load_recipe(name_or_path: str | Path) -> Recipe:
+    """Read a recipe YAML; the model spec is checked by building its `ModelConfig`."""
+    path = recipe_path(name_or_path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except FileNotFoundError:
+        raise UserError(f"{path}: recipe file not found") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark else ""
+        raise UserError(f"{path}{line}: not valid YAML ({getattr(e, 'problem', e)})") from None
+    data.setdefault("name", path.stem)
+    recipe = _build(Recipe, data, str(path))
+    recipe.model.build()  # fail now, naming the file, rather than after data loading
+    recipe.data.masking_config()
+    return recipe
+
+
+def save_recipe(recipe: Recipe, path: Path) -> None:
+    path.write_text(yaml.safe_dump(to_dict(recipe), sort_keys=False, allow_unicode=True),
+                    encoding="utf-8")
+
+
+def with_overrides(recipe: Recipe, steps: int | None = None,
+                   budget_minutes: float | None = None) -> Recipe:
+    """The recipe with the run length changed (the CLI's --steps / --budget-minutes)."""
+    changes: dict = {}
+    if steps is not None:
+        changes["steps"] = steps
+    if budget_minutes is not None:
+        changes["budget_minutes"] = budget_minutes
+    return replace(recipe, **changes)

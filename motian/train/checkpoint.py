@@ -1,0 +1,274 @@
+"""Training checkpoints: everything a run needs to continue exactly, written so that a kill at
+any moment leaves the previous checkpoint usable.
+
+Layout (one directory per checkpoint, named by the optimizer step):
+
+    run_dir/checkpoints/
+        step-00000100/
+            config.json, model.safetensors   # motian.model.io.save_pretrained: also loadable
+                                             # with from_pretrained / --init-from
+            optimizer.pt                     # optimizer.state_dict()
+            scaler.pt                        # GradScaler state (fp16 runs only)
+            rng.pt                           # python, numpy, torch CPU + CUDA RNG, per rank
+            state.json                       # the caller's dict: step, loader position, ...
+        latest                               # "step-00000100": the newest complete checkpoint
+
+Atomicity: a checkpoint is written into `.tmp-step-...`, every file and the directory are
+fsynced, and only then is it renamed to `step-...` (a rename is atomic on POSIX filesystems);
+`latest` is replaced atomically after that, and older checkpoints are deleted last (renamed
+to `.trash-...` first, so a half-deleted directory never carries a checkpoint name). A name
+`step-...` therefore always means a complete checkpoint. Every `.pt` file is read with
+`torch.load(weights_only=True)`, so loading runs no pickled code. One process (rank 0) writes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from motian.errors import UserError
+from motian.model.io import load_weights, read_state_dict, save_pretrained
+
+CHECKPOINTS = "checkpoints"
+LATEST = "latest"
+REQUIRED = ("config.json", "model.safetensors", "optimizer.pt", "state.json")
+NAME = re.compile(r"step-(\d{8,})")
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The user's model inside DDP (`.module`) and torch.compile (`._orig_mod`) wrappers."""
+    while True:
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        else:
+            return model
+
+
+def save_checkpoint(run_dir: Path, step: int, model: nn.Module,
+                    optimizer: torch.optim.Optimizer, state: dict, scaler=None,
+                    keep_last: int = 3, rng_states: list[dict] | None = None) -> Path:
+    """Write checkpoint `step` under `run_dir`/checkpoints atomically and return its path.
+
+    `state` must be JSON-serialisable (step, loader position, progress, ...); "step" is set to
+    `step`. `rng_states` is one `capture_rng_state()` per rank in rank order (gathered by the
+    caller in a multi-process run); by default this process's state is saved. Then the
+    checkpoint becomes `latest` and all but the newest `keep_last` (by step; < 1 keeps all) are
+    removed; the one just written is always kept."""
+    directory = Path(run_dir) / CHECKPOINTS
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {**state, "step": step}
+    state_text = _json_or_error(state)
+    _remove_leftovers(directory)
+    final = directory / checkpoint_name(step)
+    tmp = directory / f".tmp-{final.name}-{os.getpid()}"
+    save_pretrained(unwrap_model(model), tmp)
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    if scaler is not None:
+        torch.save(scaler.state_dict(), tmp / "scaler.pt")
+    torch.save({"ranks": rng_states or [capture_rng_state()]}, tmp / "rng.pt")
+    (tmp / "state.json").write_text(state_text, encoding="utf-8")
+    for path in tmp.iterdir():
+        _fsync_file(path)
+    _fsync_dir(tmp)
+    if final.exists():  # re-saving a step (e.g. after a resume): retire the old copy first
+        _retire(final)
+    os.rename(tmp, final)
+    _fsync_dir(directory)
+    _write_text_atomic(directory / LATEST, final.name + "\n")
+    _prune(directory, keep_last, keep=final)
+    return final
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The checkpoint `latest` names, if complete; otherwise the complete one with the highest
+    step (a kill between the rename and the `latest` update); None when there is none.
+    Temporary and half-deleted directories are never returned."""
+    directory = Path(run_dir) / CHECKPOINTS
+    try:
+        named = (directory / LATEST).read_text(encoding="utf-8").strip()
+    except OSError:
+        named = ""
+    if named and NAME.fullmatch(named) and _is_complete(directory / named):
+        return directory / named
+    found = complete_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def complete_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints under `run_dir`, oldest step first."""
+    directory = Path(run_dir) / CHECKPOINTS
+    if not directory.is_dir():
+        return []
+    found = [p for p in directory.iterdir() if NAME.fullmatch(p.name) and _is_complete(p)]
+    return sorted(found, key=lambda p: int(NAME.fullmatch(p.name).group(1)))
+
+
+def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
+                    scaler=None, restore_rng: bool = True) -> dict:
+    """Load a checkpoint directory (or a run directory: its latest checkpoint) into `model`,
+    `optimizer` and `scaler` when given, restore the RNG states of this rank, and return
+    state.json's dict. Weights load strictly: resuming into a different architecture is an
+    error, not a partial load (use --init-from for that)."""
+    path = _resolve(Path(path))
+    load_weights(unwrap_model(model), read_state_dict(path / "model.safetensors"),
+                 str(path / "model.safetensors"), strict=True)
+    if optimizer is not None:
+        saved = _torch_load(path / "optimizer.pt")
+        try:
+            optimizer.load_state_dict(saved)
+        except (ValueError, KeyError) as e:
+            raise UserError(f"{path / 'optimizer.pt'}: does not fit this optimizer ({e}); "
+                            "resume with the optimizer and parameter groups the run used, or "
+                            "start a new run with --init-from") from None
+    if scaler is not None:
+        if (path / "scaler.pt").is_file():
+            scaler.load_state_dict(_torch_load(path / "scaler.pt"))
+        else:
+            print(f"motian: note: {path} has no loss-scaler state (saved without fp16); the "
+                  "scaler starts from its initial scale", file=sys.stderr)
+    if restore_rng:
+        _restore_rank_rng(path / "rng.pt")
+    return json.loads((path / "state.json").read_text(encoding="utf-8"))
+
+
+# --- RNG states in a form `torch.load(weights_only=True)` accepts: tensors, ints, floats ---
+
+def capture_rng_state() -> dict:
+    """This process's python, numpy (legacy global), torch CPU and CUDA generator states."""
+    version, mt, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    assert kind == "MT19937", kind
+    state = {"python": {"version": version, "state": torch.tensor(mt, dtype=torch.int64),
+                        "gauss": gauss},
+             "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict) -> None:
+    """Inverse of `capture_rng_state` (CUDA states for as many devices as both sides have)."""
+    py = state["python"]
+    random.setstate((py["version"], tuple(int(x) for x in py["state"].tolist()), py["gauss"]))
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"],
+                         n["has_gauss"], n["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        cuda = state["cuda"][: torch.cuda.device_count()]
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def _restore_rank_rng(path: Path) -> None:
+    ranks = _torch_load(path)["ranks"]
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    if rank >= len(ranks):
+        print(f"motian: warning: {path} holds RNG states for {len(ranks)} process(es), this is "
+              f"rank {rank}: its random numbers (dropout, masking) will differ from an "
+              "uninterrupted run", file=sys.stderr)
+        return
+    restore_rng_state(ranks[rank])
+
+
+# --- files ---
+
+def _resolve(path: Path) -> Path:
+    if (path / "state.json").is_file():
+        if not _is_complete(path):
+            missing = [f for f in REQUIRED if not (path / f).is_file()]
+            raise UserError(f"{path}: incomplete checkpoint (missing {', '.join(missing)})")
+        return path
+    latest = latest_checkpoint(path)
+    if latest is None:
+        raise UserError(f"{path}: not a checkpoint directory and no complete checkpoint under "
+                        f"{path / CHECKPOINTS}; give a step-NNNNNNNN directory or a run "
+                        "directory that has one")
+    return latest
+
+
+def _torch_load(path: Path):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a corrupt or foreign file: say which and why
+        raise UserError(f"{path}: cannot be read as a motian checkpoint file ({e})") from None
+
+
+def _json_or_error(state: dict) -> str:
+    try:
+        return json.dumps(state, indent=2, ensure_ascii=False) + "\n"
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"save_checkpoint: state must be JSON-serialisable ({e}); convert "
+                        "tensors with .item() / .tolist()") from None
+
+
+def _is_complete(path: Path) -> bool:
+    return path.is_dir() and all((path / f).is_file() for f in REQUIRED)
+
+
+def _remove_leftovers(directory: Path) -> None:
+    """Delete temporary and retired directories left by a save that was killed."""
+    for p in directory.iterdir():
+        if p.name.startswith((".tmp-", ".trash-")):
+            shutil.rmtree(p, ignore_errors=True)
+        elif p.name.startswith(f".{LATEST}.tmp-"):
+            p.unlink(missing_ok=True)
+
+
+def _retire(path: Path) -> None:
+    """Rename first (atomic), delete after: a half-deleted checkpoint keeps no valid name."""
+    trash = path.with_name(f".trash-{path.name}-{os.getpid()}")
+    os.rename(path, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def _prune(directory: Path, keep_last: int, keep: Path) -> None:
+    if keep_last < 1:
+        return
+    found = complete_checkpoints(directory.parent)
+    for old in found[:-keep_last]:
+        if old != keep:
+            _retire(old)
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a rename or new entry in `path` durable (POSIX; Windows cannot open directories)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

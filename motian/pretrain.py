@@ -59,6 +59,8 @@ def pretrain(recipe: str = "demo", data: Path = Path("runs/demo/encoded"),
                            threads=threads, dist_timeout_s=dist_timeout)
     summary = fit(spec, settings, Path(data), Path(out), resume=resume, init_from=init_from,
                   progress_bar=progress)
+    if summary["rank"] != 0:
+        return summary
     if summary.get("eval"):
         e = summary["eval"]
         print(f"held-out masked-token accuracy {e['accuracy']:.2%}, loss {e['loss']:.3f} "

@@ -438,7 +438,7 @@ def _loop(recipe: Recipe, data: Path, run_dir: Path, info: DistInfo, run: _Run,
         progress.restart_clock()  # evaluation and checkpoints do not count against a budget
     if bar is not None:
         bar.close()
-    return _finish(run_dir, run, state, logger, main)
+    return _finish(run_dir, run, state, info)
 
 
 def _stage_loader(recipe: Recipe, data: Path, stage: int, micro: int, info: DistInfo,
@@ -551,15 +551,15 @@ def _checkpoint(run_dir: Path, recipe: Recipe, run: _Run, state: RunState, main:
                     keep_last=recipe.keep_last)
 
 
-def _finish(run_dir: Path, run: _Run, state: RunState, logger, main: bool) -> dict:
+def _finish(run_dir: Path, run: _Run, state: RunState, info: DistInfo) -> dict:
     from motian.data.shards import write_json_atomic
     from motian.model.io import save_pretrained
 
     summary = {"steps": state.step, "tokens_seen": state.tokens_seen,
                "seconds": run.progress.elapsed, "eval": state.last_eval,
                "final": str(run_dir / "final"), "metrics": str(run_dir / "metrics.jsonl"),
-               "checkpoint": str(latest_checkpoint(run_dir) or "")}
-    if main:
+               "checkpoint": str(latest_checkpoint(run_dir) or ""), "rank": info.rank}
+    if info.is_main:
         save_pretrained(run.model, run_dir / "final")
         write_json_atomic(run_dir / "summary.json", summary)
     return summary

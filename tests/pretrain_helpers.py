@@ -1,0 +1,43 @@
+"""Shared by the pretraining tests: a tiny two-stage recipe written as YAML, and the final
+weights of a run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+TINY = """\
+model:
+  preset: tiny
+  overrides: {{hidden: 32, layers: 2, heads: 2, ffn: 64, max_positions: 64, dropout: 0.1}}
+data: {{masking: motian, pair_task: {pair_task}}}
+objective: {{kind: mlm, weighting: uncertainty}}
+optim: {{name: {optim}, lr: 0.01}}
+stages:
+  - {{fraction: 0.75, seq_len: 32, global_batch: 8, warmup: 0.2}}
+  - {{fraction: 0.25, seq_len: 64, global_batch: 4, warmup: 0.5}}
+steps: {steps}
+eval: {{every: {eval_every}, seq_len: 64, rows: 32, batch: 16}}
+checkpoint_every: {checkpoint_every}
+max_bad_steps: 3
+"""
+
+
+def write_recipe(directory: Path, steps: int = 16, checkpoint_every: int = 4,
+                 eval_every: int = 8, pair_task: str = "sop", optim: str = "lamb") -> Path:
+    path = directory / "tiny.yaml"
+    path.write_text(TINY.format(steps=steps, checkpoint_every=checkpoint_every,
+                                eval_every=eval_every, pair_task=pair_task, optim=optim),
+                    encoding="utf-8")
+    return path
+
+
+def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run_dir / "final" / "model.safetensors"))
+
+
+def max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k] - b[k]).abs().max()) for k in a)

@@ -33,6 +33,8 @@ COMMANDS: dict[str, str] = {
     "pretrain": "motian.pretrain:pretrain",
     "inspect-batch": "motian.data.inspect:inspect_batch",
     "hf-convert": "motian.model.hf:convert_hf",
+    "finetune": "motian.tasks.finetune:finetune",
+    "evaluate": "motian.tasks.finetune:evaluate",
 }
 
 

@@ -33,6 +33,9 @@ COMMANDS: dict[str, str] = {
     "pretrain": "motian.pretrain:pretrain",
     "inspect-batch": "motian.data.inspect:inspect_batch",
     "hf-convert": "motian.model.hf:convert_hf",
+    "export": "motian.export:export",
+    "predict": "motian.predict:predict",
+    "fill-mask": "motian.predict:fill_mask",
     "finetune": "motian.tasks.finetune:finetune",
     "evaluate": "motian.tasks.finetune:evaluate",
 }

@@ -9,6 +9,7 @@ import torch
 
 from motian.errors import UserError
 from motian.model import MaskedLM, preset
+from motian.train import optim
 from motian.train.optim import Lamb, build_optimizer, param_groups
 
 # Two parameter tensors of very different norms, and the targets of a quadratic loss
@@ -65,7 +66,10 @@ def run_lamb(steps, w0=W0, **kwargs):
 
 @pytest.mark.parametrize("max_norm,expect_clip", [(100.0, False), (1.0, True)])
 @pytest.mark.parametrize("bias_correction", [True, False])
-def test_lamb_matches_hand_reference(max_norm, expect_clip, bias_correction):
+@pytest.mark.parametrize("batch_elements", [1 << 18, 4])  # both tensors in one call / one each
+def test_lamb_matches_hand_reference(max_norm, expect_clip, bias_correction, batch_elements,
+                                     monkeypatch):
+    monkeypatch.setattr(optim, "CPU_BATCH_ELEMENTS", batch_elements)
     settings = dict(lr=0.05, b1=0.9, b2=0.99, eps=1e-6, wd=0.1)
     ref, clipped = lamb_reference(**settings, max_norm=max_norm, steps=3,
                                   bias_correction=bias_correction)

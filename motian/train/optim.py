@@ -89,8 +89,11 @@ class Lamb(torch.optim.Optimizer):
 
     def _update_group(self, group: dict) -> None:
         params = [p for p in group["params"] if p.grad is not None]
-        if not params:
-            return
+        for batch in _batches(params):
+            self._update_tensors(group, batch)
+
+    def _update_tensors(self, group: dict, params: list[Tensor]) -> None:
+        """The LAMB update of `params` (one device), with foreach ops over the list."""
         grads = [p.grad for p in params]
         exp_avgs, exp_avg_sqs, steps = self._state_of(params)
         beta1, beta2 = group["betas"]
@@ -155,6 +158,33 @@ def trust_ratios(params: list[Tensor], update: list[Tensor],
     if clip is not None:
         ratio = ratio.clamp(max=clip)
     return [r.to(p.device, p.dtype) for r, p in zip(ratio.unbind(), params)]
+
+
+CPU_BATCH_ELEMENTS = 1 << 18
+
+
+def _batches(params: list[Tensor]) -> list[list[Tensor]]:
+    """How to walk the parameters: on an accelerator, one list per device (a foreach op is one
+    kernel launch over the whole list); on CPU, runs of tensors of at most CPU_BATCH_ELEMENTS
+    elements in all (a big tensor alone), so the seven element-wise passes of a batch run while
+    it is still in cache instead of streaming every parameter through memory once per op, and
+    small tensors still share one call (measured in docs/optim.md)."""
+    by_device: dict[torch.device, list[Tensor]] = {}
+    for p in params:
+        by_device.setdefault(p.device, []).append(p)
+    batches: list[list[Tensor]] = []
+    for device, group in by_device.items():
+        if device.type != "cpu":
+            batches.append(group)
+            continue
+        size = CPU_BATCH_ELEMENTS
+        for p in group:
+            if size + p.numel() > CPU_BATCH_ELEMENTS:
+                batches.append([])
+                size = 0
+            batches[-1].append(p)
+            size += p.numel()
+    return batches
 
 
 def _norms(tensors: list[Tensor]) -> Tensor:

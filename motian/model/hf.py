@@ -68,17 +68,18 @@ _HEADS = {
                                ("classifier", "head.classifier")],
     "TokenClassification": [("classifier", "classifier")],
     "SpanExtraction": [("qa_outputs", "span")],
+    "MultipleChoice": [("bert.pooler.dense", "head.pooler"), ("classifier", "head.classifier")],
     "MotianModel": [],
 }
 _ARCHITECTURES = {
     "BertForPreTraining": "PreTrainingModel", "BertForMaskedLM": "MaskedLM",
     "BertModel": "MotianModel", "BertForSequenceClassification": "SequenceClassification",
     "BertForTokenClassification": "TokenClassification",
-    "BertForQuestionAnswering": "SpanExtraction",
+    "BertForQuestionAnswering": "SpanExtraction", "BertForMultipleChoice": "MultipleChoice",
 }
 _HEAD_TO_BERT = {v: k for k, v in _ARCHITECTURES.items()}
 Head = Literal["auto", "MotianModel", "MaskedLM", "PreTrainingModel", "SequenceClassification",
-               "TokenClassification", "SpanExtraction"]
+               "TokenClassification", "SpanExtraction", "MultipleChoice"]
 
 
 # --- import ------------------------------------------------------------------------------------

@@ -15,6 +15,8 @@ from transformers.modeling_outputs import (
     BaseModelOutput,
     CausalLMOutput,
     MaskedLMOutput,
+    MultipleChoiceModelOutput,
+    QuestionAnsweringModelOutput,
     SequenceClassifierOutput,
     TokenClassifierOutput,
 )
@@ -97,6 +99,26 @@ class MotianForCausalLM(MotianPreTrainedModel):
         return CausalLMOutput(loss=out.loss, logits=out.logits)
 
 
+class MotianForQuestionAnswering(MotianPreTrainedModel):
+    """AutoModelForQuestionAnswering: start/end logits (B, L), padding at -1e4."""
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
+                start_positions=None, end_positions=None, **kwargs):
+        out = self.motian(input_ids, attention_mask, token_type_ids, position_ids,
+                          start_positions=start_positions, end_positions=end_positions)
+        return QuestionAnsweringModelOutput(loss=out.loss, start_logits=out.logits,
+                                            end_logits=out.end_logits)
+
+
+class MotianForMultipleChoice(MotianPreTrainedModel):
+    """AutoModelForMultipleChoice: inputs (B, C, L), logits (B, C)."""
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None,
+                **kwargs):
+        out = self.motian(input_ids, attention_mask, token_type_ids, labels=labels)
+        return MultipleChoiceModelOutput(loss=out.loss, logits=out.logits)
+
+
 # motian head -> (wrapper class, the Auto class that loads it)
 WRAPPERS = {
     "MotianModel": (MotianModelForHF, "AutoModel"),
@@ -105,4 +127,6 @@ WRAPPERS = {
                                "AutoModelForSequenceClassification"),
     "TokenClassification": (MotianForTokenClassification, "AutoModelForTokenClassification"),
     "CausalLM": (MotianForCausalLM, "AutoModelForCausalLM"),
+    "SpanExtraction": (MotianForQuestionAnswering, "AutoModelForQuestionAnswering"),
+    "MultipleChoice": (MotianForMultipleChoice, "AutoModelForMultipleChoice"),
 }

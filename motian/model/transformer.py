@@ -178,7 +178,9 @@ def attention_mask_bias(attention_mask: Tensor | None, document_ids: Tensor | No
     if allowed is None:
         return None
     lonely = ~allowed.any(dim=-1, keepdim=True)  # (B, L, 1) queries that see nothing
-    allowed = allowed | (lonely & torch.eye(L, dtype=torch.bool, device=device))
+    # eye in float, then compared: onnxruntime has no boolean EyeLike kernel, so a bool eye
+    # would make every exported ONNX model unloadable.
+    allowed = allowed | (lonely & (torch.eye(L, device=device) > 0))
     zero = torch.zeros((), device=device)
     return torch.where(allowed, zero, float("-inf"))[:, None]  # (B, 1, L, L)
 

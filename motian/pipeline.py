@@ -96,14 +96,27 @@ def _markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
-def demo(out: Path = Path("runs/demo"), workers: int = 0, resume: bool = True) -> dict:
-    """Run the whole job on the bundled corpus (People's Daily 1998 + product reviews).
-
-    Until pretraining lands this is the data pipeline: clean → vocabulary → encode.
+def demo(out: Path = Path("runs/demo"), workers: int = 0, resume: bool = True,
+         budget_minutes: float = 10.0, recipe: str = "demo", progress: bool = True) -> dict:
+    """Run the whole job on the bundled corpus (People's Daily 1998 + product reviews): clean →
+    vocabulary → encode, then pretrain the `demo` recipe for `budget_minutes`.
 
     Args:
-        out: output directory.
-        workers: processes; 0 uses every core.
-        resume: continue an interrupted run in the same out directory.
+        out: output directory (data in out/clean, out/tokenizer, out/encoded; the run in
+            out/pretrain).
+        workers: processes for the data stages; 0 uses every core.
+        resume: continue an interrupted run in the same out directory (data and pretraining).
+        budget_minutes: pretraining time; the learning-rate schedule follows it.
+        recipe: the pretraining recipe (a name in configs/ or a YAML file).
+        progress: show progress bars.
     """
-    return prepare(["pd98", "reviews"], Path(out), workers=workers, resume=resume)
+    from motian.pretrain import pretrain
+
+    out = Path(out)
+    report = prepare(["pd98", "reviews"], out, workers=workers, resume=resume, progress=progress)
+    run = out / "pretrain"
+    print(f"[4/4] pretrain {recipe} for {budget_minutes:g} minutes -> {run}", flush=True)
+    report["pretrain"] = pretrain(recipe=recipe, data=out / "encoded", out=run,
+                                  resume=resume, budget_minutes=budget_minutes,
+                                  progress=progress)
+    return report

@@ -98,6 +98,20 @@ def test_lamb_without_prenormalisation_and_with_trust_clip():
         np.testing.assert_allclose(b, a, rtol=1e-12, atol=1e-14)
 
 
+def test_always_adapt_false_skips_the_ratio_where_there_is_no_decay():
+    # With weight decay 0 and always_adapt=False the step is Adam's (ratio 1); with the
+    # default always_adapt=True this tensor (norm 13) would move ~13x further.
+    big = [W0[0]]
+    params = [torch.nn.Parameter(torch.tensor(big[0]))]
+    opt = Lamb(params, lr=0.05, weight_decay=0.0, always_adapt=False,
+               grad_pre_normalization=False)
+    params[0].grad = torch.tensor(SCALES[0] * (big[0] - TARGETS[0]))
+    opt.step()
+    g = SCALES[0] * (big[0] - TARGETS[0])
+    adam_step = (0.1 * g / 0.1) / (np.sqrt(0.001 * g * g / 0.001) + 1e-6)  # m^ / (sqrt(v^) + eps)
+    np.testing.assert_allclose(params[0].detach().numpy(), big[0] - 0.05 * adam_step, rtol=1e-12)
+
+
 def test_zero_norm_parameter_gets_trust_ratio_one():
     w0 = [np.zeros(3), W0[1]]  # a zero-initialised bias-like tensor
     ref, _ = lamb_reference(0.05, 0.9, 0.999, 1e-6, 0.1, 1.0, 2, w0=w0)

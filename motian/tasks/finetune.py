@@ -1,0 +1,394 @@
+"""`motian finetune` and `motian evaluate`: fine-tune on a bundled or CLUE task over several
+seeds and report mean ± std; evaluate a fine-tuned model on a split and write predictions.
+
+A run directory holds, per seed, `seed-N/result.json` (scores, steps, time), the fine-tuned model
+(`seed-N/model`: weights, config, tokenizer.json, task.json) and, for CLUE test files, the
+submission file; and for the run `results.json` (resolved settings, the starting weights'
+SHA-256, every seed, mean ± std) and `results.md`. A seed whose result.json was written with the
+same settings is not run again, so an interrupted run resumes at the next unfinished seed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Literal
+
+import torch
+from tokenizers import Tokenizer
+from torch import nn
+
+from motian.data.shards import write_json_atomic
+from motian.data.tokenizer import load_tokenizer, special_token_ids
+from motian.errors import UserError
+from motian.model.config import preset as model_preset
+from motian.model.heads import MLMHead
+from motian.model.io import from_pretrained, load_weights, read_state_dict, save_pretrained
+from motian.tasks.builtin import BUILTIN_TASKS, load_builtin
+from motian.tasks.clue import clue_name, load_clue, write_submission
+from motian.tasks.engine import TrainSettings, build_head, predict, seed_everything, train
+from motian.tasks.features import Featurizer
+from motian.tasks.metrics import accuracy, entity_prf, macro_f1, squad_scores
+from motian.tasks.report import results_table, summarise
+from motian.tasks.types import Example, Task
+
+DEFAULT_SEEDS = [1, 2, 3]
+
+
+def load_task(name: str, data: Path | None = None,
+              scheme: Literal["BIO", "BIOES"] = "BIO") -> Task:
+    """A bundled task (reviews-sentiment, pd98-ner, pd98-seg) or a CLUE task read from `data`."""
+    if name in BUILTIN_TASKS:
+        return load_builtin(name, scheme)
+    if clue_name(name) is None:
+        raise UserError(f"unknown task {name!r}; bundled tasks: {', '.join(BUILTIN_TASKS)}; "
+                        "CLUE tasks: afqmc, tnews, iflytek, ocnli, cmnli, cluewsc2020, csl, "
+                        "cluener, cmrc2018, c3, chid (with --data DIR)")
+    if data is None:
+        raise UserError(f"CLUE task {name!r} needs --data: the directory holding its files")
+    task = load_clue(name, data)
+    if task.type == "token":
+        task.scheme = scheme
+    return task
+
+
+def score(task: Task, examples: list[Example], predictions: list) -> dict[str, float]:
+    """The task type's metrics (fractions in [0, 1]) of `predictions` against gold."""
+    if task.type in ("single", "pair"):
+        gold = [e.label for e in examples]
+        return {"accuracy": accuracy(gold, predictions),
+                "macro_f1": macro_f1(gold, predictions, len(task.labels))}
+    if task.type == "choice":
+        return {"accuracy": accuracy([e.label for e in examples], predictions)}
+    if task.type == "token":
+        return entity_prf([e.entities for e in examples], predictions)
+    return squad_scores([[a for a, _ in e.answers] for e in examples], predictions)
+
+
+# --------------------------------------------------------------------------- models
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _motian_dir(path: Path) -> Path:
+    """A motian model directory: `path` itself, or the latest checkpoint of a training run."""
+    if (path / "config.json").is_file():
+        return path
+    from motian.train.checkpoint import latest_checkpoint
+
+    latest = latest_checkpoint(path)
+    if latest is None:
+        raise UserError(f"{path}: not a model directory (no config.json) and no complete "
+                        "checkpoint under it; give a motian checkpoint, a training run or a "
+                        "Hugging Face BERT directory")
+    return latest
+
+
+def _backbone_state(state: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
+    """Keys re-rooted at `backbone.` / `mlm.`, whatever wrapper saved them (a pretraining
+    wrapper may add a prefix such as `model.`)."""
+    prefixes = {k[:k.index("backbone.")] for k in state if "backbone." in k}
+    if not prefixes:
+        raise UserError(f"{source}: no backbone weights found in the checkpoint")
+    prefix = min(prefixes, key=len)
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def load_start(task: Task, model: Path | None, preset: str, vocab_size: int,
+               ) -> tuple[nn.Module, dict, dict[str, torch.Tensor]]:
+    """(task model, description of its starting weights, MLM-head weights if any)."""
+    if model is None:
+        config = model_preset(preset, vocab_size=vocab_size)
+        return build_head(task, config), {"source": f"random init ({preset})"}, {}
+    model = Path(model)
+    config_file = model / "config.json"
+    if config_file.is_file() and json.loads(config_file.read_text("utf-8")).get(
+            "model_type") == "bert":
+        from motian.model.hf import import_bert
+
+        lm, _ = import_bert(model, head="MaskedLM")
+        weights = next((model / n for n in ("model.safetensors", "pytorch_model.bin")
+                        if (model / n).is_file()), None)
+        state, config = lm.state_dict(), lm.config
+        info = {"source": f"Hugging Face BERT {model}"}
+    else:
+        directory = _motian_dir(model)
+        meta = json.loads((directory / "config.json").read_text("utf-8"))
+        from motian.model.config import ModelConfig
+
+        config = ModelConfig.from_dict(meta["model"])
+        weights = directory / "model.safetensors"
+        state = _backbone_state(read_state_dict(weights), str(weights))
+        info = {"source": f"motian checkpoint {directory}"}
+    if vocab_size > config.vocab_size:
+        raise UserError(f"{model}: the tokenizer has {vocab_size} tokens but the model only "
+                        f"{config.vocab_size}; use the tokenizer the model was trained with")
+    head = build_head(task, config)
+    report = load_weights(head, state, str(model), quiet=True)
+    missing = [k for k in report.missing if k.startswith("backbone.")]
+    if missing or report.mismatched:
+        raise UserError(f"{model}: backbone weights did not load: "
+                        f"{', '.join((missing + report.mismatched)[:6])}")
+    if weights is not None:
+        info["sha256"] = sha256_file(weights)
+    mlm = {k[4:]: v for k, v in state.items() if k.startswith("mlm.")}
+    return head, info, mlm
+
+
+def find_tokenizer(tokenizer: Path | None, model: Path | None) -> Path:
+    """`tokenizer`, else a tokenizer.json / vocab.txt in the model directory or up to three
+    levels above it (alone or in a `tokenizer/` folder, as `motian prepare` writes it)."""
+    if tokenizer is not None:
+        return Path(tokenizer)
+    if model is not None:
+        here = Path(model).resolve()
+        for directory in [here, *here.parents[:3]]:
+            for candidate in (directory, directory / "tokenizer"):
+                if (candidate / "tokenizer.json").is_file() or (candidate / "vocab.txt").is_file():
+                    return candidate
+    raise UserError("no tokenizer: pass --tokenizer (a directory written by `motian tokenizer`, "
+                    "a tokenizer.json or a vocab.txt)")
+
+
+def pick_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+# --------------------------------------------------------------------------- the verbs
+
+
+def _subset(examples: list[Example], limit: int | None) -> list[Example]:
+    """`limit` examples chosen by a hash of their ids (a stable pseudo-random sample: the
+    bundled splits are in file order, whose head is all one label or one month's first days),
+    kept in their original order."""
+    if limit is None or limit >= len(examples):
+        return examples
+    rank = sorted(range(len(examples)),
+                  key=lambda i: hashlib.sha1(examples[i].guid.encode()).digest())
+    return [examples[i] for i in sorted(rank[:limit])]
+
+
+def _progress_printer(enabled: bool, seed: int):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    bar: dict = {}
+
+    def on_step(step: int, total: int, loss: float) -> None:
+        if "bar" not in bar:
+            bar["bar"] = tqdm(total=total, desc=f"seed {seed}", unit="step", file=sys.stderr)
+        bar["bar"].update(1)
+        bar["bar"].set_postfix(loss=f"{loss:.4f}")
+        if step == total:
+            bar["bar"].close()
+
+    return on_step
+
+
+def _evaluate_split(model: nn.Module, task: Task, split: str, examples: list[Example],
+                    featurize: Featurizer, pad: int, device: torch.device, batch_size: int,
+                    out_dir: Path) -> tuple[dict[str, float] | None, Path | None]:
+    """Scores of a labelled split; for an unlabelled CLUE split, the submission file."""
+    predictions = predict(model, task, featurize(examples), examples, pad, device, batch_size)
+    if _all_gold(task, examples):
+        return score(task, examples, predictions), None
+    if task.clue:
+        return None, write_submission(task, examples, predictions, out_dir)
+    return None, None
+
+
+def _all_gold(task: Task, examples: list[Example]) -> bool:
+    probe = Task(task.name, task.type, splits={"x": examples})
+    return probe.labelled("x")
+
+
+def finetune(task: str, out: Path, model: Path | None = None, tokenizer: Path | None = None,
+             data: Path | None = None, preset: str = "tiny", seeds: list[int] | None = None,
+             epochs: float = 3.0, batch_size: int = 32, lr: float = 5e-5,
+             max_length: int = 128, warmup: float = 0.1, weight_decay: float = 0.01,
+             clip_norm: float = 1.0, layer_lr_decay: float = 1.0, unfreeze: float = 0.0,
+             aux_mlm: float = 0.0, scheme: Literal["BIO", "BIOES"] = "BIO",
+             max_train: int | None = None, max_eval: int | None = None,
+             save_model: bool = True, device: str = "auto", progress: bool = True) -> dict:
+    """Fine-tune a model on a task with several seeds; report dev/test mean ± std.
+
+    Writes out/results.json, out/results.md and per seed out/seed-N/ (result.json, the model,
+    CLUE submission files for unlabelled test data). Seeds already finished with the same
+    settings are reused, so an interrupted run continues where it stopped.
+
+    Args:
+        task: reviews-sentiment, pd98-ner, pd98-seg, or a CLUE task (afqmc, tnews, iflytek,
+            ocnli, cmnli, cluewsc2020, csl, cluener, cmrc2018, c3, chid) with --data.
+        out: run directory.
+        model: starting weights: a motian checkpoint or training run, or a Hugging Face BERT
+            directory; none = random initialisation of --preset.
+        tokenizer: tokenizer directory / tokenizer.json / vocab.txt (default: found next to
+            the model).
+        data: directory with the CLUE task's files (train.json, dev.json, test.json, ...).
+        preset: model shape for random initialisation (tiny, small, base, ...).
+        seeds: random seeds, one fine-tuning run each (default 1 2 3).
+        epochs: passes over the training data (fractions allowed).
+        batch_size: examples per optimizer step.
+        lr: peak learning rate (linear warm-up, then linear decay to 0).
+        max_length: tokens per input sequence.
+        warmup: fraction of the steps spent warming up.
+        weight_decay: AdamW decoupled weight decay (not on biases and norms).
+        clip_norm: gradient norm clip (0 = off).
+        layer_lr_decay: layer-wise learning-rate decay factor; 1 = off (e.g. 0.8).
+        unfreeze: gradual unfreezing over this fraction of training, top layer first; 0 = off.
+        aux_mlm: weight of an auxiliary masked-LM loss on the task inputs; 0 = off.
+        scheme: tagging scheme for token tasks (pd98-seg always uses BIOES = BMES).
+        max_train: use only the first N training examples.
+        max_eval: use only the first N dev and test examples.
+        save_model: keep each seed's fine-tuned model.
+        device: auto, cpu or cuda.
+        progress: show a progress bar.
+    """
+    seeds = list(seeds or DEFAULT_SEEDS)
+    the_task = load_task(task, data, scheme)
+    if not the_task.splits.get("train"):
+        raise UserError(f"{task}: the training split is empty")
+    tok_path = find_tokenizer(tokenizer, model)
+    tok = load_tokenizer(tok_path)
+    special = special_token_ids(tok)
+    settings = TrainSettings(epochs, batch_size, lr, warmup, weight_decay, clip_norm,
+                             layer_lr_decay, unfreeze, aux_mlm)
+    _, start_info, _ = load_start(the_task, model, preset, tok.get_vocab_size())
+    config = {"task": the_task.name, "model": str(model) if model else None,
+              "model_sha256": start_info.get("sha256"), "tokenizer": str(tok_path),
+              "preset": None if model else preset, "max_length": max_length,
+              "scheme": the_task.scheme, "max_train": max_train, "max_eval": max_eval,
+              **asdict(settings)}
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    featurize = Featurizer(the_task, tok, special, max_length)
+    train_examples = _subset(the_task.splits["train"], max_train)
+    train_features = featurize(train_examples)
+    runs = []
+    for seed in seeds:
+        runs.append(_run_seed(the_task, seed, out / f"seed-{seed}", config, settings, model,
+                              preset, tok, special, featurize, train_features, max_eval,
+                              save_model, pick_device(device), progress))
+    result = {"task": {"name": the_task.name, "type": the_task.type,
+                       "sizes": {**the_task.sizes(), "train_used": len(train_examples)},
+                       "notes": the_task.notes},
+              "model": start_info, "config": config, "runs": runs, "summary": summarise(runs)}
+    write_json_atomic(out / "results.json", result)
+    (out / "results.md").write_text(results_table(result), encoding="utf-8")
+    print((out / "results.md").read_text(encoding="utf-8").split("Resolved settings")[0])
+    return result
+
+
+def _run_seed(task: Task, seed: int, seed_dir: Path, config: dict, settings: TrainSettings,
+              model_path: Path | None, preset: str, tok: Tokenizer, special: dict[str, int],
+              featurize: Featurizer, train_features: list, max_eval: int | None,
+              save_model: bool, device: torch.device, progress: bool) -> dict:
+    done = seed_dir / "result.json"
+    if done.is_file():
+        previous = json.loads(done.read_text("utf-8"))
+        if previous.get("config") == config:
+            print(f"seed {seed}: finished earlier, reusing {done}", file=sys.stderr)
+            return previous["result"]
+    seed_dir.mkdir(parents=True, exist_ok=True)
+    seed_everything(seed)
+    model, _, mlm_state = load_start(task, model_path, preset, tok.get_vocab_size())
+    model.to(device)
+    mlm = None
+    if settings.aux_mlm:
+        mlm = MLMHead(model.config).to(device)
+        if mlm_state:
+            mlm.load_state_dict(mlm_state)
+    t0 = time.perf_counter()
+    stats = train(model, task.type, train_features, settings, seed, special["pad"], device,
+                  special, mlm, _progress_printer(progress, seed))
+    result: dict = {"seed": seed, "train_seconds": round(time.perf_counter() - t0, 2), **stats}
+    for split in ("dev", "test"):
+        examples = _subset(task.splits.get(split, []), max_eval)
+        if not examples:
+            continue
+        scores, submission = _evaluate_split(model, task, split, examples, featurize,
+                                             special["pad"], device, 64, seed_dir)
+        if scores is not None:
+            result[split] = scores
+        if submission is not None:
+            result[f"{split}_submission"] = str(submission)
+    if save_model:
+        save_fine_tuned(model, task, tok, config["max_length"], seed_dir / "model")
+    write_json_atomic(done, {"config": config, "result": result})
+    return result
+
+
+def save_fine_tuned(model: nn.Module, task: Task, tok: Tokenizer, max_length: int,
+                    directory: Path) -> Path:
+    """The model plus what `evaluate` needs to use it alone: tokenizer.json and task.json."""
+    save_pretrained(model, directory)
+    tok.save(str(directory / "tokenizer.json"))
+    write_json_atomic(directory / "task.json", {
+        "name": task.name, "type": task.type, "labels": task.labels, "scheme": task.scheme,
+        "clue": task.clue, "max_length": max_length})
+    return directory
+
+
+def evaluate(model: Path, split: Literal["train", "dev", "test"] = "dev",
+             data: Path | None = None, out: Path | None = None, max_eval: int | None = None,
+             batch_size: int = 64, device: str = "auto") -> dict:
+    """Score a fine-tuned model on a split, or write predictions where the split is unlabelled.
+
+    Args:
+        model: a fine-tuned model directory (out/seed-N/model of `motian finetune`).
+        split: which split of the task to evaluate.
+        data: directory with the CLUE task's files (CLUE tasks only).
+        out: where predictions go (default: the model directory); CLUE tasks get CLUE's
+            submission file name, others predictions.jsonl.
+        max_eval: use only the first N examples.
+        batch_size: examples per forward pass.
+        device: auto, cpu or cuda.
+    """
+    model = Path(model)
+    meta_file = model / "task.json"
+    if not meta_file.is_file():
+        raise UserError(f"{model}: no task.json; give a directory written by `motian finetune`")
+    meta = json.loads(meta_file.read_text("utf-8"))
+    task = load_task(meta["name"], data, meta.get("scheme", "BIO"))
+    if task.labels != meta["labels"]:
+        raise UserError(f"{model}: trained with labels {meta['labels']} but the task now has "
+                        f"{task.labels}")
+    examples = _subset(task.splits.get(split, []), max_eval)
+    if not examples:
+        raise UserError(f"{task.name}: no {split} split found")
+    tok = load_tokenizer(model / "tokenizer.json")
+    special = special_token_ids(tok)
+    dev = pick_device(device)
+    net = from_pretrained(model).to(dev)
+    featurize = Featurizer(task, tok, special, meta["max_length"])
+    predictions = predict(net, task, featurize(examples), examples, special["pad"], dev,
+                          batch_size)
+    result: dict = {"task": task.name, "split": split, "examples": len(examples),
+                    "model_sha256": sha256_file(model / "model.safetensors")}
+    target = Path(out) if out else model
+    if _all_gold(task, examples):
+        result["scores"] = score(task, examples, predictions)
+        print(f"{task.name} {split}: " + ", ".join(
+            f"{k} {v * 100:.2f}" for k, v in result["scores"].items()))
+    if task.clue:
+        result["predictions"] = str(write_submission(task, examples, predictions, target))
+    else:
+        target.mkdir(parents=True, exist_ok=True)
+        path = target / f"{task.name}_{split}_predictions.jsonl"
+        path.write_text("".join(json.dumps({"id": e.guid, "prediction": p}, ensure_ascii=False)
+                                + "\n" for e, p in zip(examples, predictions)), "utf-8")
+        result["predictions"] = str(path)
+    return result

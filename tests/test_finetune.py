@@ -1,0 +1,211 @@
+"""The fine-tuning loop end to end with the real tiny model, real tokenizer and real files:
+every task type learns its (small) training set, CLUE submissions are written, seeds are
+summarised with the checkpoint hash, runs resume, and the techniques behave as specified."""
+
+import json
+
+import pytest
+import torch
+
+from motian.cli import main
+from motian.model import MaskedLM, from_pretrained, preset, save_pretrained
+from motian.model.heads import MLMHead
+from motian.tasks.builtin import pd98_ner, reviews_sentiment
+from motian.tasks.engine import (
+    apply_unfreezing,
+    aux_mlm_loss,
+    build_head,
+    layer_groups,
+    mask_for_mlm,
+    optimizer_groups,
+)
+from motian.tasks.features import Featurizer, collate
+from motian.tasks.finetune import evaluate, finetune, sha256_file
+from motian.tasks.types import Example, Task
+from tests.test_clue import jsonl
+from tests.test_tasks import char_tokenizer
+
+FAST = dict(epochs=30, batch_size=8, lr=2e-3, warmup=0.1, seeds=[1], progress=False)
+
+
+@pytest.fixture(scope="module")
+def reviews():
+    task = reviews_sentiment()
+    pos = [e.text[:40] for e in task.splits["train"] if e.label == 1][:12]
+    neg = [e.text[:40] for e in task.splits["train"] if e.label == 0][:12]
+    return pos, neg
+
+
+@pytest.fixture(scope="module")
+def ner_sentences():
+    return [e for e in pd98_ner().splits["train"][:400] if e.entities and len(e.text) < 40][:16]
+
+
+@pytest.fixture
+def vocab(tmp_path, reviews, ner_sentences):
+    texts = reviews[0] + reviews[1] + [e.text for e in ner_sentences] + ["好差"]
+    char_tokenizer(tmp_path, texts)
+    return tmp_path / "vocab.txt"
+
+
+def clue_dir(tmp_path, name, train, test, as_json=False):
+    """A CLUE task folder whose dev file is its train file: the loop must learn it."""
+    d = tmp_path / name
+    d.mkdir()
+    for split, records in (("train", train), ("dev", train), ("test", test)):
+        if as_json:
+            (d / f"{split}.json").write_text(json.dumps(records, ensure_ascii=False), "utf-8")
+        else:
+            jsonl(d / f"{split}.json", records)
+    return d
+
+
+def test_single_sentence_learns_writes_submission_and_evaluates(tmp_path, reviews, vocab):
+    pos, neg = reviews
+    train = [{"sentence": t, "label": "101"} for t in pos] + \
+        [{"sentence": t, "label": "100"} for t in neg]
+    test = [{"id": i, "sentence": t} for i, t in enumerate(pos[:3] + neg[:3])]
+    d = clue_dir(tmp_path, "tnews", train, test)
+    result = finetune("tnews", tmp_path / "run", tokenizer=vocab, data=d, **FAST)
+    run = result["runs"][0]
+    assert run["dev"]["accuracy"] >= 0.9
+    lines = [json.loads(x) for x in open(run["test_submission"], encoding="utf-8")]
+    assert [x["id"] for x in lines] == list(range(6))
+    assert all(x["label"] in ("100", "101") for x in lines)
+    again = evaluate(tmp_path / "run" / "seed-1" / "model", split="dev", data=d)
+    assert again["scores"] == pytest.approx(run["dev"])
+
+
+def test_pair_token_span_and_choice_learn(tmp_path, reviews, ner_sentences, vocab):
+    pos, neg = reviews
+    pairs = [{"sentence1": a, "sentence2": b, "label": "1"} for a, b in zip(pos, pos[1:])] + \
+        [{"sentence1": a, "sentence2": b, "label": "0"} for a, b in zip(pos, neg)]
+    types = {"PER": "name", "LOC": "address", "ORG": "organization"}
+    ner = [{"text": e.text, "label": {}} for e in ner_sentences]
+    for record, e in zip(ner, ner_sentences):
+        for s, t, kind in e.entities:
+            record["label"].setdefault(types[kind], {}).setdefault(e.text[s:t], []).append(
+                [s, t - 1])
+    qa = {"data": [{"paragraphs": [{"context": t, "qas": [{
+        "id": f"q{i}", "question": "好吗", "answers": [{"text": t[2:5], "answer_start": 2}]}]}
+        for i, t in enumerate(pos[:8])]}]}
+    c3 = []  # pick the positive snippet among 2 or 3 (padding), in either position
+    for i in range(12):
+        choices = [pos[i][:12], neg[i][:12]][::(-1) ** i] + ([neg[i - 1][:12]] if i % 3 == 0
+                                                              else [])
+        c3.append([["评论"], [{"question": "哪条是好评", "choice": choices,
+                              "answer": pos[i][:12]}], str(i)])
+    cases = [("afqmc", clue_dir(tmp_path, "afqmc", pairs, pairs[:2]), "accuracy", 0.9),
+             ("cluener", clue_dir(tmp_path, "cluener", ner, ner[:2]), "f1", 0.6),
+             ("cmrc2018", clue_dir(tmp_path, "cmrc", qa, qa, as_json=True), "f1", 0.6),
+             ("c3", _c3_dir(tmp_path, c3), "accuracy", 0.9)]
+    for name, d, metric, floor in cases:
+        settings = {**FAST, "epochs": 60} if name in ("cluener", "cmrc2018") else FAST
+        result = finetune(name, tmp_path / f"run-{name}", tokenizer=vocab, data=d,
+                          save_model=False, **settings)
+        assert result["runs"][0]["dev"][metric] >= floor, (name, result["runs"][0])
+
+
+def _c3_dir(tmp_path, c3):
+    d = tmp_path / "c3"
+    d.mkdir()
+    for name in ("d-train.json", "d-dev.json"):
+        (d / name).write_text(json.dumps(c3, ensure_ascii=False), "utf-8")
+    return d
+
+
+def test_seeds_checkpoint_hash_and_resume(tmp_path, reviews, vocab, capsys):
+    pos, neg = reviews
+    config = preset("tiny", vocab_size=512)
+    ckpt = save_pretrained(MaskedLM(config), tmp_path / "ckpt")
+    train = [{"sentence": t, "label": "101"} for t in pos] + \
+        [{"sentence": t, "label": "100"} for t in neg]
+    d = clue_dir(tmp_path, "tnews", train, [])
+    settings = {**FAST, "epochs": 1, "seeds": [1, 2]}
+    out = tmp_path / "run"
+    result = finetune("tnews", out, model=ckpt, tokenizer=vocab, data=d, **settings)
+    sha = sha256_file(ckpt / "model.safetensors")
+    assert result["model"]["sha256"] == sha and result["config"]["model_sha256"] == sha
+    assert [r["seed"] for r in result["runs"]] == [1, 2]
+    mean, std, n = result["summary"]["dev"]["accuracy"]
+    assert n == 2 and std >= 0
+    table = (out / "results.md").read_text("utf-8")
+    assert "| dev | accuracy |" in table and sha[:16] in table
+    stamp = (out / "seed-1" / "result.json").stat().st_mtime_ns
+    again = finetune("tnews", out, model=ckpt, tokenizer=vocab, data=d, **settings)
+    assert again["runs"] == result["runs"]
+    assert (out / "seed-1" / "result.json").stat().st_mtime_ns == stamp
+    assert "finished earlier" in capsys.readouterr().err
+
+
+def test_layer_decay_and_unfreezing(tmp_path):
+    model = build_head(Task("t", "single", labels=["a", "b"]), preset("tiny", vocab_size=50))
+    groups = optimizer_groups(model, 0.01, 0.5)
+    scales = sorted({g["lr_scale"] for g in groups})
+    assert scales == [0.125, 0.25, 0.5, 1.0]  # embeddings, block 0, block 1, head (2 layers)
+    emb = model.backbone.embeddings.word.weight
+    assert next(g["lr_scale"] for g in groups if any(p is emb for p in g["params"])) == 0.125
+    n_params = sum(p.numel() for g in groups for p in g["params"])
+    assert n_params == sum(p.numel() for p in model.parameters())
+    assert apply_unfreezing(model, 0.0, 0.5) == 1
+    assert not emb.requires_grad and model.head.classifier.weight.requires_grad
+    # 4 groups: group k from the top opens at k/3 of the unfreezing phase (0.5 of training)
+    assert apply_unfreezing(model, 0.17, 0.5) == 2 and apply_unfreezing(model, 0.34, 0.5) == 3
+    assert apply_unfreezing(model, 0.5, 0.5) == len(layer_groups(model)) and emb.requires_grad
+
+
+def test_unfreezing_keeps_embeddings_until_the_end(tmp_path, reviews, vocab):
+    pos, neg = reviews
+    train = [{"sentence": t, "label": "101"} for t in pos[:4]] + \
+        [{"sentence": t, "label": "100"} for t in neg[:4]]
+    d = clue_dir(tmp_path, "tnews", train, [])
+    config = preset("tiny", vocab_size=512)
+    ckpt = save_pretrained(MaskedLM(config), tmp_path / "ckpt")
+    finetune("tnews", tmp_path / "run", model=ckpt, tokenizer=vocab, data=d,
+             **{**FAST, "epochs": 4, "batch_size": 2}, unfreeze=1.0)
+    start = from_pretrained(ckpt)
+    tuned = from_pretrained(tmp_path / "run" / "seed-1" / "model")
+    # embeddings open only when progress reaches 1: they never train; the top block does
+    assert torch.equal(tuned.backbone.embeddings.word.weight,
+                       start.backbone.embeddings.word.weight)
+    assert not torch.equal(tuned.backbone.blocks[-1].ffn_norm.weight,
+                           start.backbone.blocks[-1].ffn_norm.weight)
+
+
+def test_aux_mlm_masks_only_real_tokens_and_trains_backbone(tmp_path, reviews, vocab):
+    tok, special = char_tokenizer(tmp_path, reviews[0])
+    task = Task("t", "single", labels=["a", "b"])
+    features = Featurizer(task, tok, special, 64)(
+        [Example(str(i), t, label=0) for i, t in enumerate(reviews[0][:8])])
+    batch = collate("single", features, special["pad"])
+    gen = torch.Generator().manual_seed(0)
+    masked, positions, labels = mask_for_mlm(batch["input_ids"], batch["attention_mask"],
+                                             special, tok.get_vocab_size(), 0.5, gen)
+    flat = batch["input_ids"].reshape(-1)
+    assert not torch.isin(flat[positions], torch.tensor([special["cls"], special["sep"],
+                                                         special["pad"]])).any()
+    assert torch.equal(labels, flat[positions]) and len(positions) > 0
+    model = build_head(task, preset("tiny", vocab_size=tok.get_vocab_size()))
+    mlm = MLMHead(model.config)
+    loss = aux_mlm_loss(model, mlm, batch, special, 0.15, gen)
+    assert torch.isfinite(loss) and abs(loss.item() - torch.log(torch.tensor(
+        float(tok.get_vocab_size())))) < 1.5  # an untrained LM is near uniform
+    loss.backward()
+    assert model.backbone.blocks[0].ffn_norm.weight.grad is not None
+
+
+def test_cli_runs_bundled_task_and_reports_errors(tmp_path, vocab, capsys):
+    for task in ("reviews-sentiment", "pd98-ner"):
+        out = tmp_path / task
+        code = main(["finetune", "--task", task, "--out", str(out), "--tokenizer", str(vocab),
+                     "--seeds", "1", "--epochs", "1", "--max-train", "64", "--max-eval", "32",
+                     "--no-progress", "--layer-lr-decay", "0.8", "--aux-mlm", "0.5"])
+        assert code == 0
+        result = json.loads((out / "results.json").read_text("utf-8"))
+        assert result["task"]["sizes"]["train_used"] == 64 and "test" in result["runs"][0]
+        assert result["config"]["aux_mlm"] == 0.5 and result["config"]["layer_lr_decay"] == 0.8
+        assert main(["evaluate", "--model", str(out / "seed-1" / "model"), "--split", "test",
+                     "--max-eval", "32"]) == 0
+        assert (out / "seed-1" / "model" / f"{task}_test_predictions.jsonl").is_file()
+    assert main(["finetune", "--task", "glue", "--out", str(out)]) == 1
+    assert "unknown task 'glue'" in capsys.readouterr().err

@@ -20,7 +20,7 @@ from motian.tasks.engine import (
     optimizer_groups,
 )
 from motian.tasks.features import Featurizer, collate
-from motian.tasks.finetune import evaluate, finetune, sha256_file
+from motian.tasks.finetune import evaluate, finetune, load_start, load_task, sha256_file
 from motian.tasks.types import Example, Task
 from tests.test_clue import jsonl
 from tests.test_tasks import char_tokenizer
@@ -136,6 +136,15 @@ def test_seeds_checkpoint_hash_and_resume(tmp_path, reviews, vocab, capsys):
     assert again["runs"] == result["runs"]
     assert (out / "seed-1" / "result.json").stat().st_mtime_ns == stamp
     assert "finished earlier" in capsys.readouterr().err
+    task = load_task("tnews", d)
+    loaded, info, mlm = load_start(task, ckpt, "tiny", 469)
+    control, control_info, _ = load_start(task, ckpt, "tiny", 469, random_init=True)
+    saved = from_pretrained(ckpt)
+    assert torch.equal(loaded.backbone.embeddings.word.weight, saved.backbone.embeddings.word.weight)
+    assert torch.equal(mlm["bias"], saved.mlm.bias)  # for the auxiliary MLM head
+    assert control.config == loaded.config and "sha256" not in control_info
+    assert not torch.equal(control.backbone.embeddings.word.weight,
+                           saved.backbone.embeddings.word.weight)
 
 
 def test_layer_decay_and_unfreezing(tmp_path):

@@ -105,8 +105,10 @@ def _backbone_state(state: dict[str, torch.Tensor], source: str) -> dict[str, to
 
 
 def load_start(task: Task, model: Path | None, preset: str, vocab_size: int,
-               ) -> tuple[nn.Module, dict, dict[str, torch.Tensor]]:
-    """(task model, description of its starting weights, MLM-head weights if any)."""
+               random_init: bool = False) -> tuple[nn.Module, dict, dict[str, torch.Tensor]]:
+    """(task model, description of its starting weights, MLM-head weights if any).
+    `random_init` keeps the checkpoint's shape but not its weights: the control arm of a
+    "does pretraining help" comparison."""
     if model is None:
         config = model_preset(preset, vocab_size=vocab_size)
         return build_head(task, config), {"source": f"random init ({preset})"}, {}
@@ -134,6 +136,8 @@ def load_start(task: Task, model: Path | None, preset: str, vocab_size: int,
         raise UserError(f"{model}: the tokenizer has {vocab_size} tokens but the model only "
                         f"{config.vocab_size}; use the tokenizer the model was trained with")
     head = build_head(task, config)
+    if random_init:  # no weights, hence no hash: the result does not depend on them
+        return head, {"source": f"random init, shape of {model}"}, {}
     report = load_weights(head, state, str(model), quiet=True)
     missing = [k for k in report.missing if k.startswith("backbone.")]
     if missing or report.mismatched:
@@ -222,7 +226,8 @@ def finetune(task: str, out: Path, model: Path | None = None, tokenizer: Path | 
              clip_norm: float = 1.0, layer_lr_decay: float = 1.0, unfreeze: float = 0.0,
              aux_mlm: float = 0.0, scheme: Literal["BIO", "BIOES"] = "BIO",
              max_train: int | None = None, max_eval: int | None = None,
-             save_model: bool = True, device: str = "auto", progress: bool = True) -> dict:
+             random_init: bool = False, save_model: bool = True, device: str = "auto",
+             progress: bool = True) -> dict:
     """Fine-tune a model on a task with several seeds; report dev/test mean ± std.
 
     Writes out/results.json, out/results.md and per seed out/seed-N/ (result.json, the model,
@@ -253,6 +258,8 @@ def finetune(task: str, out: Path, model: Path | None = None, tokenizer: Path | 
         scheme: tagging scheme for token tasks (pd98-seg always uses BIOES = BMES).
         max_train: use only the first N training examples.
         max_eval: use only the first N dev and test examples.
+        random_init: with --model, keep its shape and tokenizer but start from random weights
+            (the control for measuring what pretraining buys).
         save_model: keep each seed's fine-tuned model.
         device: auto, cpu or cuda.
         progress: show a progress bar.
@@ -266,10 +273,11 @@ def finetune(task: str, out: Path, model: Path | None = None, tokenizer: Path | 
     special = special_token_ids(tok)
     settings = TrainSettings(epochs, batch_size, lr, warmup, weight_decay, clip_norm,
                              layer_lr_decay, unfreeze, aux_mlm)
-    _, start_info, _ = load_start(the_task, model, preset, tok.get_vocab_size())
+    _, start_info, _ = load_start(the_task, model, preset, tok.get_vocab_size(), random_init)
     config = {"task": the_task.name, "model": str(model) if model else None,
               "model_sha256": start_info.get("sha256"), "tokenizer": str(tok_path),
-              "preset": None if model else preset, "max_length": max_length,
+              "preset": None if model else preset, "random_init": random_init,
+              "max_length": max_length,
               "scheme": the_task.scheme, "max_train": max_train, "max_eval": max_eval,
               **asdict(settings)}
     out = Path(out)
@@ -304,7 +312,8 @@ def _run_seed(task: Task, seed: int, seed_dir: Path, config: dict, settings: Tra
             return previous["result"]
     seed_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(seed)
-    model, _, mlm_state = load_start(task, model_path, preset, tok.get_vocab_size())
+    model, _, mlm_state = load_start(task, model_path, preset, tok.get_vocab_size(),
+                                     config["random_init"])
     model.to(device)
     mlm = None
     if settings.aux_mlm:

@@ -1,0 +1,157 @@
+"""Pretraining numbers for docs/pretrain.md.
+
+    python benchmarks/pretrain.py demo --data runs/demo/encoded --minutes 10 [--set optim.lr=0.002]
+    python benchmarks/pretrain.py recompute
+    python benchmarks/pretrain.py processes --data runs/demo/encoded
+
+demo: trains a recipe (default `demo`) for a wall-clock budget and prints held-out masked-token
+accuracy and loss before training (the step-0 evaluation, the same model untrained) and after,
+under the common evaluation. `--set a.b=value` changes one recipe field (YAML syntax), which is
+how each lever in docs/pretrain.md was measured.
+recompute: activation memory (bytes autograd saves for backward, counted with
+`saved_tensors_hooks`) and fwd+bwd time of the tiny preset with and without recomputation.
+processes: optimizer steps per second of the same run on 1 process and on 2 (torchrun, gloo).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+import yaml
+
+from motian.train.metrics import read_metrics
+from motian.train.recipe import _build, load_recipe, save_recipe, to_dict
+
+
+def with_settings(recipe_name: str, sets: list[str]):
+    """The recipe with `key.sub=value` overrides applied through its YAML form."""
+    data = to_dict(load_recipe(recipe_name))
+    for item in sets:
+        key, _, value = item.partition("=")
+        *parents, last = key.split(".")
+        node = data
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = yaml.safe_load(value)
+    from motian.train.recipe import Recipe
+
+    return _build(Recipe, data, "--set")
+
+
+def demo(args) -> None:
+    from motian.train.loop import fit
+    from motian.train.recipe import RunSettings
+
+    recipe = replace(with_settings(args.recipe, args.set), budget_minutes=args.minutes)
+    out = Path(args.out or tempfile.mkdtemp(prefix="motian-bench-"))
+    if out.exists() and args.out:
+        shutil.rmtree(out)
+    started = time.time()
+    summary = fit(recipe, RunSettings(device="cpu", threads=args.threads), Path(args.data), out,
+                  progress_bar=not args.quiet)
+    evals = read_metrics(out / "metrics.jsonl", "eval")
+    train = read_metrics(out / "metrics.jsonl", "train")
+    result = {"recipe": args.recipe, "set": args.set, "minutes": args.minutes,
+              "steps": summary["steps"], "tokens_seen": summary["tokens_seen"],
+              "wall_s": round(time.time() - started, 1),
+              "untrained": evals[0] if evals and evals[0]["step"] == 0 else None,
+              "final": summary["eval"],
+              "train_tokens_per_s": round(sum(r["tokens_per_s"] for r in train[-5:])
+                                          / max(len(train[-5:]), 1))}
+    print(json.dumps(result, indent=1))
+
+
+def recompute(args) -> None:
+    from motian.model import MaskedLM, preset
+
+    def measure(flag: bool) -> tuple[int, float]:
+        torch.manual_seed(0)
+        model = MaskedLM(preset("tiny", vocab_size=8000, checkpoint_activations=flag))
+        ids = torch.randint(5, 8000, (args.batch, args.seq_len))
+        positions = torch.randperm(args.batch * args.seq_len)[: args.batch * args.seq_len // 7]
+        labels = ids.reshape(-1)[positions]
+        saved = [0]
+
+        def pack(t):
+            saved[0] += t.numel() * t.element_size()
+            return t
+
+        # What forward leaves for backward (the activation memory held between them); with
+        # recomputation, backward briefly re-creates one block's activations on top of this.
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = model(ids, mlm_positions=positions, mlm_labels=labels).loss
+        loss.backward()
+        times = []
+        for _ in range(args.repeats):
+            t0 = time.perf_counter()
+            model(ids, mlm_positions=positions, mlm_labels=labels).loss.backward()
+            times.append(time.perf_counter() - t0)
+        return saved[0], sorted(times)[len(times) // 2]
+
+    (mem0, t0), (mem1, t1) = measure(False), measure(True)
+    print(json.dumps({"shape": f"tiny, batch {args.batch} x {args.seq_len}",
+                      "saved_MB": {"plain": round(mem0 / 2**20, 2),
+                                   "recompute": round(mem1 / 2**20, 2)},
+                      "memory_saved": f"{1 - mem1 / mem0:.0%}",
+                      "step_ms": {"plain": round(1e3 * t0, 1), "recompute": round(1e3 * t1, 1)},
+                      "time_cost": f"{t1 / t0 - 1:+.0%}"}, indent=1))
+
+
+def processes(args) -> None:
+    tmp = Path(tempfile.mkdtemp(prefix="motian-procs-"))
+    recipe = replace(load_recipe(args.recipe), budget_minutes=0, steps=args.steps,
+                     checkpoint_every=0, eval=replace(load_recipe(args.recipe).eval, every=0))
+    save_recipe(recipe, tmp / "r.yaml")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    common = ["-m", "motian.cli", "pretrain", "--recipe", str(tmp / "r.yaml"), "--data",
+              args.data, "--device", "cpu", "--no-progress", "--micro-batch",
+              str(recipe.stages[0].global_batch // 2)]
+    torchrun = str(Path(sys.executable).parent / "torchrun")
+    results = {}
+    for n, cmd in ((1, [sys.executable, *common, "--threads", "2"]),
+                   (2, [torchrun, "--standalone", "--nproc_per_node", "2", *common,
+                        "--threads", "1"])):
+        subprocess.run([*cmd, "--out", str(tmp / f"p{n}")], env=env, check=True,
+                       capture_output=True)
+        summary = json.loads((tmp / f"p{n}" / "summary.json").read_text())
+        results[f"{n} process(es)"] = round(summary["steps"] / summary["seconds"], 2)
+    print(json.dumps({"recipe": args.recipe, "steps": args.steps, "steps_per_s": results},
+                     indent=1))
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="what", required=True)
+    p = sub.add_parser("demo")
+    p.add_argument("--data", default="runs/demo/encoded")
+    p.add_argument("--recipe", default="demo")
+    p.add_argument("--minutes", type=float, default=10.0)
+    p.add_argument("--set", action="append", default=[])
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--out", default="")
+    p.add_argument("--quiet", action="store_true")
+    p = sub.add_parser("recompute")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=5)
+    p = sub.add_parser("processes")
+    p.add_argument("--data", default="runs/demo/encoded")
+    p.add_argument("--recipe", default="demo")
+    p.add_argument("--steps", type=int, default=30)
+    args = parser.parse_args()
+    {"demo": demo, "recompute": recompute, "processes": processes}[args.what](args)
+
+
+if __name__ == "__main__":
+    main()

@@ -173,7 +173,7 @@ def pick_device(device: str) -> torch.device:
 # --------------------------------------------------------------------------- the verbs
 
 
-def _subset(examples: list[Example], limit: int | None) -> list[Example]:
+def subset(examples: list[Example], limit: int | None) -> list[Example]:
     """`limit` examples chosen by a hash of their ids (a stable pseudo-random sample: the
     bundled splits are in file order, whose head is all one label or one month's first days),
     kept in their original order."""
@@ -283,7 +283,7 @@ def finetune(task: str, out: Path, model: Path | None = None, tokenizer: Path | 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     featurize = Featurizer(the_task, tok, special, max_length)
-    train_examples = _subset(the_task.splits["train"], max_train)
+    train_examples = subset(the_task.splits["train"], max_train)
     train_features = featurize(train_examples)
     runs = []
     for seed in seeds:
@@ -325,7 +325,7 @@ def _run_seed(task: Task, seed: int, seed_dir: Path, config: dict, settings: Tra
                   special, mlm, _progress_printer(progress, seed))
     result: dict = {"seed": seed, "train_seconds": round(time.perf_counter() - t0, 2), **stats}
     for split in ("dev", "test"):
-        examples = _subset(task.splits.get(split, []), max_eval)
+        examples = subset(task.splits.get(split, []), max_eval)
         if not examples:
             continue
         scores, submission = _evaluate_split(model, task, split, examples, featurize,
@@ -375,7 +375,7 @@ def evaluate(model: Path, split: Literal["train", "dev", "test"] = "dev",
     if task.labels != meta["labels"]:
         raise UserError(f"{model}: trained with labels {meta['labels']} but the task now has "
                         f"{task.labels}")
-    examples = _subset(task.splits.get(split, []), max_eval)
+    examples = subset(task.splits.get(split, []), max_eval)
     if not examples:
         raise UserError(f"{task.name}: no {split} split found")
     tok = load_tokenizer(model / "tokenizer.json")

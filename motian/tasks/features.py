@@ -50,7 +50,12 @@ class Featurizer:
 
     def __init__(self, task: Task, tokenizer: Tokenizer, special: dict[str, int],
                  max_length: int = 128):
-        self.task, self.tok, self.max_length = task, tokenizer, max_length
+        # A private copy without the tokenizer.json's own truncation/padding: windows and
+        # truncation are decided here, on the full token sequence.
+        self.tok = Tokenizer.from_str(tokenizer.to_str())
+        self.tok.no_truncation()
+        self.tok.no_padding()
+        self.task, self.max_length = task, max_length
         self.cls, self.sep, self.pad = special["cls"], special["sep"], special["pad"]
         self.tags = tag_names(task.labels, task.scheme) if task.type == "token" else []
         self.tag_ids = {t: i for i, t in enumerate(self.tags)}

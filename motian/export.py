@@ -236,7 +236,7 @@ def _check_example(task_type: str, i: int, rows: list[str]) -> Example:
 
 
 def torch_outputs(model: nn.Module, batch: dict[str, Tensor]) -> dict[str, np.ndarray]:
-    with torch.no_grad():
+    with torch.inference_mode():
         return {k: v.float().numpy() for k, v in named_outputs(model.eval(), batch).items()}
 
 

@@ -147,3 +147,16 @@ def test_bad_checkpoint_and_missing_tokenizer_are_user_errors(tmp_path, review_t
     with pytest.raises(UserError, match="--tokenizer"):
         export(ckpt, tmp_path / "out")
     assert not (tmp_path / "out").exists()  # nothing half-written
+
+
+def test_cli_export_verb(tmp_path, review_tokenizer, capsys):
+    from motian.cli import main
+
+    ckpt = tiny_checkpoint(tmp_path / "ckpt", "TokenClassification", review_tokenizer,
+                           position="alibi")
+    assert main(["export", "--checkpoint", str(ckpt), "--out", str(tmp_path / "out"),
+                 "--format", "onnx", "--opset", "17"]) == 0
+    assert "onnx vs PyTorch on real text" in capsys.readouterr().out
+    assert main(["export", "--checkpoint", str(tmp_path / "nope"), "--out",
+                 str(tmp_path / "x")]) == 1
+    assert "nope" in capsys.readouterr().err

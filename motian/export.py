@@ -49,6 +49,7 @@ from motian.tasks.types import Example, Task, tag_names
 
 ONNX_FILE = "model.onnx"
 MANIFEST = "export.json"
+TASK_FILE = "task.json"
 TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json",
                    "special_tokens_map.json")
 EXPORT_LENGTH = 16  # sequence length of the traced example; checks run at other lengths
@@ -278,8 +279,11 @@ def check_hf(model: nn.Module, directory: Path, batches: list[dict[str, Tensor]]
     """Load the exported directory with `transformers` (trust_remote_code for motian's own
     code) and compare its outputs at real (unpadded) positions: BERT's QA head does not push
     padding to -1e4 as motian's does, and no one reads a padding position's output."""
-    import transformers
-
+    try:
+        import transformers
+    except ImportError:
+        raise UserError("checking the Hugging Face export needs transformers: pip install "
+                        "'motian[hf]' (or export with --no-check)") from None
     config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
     if "auto_map" in config:
         auto = next(k for k in config["auto_map"] if k != "AutoConfig")
@@ -316,18 +320,25 @@ def _zero_padding(model: nn.Module, outputs: dict[str, np.ndarray],
     return out
 
 
-def output_labels(meta: dict) -> list[str] | None:
-    """Names of a classifier's outputs from a checkpoint's config.json: `task` (written by
-    fine-tuning: {"type", "labels", "scheme"}; token tasks name entity types, from which the
-    tag names are derived) or a Hugging Face style `id2label`."""
-    task = meta.get("task") or {}
+def read_task(directory: Path) -> dict:
+    """The task.json `motian finetune` saves beside a fine-tuned model ({"type", "labels",
+    "scheme", "max_length", ...}); {} for a model that was not fine-tuned."""
+    path = Path(directory) / TASK_FILE
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+
+
+def output_labels(task: dict) -> list[str] | None:
+    """Names of a classifier's outputs: the task's class names, or for token tasks the tag
+    names derived from its entity types and scheme (O, B-PER, I-PER, ...)."""
     if task.get("type") == "token":
         return tag_names(list(task.get("labels") or []), task.get("scheme", "BIO"))
     if task.get("type") in ("single", "pair") and task.get("labels"):
         return list(task["labels"])
-    id2label = meta.get("id2label")
-    if isinstance(id2label, dict) and id2label:
-        return [id2label[k] for k in sorted(id2label, key=int)]
     return None
 
 
@@ -343,15 +354,13 @@ def _name_hf_labels(directory: Path, labels: list[str]) -> None:
 
 
 def find_tokenizer(checkpoint: Path, tokenizer: Path | None) -> Path:
-    """The tokenizer given, else the one saved in the checkpoint directory."""
-    if tokenizer is not None:
-        load_tokenizer(tokenizer)  # fails early with a clear message
-        return Path(tokenizer)
-    if any((checkpoint / n).is_file() for n in ("tokenizer.json", "vocab.txt")):
-        return checkpoint
-    raise UserError(f"{checkpoint}: no tokenizer.json or vocab.txt in the checkpoint; give the "
-                    "vocabulary the model was trained with: --tokenizer DIR (the output of "
-                    "`motian tokenizer`)")
+    """The tokenizer given, else the one fine-tuning saved with the model (or `motian prepare`
+    next to it): the lookup `motian finetune` / `evaluate` use, so all verbs agree."""
+    from motian.tasks.finetune import find_tokenizer as lookup  # the training engine: lazily
+
+    found = lookup(tokenizer, checkpoint)
+    load_tokenizer(found)  # fails early, naming the file, if it is not a tokenizer
+    return found
 
 
 def copy_tokenizer(source: Path, out: Path) -> None:
@@ -363,8 +372,9 @@ def copy_tokenizer(source: Path, out: Path) -> None:
 
 
 def _copy_checkpoint(checkpoint: Path, out: Path) -> None:
-    for name in ("config.json", "model.safetensors"):
-        if (checkpoint / name).resolve() != (out / name).resolve():
+    for name in ("config.json", "model.safetensors", TASK_FILE):
+        if (checkpoint / name).is_file() and \
+                (checkpoint / name).resolve() != (out / name).resolve():
             shutil.copyfile(checkpoint / name, out / name)
 
 
@@ -396,15 +406,15 @@ def export(checkpoint: Path, out: Path, format: Literal["onnx", "hf", "both"] = 
     out.mkdir(parents=True, exist_ok=True)
     _copy_checkpoint(checkpoint, out)
     copy_tokenizer(tokenizer_dir, out)
-    meta = json.loads((checkpoint / "config.json").read_text(encoding="utf-8"))
-    manifest = {"kind": "export", "source": str(checkpoint), "head": type(model).__name__,
-                "inputs": list(input_names(model)), "outputs": list(OUTPUTS[meta["head"]]),
+    head = type(model).__name__
+    manifest = {"kind": "export", "source": str(checkpoint), "head": head,
+                "inputs": list(input_names(model)), "outputs": list(OUTPUTS[head]),
                 "opset": opset, "tolerance": tolerance, "torch": torch.__version__}
     if format in ("onnx", "both"):
         manifest["onnx"] = _export_onnx_checked(model, out, opset, batches, tolerance)
     if format in ("hf", "both"):
         manifest["hf"] = _export_hf_checked(model, out / "hf", tokenizer_dir, batches,
-                                            tolerance, output_labels(meta))
+                                            tolerance, output_labels(read_task(checkpoint)))
     write_json_atomic(out / MANIFEST, manifest)
     return manifest
 

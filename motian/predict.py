@@ -16,8 +16,8 @@ head reads:
 
 An input "id" is copied to its output. Texts are laid out for the model by the same code as
 fine-tuning (`motian.tasks.features`), so a served model sees exactly what it was trained on.
-Label names come from the checkpoint's config.json (`task` written by fine-tuning, or
-`id2label`), else LABEL_i.
+Label names come from the task.json `motian finetune` saves beside the model (class names,
+or entity types and tagging scheme), else LABEL_i.
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ from motian.export import (
     input_names,
     onnx_session,
     output_labels,
+    read_task,
     run_session,
 )
 from motian.export import torch_outputs as run_torch
@@ -74,8 +75,9 @@ class Predictor:
 
 
 def load_predictor(model: Path, backend: Backend = "torch", tokenizer: Path | None = None,
-                   max_length: int = 128, threads: int = 0) -> Predictor:
-    """Load `model` (a `motian export` directory, or any motian checkpoint for torch)."""
+                   max_length: int | None = None, threads: int = 0) -> Predictor:
+    """Load `model` (a `motian export` directory, or any motian checkpoint for torch).
+    `max_length` defaults to the length the model was fine-tuned at (task.json), else 128."""
     model = Path(model)
     meta_path = model / "config.json"
     if not meta_path.is_file():
@@ -100,7 +102,9 @@ def load_predictor(model: Path, backend: Backend = "torch", tokenizer: Path | No
             torch.set_num_threads(threads)
         config, names = torch_model.config, input_names(torch_model)
         run = lambda batch: run_torch(torch_model, batch)  # noqa: E731
-    return Predictor(meta["head"], config, tok, special_token_ids(tok), output_labels(meta),
+    task = read_task(model)
+    max_length = max_length or task.get("max_length") or 128
+    return Predictor(meta["head"], config, tok, special_token_ids(tok), output_labels(task),
                      run, min(max_length, config.max_positions), names)
 
 
@@ -334,7 +338,7 @@ def _write(results: Iterable[dict], out: Path | None) -> int:
 
 
 def predict(model: Path, inputs: Path | None = None, out: Path | None = None,
-            backend: Backend = "torch", batch_size: int = 32, max_length: int = 128,
+            backend: Backend = "torch", batch_size: int = 32, max_length: int | None = None,
             top_k: int = 5, tokenizer: Path | None = None, threads: int = 0) -> int:
     """Batch inference with any motian head: JSON lines (or plain text lines) in, JSON lines out.
 
@@ -349,7 +353,8 @@ def predict(model: Path, inputs: Path | None = None, out: Path | None = None,
         out: file to write the JSON lines to; stdout when not given.
         backend: torch (PyTorch) or onnx (onnxruntime, needs model.onnx from `motian export`).
         batch_size: examples per forward pass.
-        max_length: longest input in tokens (longer texts are cut; span contexts are windowed).
+        max_length: longest input in tokens (longer texts are cut; span contexts are
+            windowed); default: the fine-tuning length from task.json, else 128.
         top_k: masked / causal LMs: how many candidate tokens to list.
         tokenizer: the model's tokenizer, when the directory holds none.
         threads: CPU threads (0: the backend's default).

@@ -160,3 +160,13 @@ def test_cli_export_verb(tmp_path, review_tokenizer, capsys):
     assert main(["export", "--checkpoint", str(tmp_path / "nope"), "--out",
                  str(tmp_path / "x")]) == 1
     assert "nope" in capsys.readouterr().err
+
+
+def test_hf_export_names_labels_from_task_json(tmp_path, review_tokenizer):
+    ckpt = tiny_checkpoint(tmp_path / "ckpt", "SequenceClassification", review_tokenizer)
+    (ckpt / "task.json").write_text(json.dumps({"type": "single",
+                                                "labels": ["neg", "pos", "mixed"]}))
+    export(ckpt, tmp_path / "out", format="hf")
+    hf = json.loads((tmp_path / "out" / "hf" / "config.json").read_text())
+    assert hf["id2label"] == {"0": "neg", "1": "pos", "2": "mixed"}
+    assert (tmp_path / "out" / "task.json").is_file() and not (tmp_path / "out" / "model.onnx").exists()

@@ -43,9 +43,8 @@ RECORDS = {
 def serve_dir(tmp_path, head, tokenizer, task=None):
     ckpt = tiny_checkpoint(tmp_path / f"ckpt-{head}", head, tokenizer,
                            **({"num_labels": 7} if head == "TokenClassification" else {}))
-    if task is not None:  # what fine-tuning records: the task type and its label names
-        meta = json.loads((ckpt / "config.json").read_text())
-        (ckpt / "config.json").write_text(json.dumps(meta | {"task": task}))
+    if task is not None:  # what `motian finetune` saves beside the model
+        (ckpt / "task.json").write_text(json.dumps(task))
     export(ckpt, tmp_path / f"serve-{head}", check=False)
     return tmp_path / f"serve-{head}"
 
@@ -115,9 +114,11 @@ def test_label_names_come_from_the_checkpoint(tmp_path, review_tokenizer):
         assert entity["type"] in ("PER", "LOC", "ORG")
         assert entity["text"] == "江泽民在北京"[entity["start"]:entity["end"]]
     directory = serve_dir(tmp_path, "SequenceClassification", review_tokenizer,
-                          task={"type": "single", "labels": ["neg", "pos", "neutral"]})
+                          task={"type": "single", "labels": ["neg", "pos", "neutral"],
+                                "max_length": 64})
     (result,) = run_both(directory, [{"text": "很好"}])[0]
     assert set(result["probs"]) == {"neg", "pos", "neutral"}
+    assert load_predictor(directory, "onnx").max_length == 64  # the fine-tuning length
 
 
 def test_predict_file_and_fill_mask_verbs(tmp_path, review_tokenizer):

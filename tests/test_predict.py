@@ -164,3 +164,24 @@ def test_bad_input_and_bad_model_are_named(tmp_path, review_tokenizer):
     ckpt = tmp_path / "ckpt-SpanExtraction"  # a checkpoint, not exported: no model.onnx
     with pytest.raises(UserError, match="no model.onnx"):
         load_predictor(ckpt, "onnx")
+
+
+def test_serves_a_fine_tuned_model_as_evaluate_scores_it(tmp_path, review_tokenizer):
+    """The contract with `motian finetune`: its saved model (task.json, tokenizer.json) exports
+    and serves with no other input, and both backends predict exactly what `motian evaluate`
+    predicts for the same examples."""
+    from motian.tasks.builtin import load_builtin
+    from motian.tasks.finetune import evaluate, finetune
+
+    finetune("reviews-sentiment", tmp_path / "ft", tokenizer=review_tokenizer, seeds=[1],
+             epochs=1, max_train=200, max_eval=60, lr=1e-3, progress=False)
+    model = tmp_path / "ft" / "seed-1" / "model"
+    evaluate(model, split="test", max_eval=60, out=tmp_path / "ev")
+    (scored,) = (tmp_path / "ev").glob("*.jsonl")
+    chosen = [json.loads(line) for line in scored.read_text().splitlines()]
+    task = load_builtin("reviews-sentiment")
+    text = {e.guid: e.text for e in task.splits["test"]}
+    export(model, tmp_path / "serve")
+    records = [{"id": c["id"], "text": text[c["id"]]} for c in chosen]
+    for outputs in run_both(tmp_path / "serve", records):
+        assert [o["label"] for o in outputs] == [task.labels[c["prediction"]] for c in chosen]

@@ -16,9 +16,10 @@ Both backends get the same number of threads, and the two run interleaved, batch
 load from other processes on a shared machine hits both alike; the load average is printed
 before and after. Random weights time exactly like trained ones (no early exits anywhere).
 
-The rows are (model, backend) pairs from `models()`; the teacher-vs-student comparison of the
-distillation work adds rows there (a student directory is one more `--checkpoint`) and an
-accuracy column from the evaluation of the same directory.
+A checkpoint fine-tuned on reviews-sentiment (its task.json says so) also gets its accuracy on
+the whole test split from each backend. The rows are (model, threads, backend); the
+teacher-vs-student comparison of the distillation work adds rows the same way (a teacher and
+its student are two more `--checkpoint`s) and a compute column.
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ from motian.data.sources import iter_reviews
 from motian.data.tokenizer import train_tokenizer
 from motian.export import export
 from motian.model import SequenceClassification, count_parameters, preset, save_pretrained
-from motian.predict import load_predictor
+from motian.predict import iter_predictions, load_predictor
+from motian.tasks.builtin import load_builtin
 from motian.tasks.features import Featurizer, collate
 from motian.tasks.types import Example, Task
 
@@ -74,6 +76,18 @@ def batches(predictor, texts: list[str], size: int, max_length: int) -> list[dic
              if k in predictor.input_names} for i in range(0, len(features), size)]
 
 
+def accuracy(predictor) -> float | None:
+    """Accuracy on the whole reviews-sentiment test split (1,776 reviews, sorted by label, so
+    no prefix of it is a fair sample) for a model fine-tuned on that task (its task.json says
+    so); None for any other model."""
+    if predictor.task.get("name") != "reviews-sentiment":
+        return None
+    task = load_builtin("reviews-sentiment")
+    test = task.splits["test"]
+    out = iter_predictions(predictor, ((e.guid, {"text": e.text}) for e in test))
+    return sum(o["label"] == task.labels[e.label] for o, e in zip(out, test)) / len(test)
+
+
 def measure(serving: Path, texts: list[str], threads: int, max_length: int) -> dict:
     """{backend: {p50_ms, p99_ms, throughput}} for one exported model at `threads` threads."""
     torch.set_num_threads(threads)
@@ -97,7 +111,9 @@ def measure(serving: Path, texts: list[str], threads: int, max_length: int) -> d
             busy[name] += time.perf_counter() - start
     return {name: {"p50_ms": 1e3 * statistics.median(latency[name]),
                    "p99_ms": 1e3 * float(np.percentile(latency[name], 99)),
-                   "throughput": len(texts) / busy[name]} for name in BACKENDS}
+                   "throughput": len(texts) / busy[name],
+                   "accuracy": accuracy(predictors[name])}
+            for name in BACKENDS}
 
 
 def main() -> None:
@@ -138,12 +154,13 @@ def print_table(rows: list, args, load: tuple[float, ...]) -> None:
           f"{load[0]:.2f}, after {os.getloadavg()[0]:.2f}")
     print(f"{args.examples} bundled reviews, max_length {args.max_length}\n")
     print("| model | threads | backend | p50 ms (batch 1) | p99 ms (batch 1) | "
-          "examples/s (batch 32) |")
-    print("|---|---:|---|---:|---:|---:|")
+          "examples/s (batch 32) | reviews-sentiment test acc. |")
+    print("|---|---:|---|---:|---:|---:|---:|")
     for name, threads, result in rows:
         for backend, r in result.items():
+            acc = "—" if r["accuracy"] is None else f"{100 * r['accuracy']:.2f}"
             print(f"| {name} | {threads} | {backend} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | "
-                  f"{r['throughput']:.0f} |")
+                  f"{r['throughput']:.0f} | {acc} |")
     print("\nonnxruntime vs PyTorch (p50 latency ratio torch/onnx, throughput ratio onnx/torch):")
     for name, threads, r in rows:
         print(f"  {name}, {threads} thread(s): latency {r['torch']['p50_ms'] / r['onnx']['p50_ms']:.2f}x, "

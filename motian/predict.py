@@ -72,6 +72,7 @@ class Predictor:
     run: Callable[[dict[str, Tensor]], dict[str, np.ndarray]]
     max_length: int
     input_names: tuple[str, ...]
+    task: dict  # task.json of a fine-tuned model ({} otherwise)
 
 
 def load_predictor(model: Path, backend: Backend = "torch", tokenizer: Path | None = None,
@@ -105,7 +106,7 @@ def load_predictor(model: Path, backend: Backend = "torch", tokenizer: Path | No
     task = read_task(model)
     max_length = max_length or task.get("max_length") or 128
     return Predictor(meta["head"], config, tok, special_token_ids(tok), output_labels(task),
-                     run, min(max_length, config.max_positions), names)
+                     run, min(max_length, config.max_positions), names, task)
 
 
 # --------------------------------------------------------------------------- input

@@ -132,6 +132,33 @@ def test_masked_lm_compact_labels_match_hf_form_and_full_logits():
     torch.testing.assert_close(compact.loss, expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("norm,position", [("post", "absolute"), ("pre", "t5"),
+                                           ("pre", "nezha")])
+def test_last_block_at_masked_rows_only_gives_the_same_loss_and_gradients(norm, position):
+    """With `mlm_positions` the backbone runs its last block's output projection and FFN at
+    the masked rows only: loss and every gradient equal those of the full computation."""
+    torch.manual_seed(0)
+    model = PreTrainingModel(tiny(norm=norm, position=position, dropout=0.0,
+                                  attention_dropout=0.0))
+    x, mask = ids(2, 12), torch.ones(2, 12, dtype=torch.long)
+    mask[1, 9:] = 0
+    positions, pair = torch.tensor([1, 5, 13, 20]), torch.tensor([1, 0])
+    sparse = model(x, mask, mlm_positions=positions, mlm_labels=x.view(-1)[positions],
+                   pair_labels=pair)
+    sparse.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    full = model(x, mask, pair_labels=pair)  # (B, L, vocab) everywhere
+    assert full.hidden_states.shape == (2, 12, 32) and sparse.hidden_states.shape == (6, 32)
+    mlm = torch.nn.functional.cross_entropy(full.logits.reshape(-1, V)[positions],
+                                            x.view(-1)[positions])
+    (mlm + full.losses["pair"]).backward()
+    torch.testing.assert_close(sparse.losses["mlm"], mlm)
+    torch.testing.assert_close(sparse.pair_logits, full.pair_logits)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(grads[n], p.grad, atol=1e-6, rtol=1e-4, msg=n)
+
+
 def test_batch_without_masked_tokens_gives_zero_loss_not_nan():
     model = MaskedLM(tiny())
     out = model(ids(), mlm_positions=torch.zeros(0, dtype=torch.long),

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from motian.errors import UserError
 from motian.model.config import ModelConfig
+from motian.model.dropout import Dropout
 from motian.model.transformer import MotianModel, init_weights
 
 
@@ -59,18 +60,17 @@ def compact_mlm_labels(labels: Tensor) -> tuple[Tensor, Tensor]:
     return positions, flat[positions]
 
 
-def masked_lm_logits(model: MaskedLM | PreTrainingModel, h: Tensor,
-                     mlm_positions: Tensor | None) -> Tensor:
-    """MLM logits at the masked positions only, (N, vocab), or everywhere (B, L, vocab).
+def masked_lm_logits(model: MaskedLM | PreTrainingModel, h: Tensor) -> Tensor:
+    """MLM logits of the hidden states `h`: (N, hidden) at the masked positions -> (N, vocab),
+    or (B, L, hidden) -> (B, L, vocab).
 
     The output layer is hidden x vocab per position; computing it only where a loss is taken
     (~15% of tokens) is the largest single saving of an MLM step at small hidden sizes (measured
-    in benchmarks/mlm_head.py, as in cramming). h: (B, L, hidden); mlm_positions index B * L.
+    in benchmarks/mlm_head.py, as in cramming). The heads go one step further and ask the
+    backbone for the masked rows only (`output_positions`), so the last block's output
+    projection and FFN are skipped elsewhere too (benchmarks/train_step.py).
     """
-    embedding = model.backbone.embeddings.word.weight
-    if mlm_positions is not None:
-        h = h.reshape(-1, h.shape[-1])[mlm_positions]  # (N, hidden)
-    return model.mlm(h, embedding)
+    return model.mlm(h, model.backbone.embeddings.word.weight)
 
 
 def mlm_loss(logits: Tensor, labels: Tensor) -> Tensor:
@@ -92,8 +92,11 @@ class _Backbone(nn.Module):
 
     def encode(self, input_ids: Tensor, attention_mask: Tensor | None = None,
                token_type_ids: Tensor | None = None, position_ids: Tensor | None = None,
-               document_ids: Tensor | None = None) -> Tensor:
-        return self.backbone(input_ids, attention_mask, token_type_ids, position_ids, document_ids)
+               document_ids: Tensor | None = None,
+               output_positions: Tensor | None = None) -> Tensor:
+        """Hidden states (B, L, hidden), or (N, hidden) at `output_positions` (flat into B * L)."""
+        return self.backbone(input_ids, attention_mask, token_type_ids, position_ids, document_ids,
+                             output_positions)
 
     def _init_head(self) -> None:
         for name, child in self.named_children():
@@ -103,7 +106,8 @@ class _Backbone(nn.Module):
 
 class MaskedLM(_Backbone):
     """Masked language model. `logits` is (N, vocab) at `mlm_positions`, or (B, L, vocab) when no
-    positions are given; HF-style `labels` (B, L) with -100 are converted to the compact form."""
+    positions are given; HF-style `labels` (B, L) with -100 are converted to the compact form.
+    `hidden_states` is then (N, hidden), the masked rows only (see `MotianModel.forward`)."""
 
     def __init__(self, config: ModelConfig):
         super().__init__(config)
@@ -114,10 +118,11 @@ class MaskedLM(_Backbone):
                 token_type_ids: Tensor | None = None, position_ids: Tensor | None = None,
                 document_ids: Tensor | None = None, mlm_positions: Tensor | None = None,
                 mlm_labels: Tensor | None = None, labels: Tensor | None = None) -> ModelOutput:
-        h = self.encode(input_ids, attention_mask, token_type_ids, position_ids, document_ids)
         if labels is not None:
             mlm_positions, mlm_labels = compact_mlm_labels(labels)
-        logits = masked_lm_logits(self, h, mlm_positions)
+        h = self.encode(input_ids, attention_mask, token_type_ids, position_ids, document_ids,
+                        mlm_positions)  # (N, hidden), or (B, L, hidden) without positions
+        logits = masked_lm_logits(self, h)
         out = ModelOutput(logits=logits, hidden_states=h)
         if mlm_labels is not None:
             out.loss = out.losses["mlm"] = mlm_loss(logits, mlm_labels)
@@ -130,7 +135,7 @@ class ClassifierHead(nn.Module):
     def __init__(self, config: ModelConfig, num_labels: int):
         super().__init__()
         self.pooler = nn.Linear(config.hidden, config.hidden)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = Dropout(config.dropout)
         self.classifier = nn.Linear(config.hidden, num_labels)
 
     def forward(self, h: Tensor) -> Tensor:
@@ -140,7 +145,9 @@ class ClassifierHead(nn.Module):
 
 class PreTrainingModel(_Backbone):
     """MLM + a pair task from [CLS] (sentence order, query-title click, or BERT's NSP).
-    `losses` = {"mlm": ..., "pair": ...} unweighted; `loss` is their plain sum."""
+    `losses` = {"mlm": ..., "pair": ...} unweighted; `loss` is their plain sum. With
+    `mlm_positions`, the backbone computes its last block at the B [CLS] rows and the N masked
+    rows only, and `hidden_states` is those rows, (B + N, hidden)."""
 
     def __init__(self, config: ModelConfig, num_pair_labels: int = 2):
         super().__init__(config, num_pair_labels=num_pair_labels)
@@ -153,11 +160,17 @@ class PreTrainingModel(_Backbone):
                 document_ids: Tensor | None = None, mlm_positions: Tensor | None = None,
                 mlm_labels: Tensor | None = None, pair_labels: Tensor | None = None,
                 labels: Tensor | None = None) -> ModelOutput:
-        h = self.encode(input_ids, attention_mask, token_type_ids, position_ids, document_ids)
         if labels is not None:
             mlm_positions, mlm_labels = compact_mlm_labels(labels)
-        out = ModelOutput(logits=masked_lm_logits(self, h, mlm_positions), hidden_states=h,
-                          pair_logits=self.pair(h))
+        B, L = input_ids.shape
+        rows = None
+        if mlm_positions is not None:  # [CLS] of every row, then the masked positions
+            rows = torch.cat([torch.arange(B, device=input_ids.device) * L, mlm_positions])
+        h = self.encode(input_ids, attention_mask, token_type_ids, position_ids, document_ids,
+                        rows)  # (B + N, hidden), or (B, L, hidden) without positions
+        cls, masked = (h[:, :1], h) if rows is None else (h[:B, None], h[B:])
+        out = ModelOutput(logits=masked_lm_logits(self, masked), hidden_states=h,
+                          pair_logits=self.pair(cls))
         if mlm_labels is not None:
             out.losses["mlm"] = mlm_loss(out.logits, mlm_labels)
         if pair_labels is not None:
@@ -195,7 +208,7 @@ class TokenClassification(_Backbone):
 
     def __init__(self, config: ModelConfig, num_labels: int = 2):
         super().__init__(config, num_labels=num_labels)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = Dropout(config.dropout)
         self.classifier = nn.Linear(config.hidden, num_labels)
         self._init_head()
 

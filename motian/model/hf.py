@@ -291,7 +291,7 @@ def motian_to_bert(state: dict[str, Tensor], head: str, layers: int) -> dict[str
     return out
 
 
-REMOTE_SOURCES = ("config.py", "positions.py", "transformer.py", "heads.py", "hf_remote.py")
+REMOTE_SOURCES = ("config.py", "dropout.py", "positions.py", "transformer.py", "heads.py", "hf_remote.py")
 
 
 def modeling_source() -> str:

@@ -23,10 +23,10 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from motian.model.config import ModelConfig
+from motian.model.dropout import dropout
 
 
 def sinusoid(positions: Tensor, dim: int, base: float = 10000.0) -> Tensor:
@@ -183,7 +183,7 @@ def nezha_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, index:
     scores = scores / math.sqrt(q.shape[-1])
     if mask is not None:
         scores = scores + mask
-    probs = F.dropout(scores.softmax(dim=-1), p=dropout_p)  # (B, h, L, L)
+    probs = dropout(scores.softmax(dim=-1), dropout_p, training=True)  # (B, h, L, L)
     per_distance = torch.zeros(*probs.shape[:-1], table.shape[0], dtype=probs.dtype,
                                device=probs.device).scatter_add_(-1, index, probs)
     return probs @ v + per_distance @ table  # (B, h, L, d)

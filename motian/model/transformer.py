@@ -20,6 +20,7 @@ from torch.utils.checkpoint import checkpoint
 
 from motian.errors import UserError
 from motian.model.config import ModelConfig
+from motian.model.dropout import Dropout, dropout
 from motian.model.positions import (
     T5Bias,
     TupeBias,
@@ -47,7 +48,7 @@ class Embeddings(nn.Module):
         self.token_type = (nn.Embedding(config.type_vocab_size, config.hidden)
                            if config.type_vocab_size > 0 else None)
         self.norm = nn.LayerNorm(config.hidden, eps=config.layer_norm_eps)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = Dropout(config.dropout)
 
     def forward(self, input_ids: Tensor, token_type_ids: Tensor | None,
                 position_ids: Tensor) -> Tensor:
@@ -84,7 +85,9 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(config.hidden, 3 * config.hidden)
         self.out = nn.Linear(config.hidden, config.hidden)
 
-    def forward(self, x: Tensor, ctx: AttentionContext) -> Tensor:
+    def forward(self, x: Tensor, ctx: AttentionContext, rows: Tensor | None = None) -> Tensor:
+        """x (B, L, hidden) -> (B, L, hidden), or (N, hidden) for only the flat `rows` of B * L
+        (every position still serves as a key and value)."""
         c = self.config
         B, L, H = x.shape
         q, k, v = self.qkv(x).view(B, L, 3, c.heads, c.head_dim).permute(2, 0, 3, 1, 4)
@@ -101,9 +104,9 @@ class Attention(nn.Module):
                 bias = deberta_bias(q, k, *self._relative_qk(ctx.relative_table),
                                     ctx.relative_index) * ctx.scale
                 mask = bias if mask is None else mask + bias
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
-                                               is_causal=ctx.is_causal, scale=ctx.scale)
-        return self.out(y.transpose(1, 2).reshape(B, L, H))
+            y = attention(q, k, v, mask, ctx.is_causal, ctx.scale, dropout_p)
+        y = y.transpose(1, 2).reshape(B, L, H)
+        return self.out(y if rows is None else y.view(B * L, H)[rows])
 
     def _relative_qk(self, rel: Tensor) -> tuple[Tensor, Tensor]:
         """Project DeBERTa's shared relative embeddings (2*span, hidden) with this layer's query
@@ -111,6 +114,26 @@ class Attention(nn.Module):
         c = self.config
         rq, rk, _ = self.qkv(rel).view(rel.shape[0], 3, c.heads, c.head_dim).unbind(1)
         return rq.transpose(0, 1), rk.transpose(0, 1)
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: bool,
+              scale: float, dropout_p: float) -> Tensor:
+    """softmax(q k^T * scale + mask) v with dropout on the probabilities; q, k, v (B, h, L, d).
+
+    SDPA everywhere except one case: training with attention dropout on CPU, where SDPA falls
+    back to its unfused math path and draws the dropout mask with torch's slow per-element
+    Bernoulli. There the same math is spelled out with motian's cheap `dropout` (see
+    dropout.py): at the benchmark shape it is the faster of the two (docs/model.md).
+    """
+    if dropout_p == 0.0 or q.device.type != "cpu" or torch.compiler.is_compiling():
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
+                                              is_causal=is_causal, scale=scale)
+    scores = (q * scale) @ k.transpose(-1, -2)  # (B, h, L, L); scaling q is the smaller pass
+    if is_causal:
+        mask = causal_bias(q.shape[-2], q.device)
+    if mask is not None:
+        scores = scores + mask
+    return dropout(scores.softmax(dim=-1), dropout_p, training=True) @ v
 
 
 class FeedForward(nn.Module):
@@ -121,7 +144,7 @@ class FeedForward(nn.Module):
         self.gated = config.activation == "geglu"
         self.up = nn.Linear(config.hidden, config.ffn * (2 if self.gated else 1))
         self.down = nn.Linear(config.ffn, config.hidden)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = Dropout(config.dropout)
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.up(x)  # (B, L, ffn) or (B, L, 2 * ffn)
@@ -145,13 +168,17 @@ class Block(nn.Module):
         self.attention_norm = nn.LayerNorm(config.hidden, eps=config.layer_norm_eps)
         self.ffn = FeedForward(config)
         self.ffn_norm = nn.LayerNorm(config.hidden, eps=config.layer_norm_eps)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = Dropout(config.dropout)
 
-    def forward(self, x: Tensor, ctx: AttentionContext) -> Tensor:
+    def forward(self, x: Tensor, ctx: AttentionContext, rows: Tensor | None = None) -> Tensor:
+        """x (B, L, hidden) -> (B, L, hidden); with `rows` (N,) flat indices into B * L, only
+        those outputs (N, hidden): attention still reads every position, but its output
+        projection, the residual, the norms and the FFN run on N rows instead of B * L."""
+        residual = x if rows is None else x.reshape(-1, x.shape[-1])[rows]
         if self.pre_norm:
-            x = x + self.dropout(self.attention(self.attention_norm(x), ctx))
+            x = residual + self.dropout(self.attention(self.attention_norm(x), ctx, rows))
             return x + self.ffn(self.ffn_norm(x))
-        x = self.attention_norm(x + self.dropout(self.attention(x, ctx)))
+        x = self.attention_norm(residual + self.dropout(self.attention(x, ctx, rows)))
         return self.ffn_norm(x + self.ffn(x))
 
 
@@ -212,9 +239,15 @@ class MotianModel(nn.Module):
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
                 token_type_ids: Tensor | None = None, position_ids: Tensor | None = None,
-                document_ids: Tensor | None = None) -> Tensor:
+                document_ids: Tensor | None = None,
+                output_positions: Tensor | None = None) -> Tensor:
         """input_ids (B, L) -> hidden states (B, L, hidden); see the batch contract in
-        docs/model.md. `document_ids` is ignored unless `cross_document_attention` is False."""
+        docs/model.md. `document_ids` is ignored unless `cross_document_attention` is False.
+
+        `output_positions` (N,) flat indices into B * L: return only those rows, (N, hidden).
+        A loss read at a few positions (MLM at ~15%, [CLS] for a pair task) needs the last
+        block only there, so its output projection and FFN - the bulk of a layer's FLOPs - run
+        on N rows instead of B * L; the result at those rows is the same."""
         c = self.config
         L = input_ids.shape[1]
         if position_ids is None:
@@ -225,11 +258,12 @@ class MotianModel(nn.Module):
                             "max_positions or a relative scheme (t5, alibi, rope, nezha, deberta)")
         x = self.embeddings(input_ids, token_type_ids, position_ids)
         ctx = self._attention_context(attention_mask, document_ids, position_ids, L)
-        for block in self.blocks:
+        for i, block in enumerate(self.blocks):
+            rows = output_positions if i == len(self.blocks) - 1 else None
             if c.checkpoint_activations and self.training:
-                x = checkpoint(block, x, ctx, use_reentrant=False)
+                x = checkpoint(block, x, ctx, rows, use_reentrant=False)
             else:
-                x = block(x, ctx)
+                x = block(x, ctx, rows)
         return x if self.final_norm is None else self.final_norm(x)
 
     def _attention_context(self, attention_mask: Tensor | None, document_ids: Tensor | None,

@@ -25,6 +25,8 @@ hiding another's peak.
 
 FLOPs counted per step (matmuls only; fwd = 2 FLOPs per multiply-add, bwd = 2x fwd):
     encoder:   6 * T * layers * (4 h^2 + 2 h ffn)      T = batch * seq tokens
+               motian: minus 6 * (T - n) * (h^2 + 2 h ffn), its last block's output projection
+               and FFN run at the n masked rows only
     attention: 12 * T * layers * seq * h               (q k^T and p v, fwd + bwd)
     MLM head:  6 * n * (h^2 + h * vocab)               n = T (stock) or masked count
 against this CPU's fp32 matmul rate, a 2048^3 `torch.mm` timed in the same run.
@@ -133,8 +135,12 @@ def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
 
 
 def step_flops(variant: str, shape: Shape, masked: int) -> float:
+    """Matmul FLOPs of one step as `variant` computes it (see the module docstring)."""
     s, T = shape, shape.tokens()
-    encoder = 6 * T * s.layers * (4 * s.hidden**2 + 2 * s.hidden * s.ffn)
+    per_row = 4 * s.hidden**2 + 2 * s.hidden * s.ffn  # q/k/v/out projections + FFN, per token
+    encoder = 6 * T * s.layers * per_row
+    if variant.startswith("motian"):  # its last block: out projection + FFN at masked rows only
+        encoder -= 6 * (T - masked) * (s.hidden**2 + 2 * s.hidden * s.ffn)
     attention = 12 * T * s.layers * s.seq * s.hidden
     n_out = T if variant == "peer stock" else masked
     return encoder + attention + 6 * n_out * (s.hidden**2 + s.hidden * s.vocab)

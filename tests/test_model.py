@@ -290,6 +290,56 @@ def test_causal_lm_learns_and_requires_causal_config():
     assert loss.item() < first * 0.5  # memorises two sequences
 
 
+def test_prefix_lm_sees_the_prefix_both_ways_and_the_target_left_to_right():
+    torch.manual_seed(0)
+    # rope: the same position terms with and without causality (a causal t5 model buckets
+    # only past distances, so it would not equal the encoder below)
+    c = tiny(causal=True, position="rope", norm="pre")
+    model = CausalLM(c).eval()
+    x = ids(2, 10)
+    prefix = torch.tensor([5, 5])
+    y = x.clone()
+    y[:, 3] = 4  # inside the prefix
+    z = x.clone()
+    z[:, 7] = 4  # in the target
+    with torch.no_grad():
+        a, b, t = (model(v, prefix_lengths=prefix).hidden_states for v in (x, y, z))
+        plain = model(x).hidden_states
+        as_causal = model(x, prefix_lengths=torch.tensor([0, 1])).hidden_states
+        whole = model(x, prefix_lengths=torch.tensor([10, 10])).hidden_states
+        encoder = MotianModel(c.replace(causal=False))
+        encoder.load_state_dict(model.backbone.state_dict())
+        bidirectional = encoder.eval()(x)
+    assert not torch.allclose(a[:, :3], b[:, :3])  # earlier prefix tokens see token 3
+    torch.testing.assert_close(a[:, :7], t[:, :7])  # nothing before 7 sees the target's 7
+    assert not torch.allclose(a[:, 7:], t[:, 7:])
+    torch.testing.assert_close(as_causal, plain, atol=1e-5, rtol=1e-5)  # prefix 0/1 = causal
+    torch.testing.assert_close(whole, bidirectional, atol=1e-5, rtol=1e-5)  # all prefix = encoder
+
+
+def test_prefix_lm_learns_to_copy_its_source():
+    """Target = source: each target token must look back into the prefix; loss on the target."""
+    torch.manual_seed(0)
+    model = CausalLM(tiny(causal=True, position="rope", norm="pre", dropout=0.0,
+                          attention_dropout=0.0))
+    src = ids(4, 6)
+    x = torch.cat([src, src], dim=1)  # (4, 12)
+    labels = x.clone()
+    labels[:, :6] = -100
+    mask = torch.ones(4, 12, dtype=torch.long)
+    mask[3, 10:] = 0  # a padded row: its last two target tokens are padding
+    labels[3, 10:] = -100
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(20):
+        loss = model(x, mask, labels=labels, prefix_lengths=torch.full((4,), 6)).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.4 * losses[0], losses
+
+
 def test_activation_checkpointing_gives_the_same_gradients():
     torch.manual_seed(0)
     plain = MaskedLM(tiny(position="deberta", norm="pre", dropout=0.0, attention_dropout=0.0))

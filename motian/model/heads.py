@@ -290,7 +290,14 @@ class CausalLM(_Backbone):
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
                 position_ids: Tensor | None = None, document_ids: Tensor | None = None,
-                labels: Tensor | None = None) -> ModelOutput:
+                labels: Tensor | None = None,
+                prefix_lengths: Tensor | None = None) -> ModelOutput:
+        """`prefix_lengths` (B,): a prefix LM (UNILM, Dong et al. 2019, arXiv:1905.03197): the
+        first prefix_lengths[b] tokens of row b (the source) see each other in both directions,
+        the rest see the whole source and their own past. Set `labels` to -100 on the source
+        to train on the target only. Without it, plain left-to-right attention."""
+        if prefix_lengths is not None:
+            attention_mask = prefix_lm_mask(prefix_lengths, input_ids.shape[1], attention_mask)
         h = self.encode(input_ids, attention_mask, None, position_ids, document_ids)
         weight = (self.backbone.embeddings.word.weight if self.decoder is None
                   else self.decoder.weight)
@@ -300,6 +307,16 @@ class CausalLM(_Backbone):
             out.loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1),
                                        labels[:, 1:].reshape(-1), ignore_index=-100)
         return out
+
+
+def prefix_lm_mask(prefix_lengths: Tensor, L: int, attention_mask: Tensor | None) -> Tensor:
+    """(B, L, L) visibility of a prefix LM: key j is seen by query i if j <= i or j is in the
+    prefix; padding keys (attention_mask 0) are never seen."""
+    j = torch.arange(L, device=prefix_lengths.device)
+    visible = (j[None, :] <= j[:, None])[None] | (j < prefix_lengths[:, None])[:, None, :]
+    if attention_mask is not None:
+        visible = visible & attention_mask.bool()[:, None, :]
+    return visible  # (B, L, L)
 
 
 # Head name -> class, for checkpoints that record which head they hold (io.py, hf.py).

@@ -186,6 +186,8 @@ def attention_mask_bias(attention_mask: Tensor | None, document_ids: Tensor | No
                         causal: bool, L: int, device: torch.device) -> Tensor | None:
     """Additive mask (B|1, 1, L, L), 0 where query i may see key j and -inf elsewhere, or None
     when nothing is masked. Combines key padding, the block-diagonal document mask and causality.
+    `attention_mask` is (B, L) key padding, or (B, L, L) query-key visibility that replaces
+    causality.
 
     A query that may see no key at all (a padding query whose document id matches no real
     token, an all-padding row) would get an all -inf row and softmax would return NaN; such a
@@ -193,9 +195,13 @@ def attention_mask_bias(attention_mask: Tensor | None, document_ids: Tensor | No
     padding queries that do see real keys keep them (as in BERT), so padded outputs match it too.
     """
     allowed = None
+    if attention_mask is not None and attention_mask.dim() == 3:
+        # (B, L, L): the caller says exactly which key each query sees (e.g. CausalLM's prefix
+        # LM), causality included, so the causal triangle is not added on top.
+        allowed, causal = attention_mask.bool(), False
     # A batch without padding skips the mask (and keeps SDPA's fastest kernels); the check costs
     # one device sync per forward.
-    if attention_mask is not None and not bool(attention_mask.all()):
+    elif attention_mask is not None and not bool(attention_mask.all()):
         allowed = attention_mask.bool()[:, None, :]  # (B, 1, L): key j is a real token
     if document_ids is not None:
         same = document_ids[:, :, None] == document_ids[:, None, :]  # (B, L, L)

@@ -114,6 +114,26 @@ def test_causal_model_does_not_see_the_future(position):
     torch.testing.assert_close(masked, a, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("case", ["plain", "causal", "mask"])
+def test_explicit_cpu_attention_equals_sdpa(case):
+    """The path taken when training with attention dropout on CPU computes what SDPA does; a
+    p that rounds to no dropped element (< 2^-16) makes the two comparable."""
+    from motian.model.transformer import attention, attention_mask_bias
+
+    torch.manual_seed(0)
+    q, k, v = torch.randn(3, 2, 4, 9, 8).unbind(0)
+    mask = None
+    if case == "mask":
+        pad = torch.ones(2, 9, dtype=torch.long)
+        pad[1, 6:] = 0
+        mask = attention_mask_bias(pad, torch.tensor([[0] * 4 + [1] * 5] * 2), False, 9,
+                                   q.device)
+    explicit = attention(q, k, v, mask, case == "causal", 0.3, dropout_p=1e-6)
+    sdpa = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                                            is_causal=case == "causal", scale=0.3)
+    torch.testing.assert_close(explicit, sdpa, atol=1e-5, rtol=1e-5)
+
+
 def test_masked_lm_compact_labels_match_hf_form_and_full_logits():
     model = MaskedLM(tiny()).eval()
     x = ids(2, 12)

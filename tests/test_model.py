@@ -7,6 +7,7 @@ import torch
 
 from motian.errors import UserError
 from motian.model import (
+    POSITIONS,
     PRESETS,
     CausalLM,
     MaskedLM,
@@ -152,8 +153,8 @@ def test_masked_lm_compact_labels_match_hf_form_and_full_logits():
     torch.testing.assert_close(compact.loss, expected, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("norm,position", [("post", "absolute"), ("pre", "t5"),
-                                           ("pre", "nezha")])
+@pytest.mark.parametrize("norm,position", [("post", p) for p in POSITIONS[:4]]
+                         + [("pre", p) for p in POSITIONS[4:]])
 def test_last_block_at_masked_rows_only_gives_the_same_loss_and_gradients(norm, position):
     """With `mlm_positions` the backbone runs its last block's output projection and FFN at
     the masked rows only: loss and every gradient equal those of the full computation."""

@@ -153,16 +153,22 @@ def test_masked_lm_compact_labels_match_hf_form_and_full_logits():
     torch.testing.assert_close(compact.loss, expected, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("norm,position", [("post", p) for p in POSITIONS[:4]]
-                         + [("pre", p) for p in POSITIONS[4:]])
-def test_last_block_at_masked_rows_only_gives_the_same_loss_and_gradients(norm, position):
-    """With `mlm_positions` the backbone runs its last block's output projection and FFN at
-    the masked rows only: loss and every gradient equal those of the full computation."""
+@pytest.mark.parametrize("norm,position,causal,padded",
+                         [("post", p, False, True) for p in POSITIONS[:4]]
+                         + [("pre", p, False, True) for p in POSITIONS[4:]]
+                         + [("pre", "rope", True, False), ("post", "nezha", True, False),
+                            ("pre", "deberta", True, True), ("pre", "t5", True, True)])
+def test_last_block_at_masked_rows_only_gives_the_same_loss_and_gradients(norm, position, causal,
+                                                                          padded):
+    """With `mlm_positions` the backbone runs its last block only for the masked rows (and
+    [CLS]): queries, output projection and FFN. Loss and every gradient equal those of the full
+    computation, for every position scheme, with padding, and causal with and without a mask."""
     torch.manual_seed(0)
-    model = PreTrainingModel(tiny(norm=norm, position=position, dropout=0.0,
+    model = PreTrainingModel(tiny(norm=norm, position=position, causal=causal, dropout=0.0,
                                   attention_dropout=0.0))
     x, mask = ids(2, 12), torch.ones(2, 12, dtype=torch.long)
     mask[1, 9:] = 0
+    mask = mask if padded else None
     positions, pair = torch.tensor([1, 5, 13, 20]), torch.tensor([1, 0])
     sparse = model(x, mask, mlm_positions=positions, mlm_labels=x.view(-1)[positions],
                    pair_labels=pair)

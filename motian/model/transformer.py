@@ -86,8 +86,8 @@ class Attention(nn.Module):
         self.out = nn.Linear(config.hidden, config.hidden)
 
     def forward(self, x: Tensor, ctx: AttentionContext, rows: Tensor | None = None) -> Tensor:
-        """x (B, L, hidden) -> (B, L, hidden), or (N, hidden) for only the flat `rows` of B * L
-        (every position still serves as a key and value)."""
+        """x (B, L, hidden) -> (B, L, hidden), or (N, hidden) for only the flat `rows` of B * L:
+        then only those queries attend (every position still serves as a key and value)."""
         c = self.config
         B, L, H = x.shape
         q, k, v = self.qkv(x).view(B, L, 3, c.heads, c.head_dim).permute(2, 0, 3, 1, 4)
@@ -95,18 +95,30 @@ class Attention(nn.Module):
         if ctx.rotary is not None:
             q, k = apply_rotary(q, *ctx.rotary), apply_rotary(k, *ctx.rotary)
         mask = None if ctx.mask is None else ctx.mask.to(q.dtype)
+        if c.position == "deberta":
+            # DeBERTa's extra score terms are a per-layer bias; scaled like q . k.
+            bias = deberta_bias(q, k, *self._relative_qk(ctx.relative_table),
+                                ctx.relative_index) * ctx.scale
+            mask = bias if mask is None else mask + bias
+        is_causal, index, slots = ctx.is_causal, ctx.relative_index, None
+        if rows is not None and rows.numel() > 0:
+            slots, at = query_slots(rows, B, L)  # at: (B, M) position of each query slot
+            q = q.take_along_dim(at[:, None, :, None], dim=2)  # (B, heads, M, head_dim)
+            if is_causal:  # SDPA's is_causal assumes query i is position i: spell it out
+                mask, is_causal = causal_bias(L, x.device), False
+            if mask is not None:  # (B|1, 1|heads, L, L) -> (B, 1|heads, M, L)
+                mask = mask.take_along_dim(at[:, None, :, None], dim=2)
+            if index is not None:  # nezha: (B|1, L, L) -> (B, M, L)
+                index = index.take_along_dim(at[:, :, None], dim=1)
         dropout_p = c.attention_dropout if self.training else 0.0
         if c.position == "nezha":
-            y = nezha_attention(q, k, v, mask, ctx.relative_index, ctx.relative_table, dropout_p)
+            y = nezha_attention(q, k, v, mask, index, ctx.relative_table, dropout_p)
         else:
-            if c.position == "deberta":
-                # DeBERTa's extra score terms are a per-layer bias; scaled like q . k.
-                bias = deberta_bias(q, k, *self._relative_qk(ctx.relative_table),
-                                    ctx.relative_index) * ctx.scale
-                mask = bias if mask is None else mask + bias
-            y = attention(q, k, v, mask, ctx.is_causal, ctx.scale, dropout_p)
-        y = y.transpose(1, 2).reshape(B, L, H)
-        return self.out(y if rows is None else y.view(B * L, H)[rows])
+            y = attention(q, k, v, mask, is_causal, ctx.scale, dropout_p)
+        y = y.transpose(1, 2).reshape(B, -1, H)  # (B, L or M, hidden)
+        if rows is not None:
+            y = y.reshape(-1, H)[rows if slots is None else slots]  # (N, hidden)
+        return self.out(y)
 
     def _relative_qk(self, rel: Tensor) -> tuple[Tensor, Tensor]:
         """Project DeBERTa's shared relative embeddings (2*span, hidden) with this layer's query
@@ -134,6 +146,25 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: b
     if mask is not None:
         scores = scores + mask
     return dropout(scores.softmax(dim=-1), dropout_p, training=True) @ v
+
+
+def query_slots(rows: Tensor, B: int, L: int) -> tuple[Tensor, Tensor]:
+    """Group flat `rows` (N,) of B * L by sequence for attention at those queries only.
+
+    Returns `slots` (N,), where each row's output lands in a (B * M) layout, and `at` (B, M),
+    the position in its sequence of every slot, M being the most rows any sequence has. Unused
+    slots point at position 0; their outputs are computed and never read.
+    """
+    seq, pos = rows // L, rows % L
+    counts = torch.bincount(seq, minlength=B)  # (B,)
+    M = int(counts.max())
+    order = torch.argsort(seq, stable=True)
+    starts = torch.cumsum(counts, 0) - counts  # first sorted index of each sequence
+    rank = torch.empty_like(rows)
+    rank[order] = torch.arange(len(rows), device=rows.device) - starts[seq[order]]
+    at = torch.zeros(B, M, dtype=torch.long, device=rows.device)
+    at[seq, rank] = pos
+    return seq * M + rank, at
 
 
 class FeedForward(nn.Module):

@@ -25,8 +25,8 @@ hiding another's peak.
 
 FLOPs counted per step (matmuls only; fwd = 2 FLOPs per multiply-add, bwd = 2x fwd):
     encoder:   6 * T * layers * (4 h^2 + 2 h ffn)      T = batch * seq tokens
-               motian: minus 6 * (T - n) * (h^2 + 2 h ffn), its last block's output projection
-               and FFN run at the n masked rows only
+               motian: minus 6 * (T - n) * (h^2 + 2 h ffn) and 12 * (T - n) * seq * h: its
+               last block's queries, output projection and FFN run at the n masked rows only
     attention: 12 * T * layers * seq * h               (q k^T and p v, fwd + bwd)
     MLM head:  6 * n * (h^2 + h * vocab)               n = T (stock) or masked count
 against this CPU's fp32 matmul rate, a 2048^3 `torch.mm` timed in the same run.
@@ -139,9 +139,10 @@ def step_flops(variant: str, shape: Shape, masked: int) -> float:
     s, T = shape, shape.tokens()
     per_row = 4 * s.hidden**2 + 2 * s.hidden * s.ffn  # q/k/v/out projections + FFN, per token
     encoder = 6 * T * s.layers * per_row
-    if variant.startswith("motian"):  # its last block: out projection + FFN at masked rows only
-        encoder -= 6 * (T - masked) * (s.hidden**2 + 2 * s.hidden * s.ffn)
     attention = 12 * T * s.layers * s.seq * s.hidden
+    if variant.startswith("motian"):  # its last block: queries, out projection, FFN at n rows
+        encoder -= 6 * (T - masked) * (s.hidden**2 + 2 * s.hidden * s.ffn)
+        attention -= 12 * (T - masked) * s.seq * s.hidden
     n_out = T if variant == "peer stock" else masked
     return encoder + attention + 6 * n_out * (s.hidden**2 + s.hidden * s.vocab)
 

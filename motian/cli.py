@@ -38,6 +38,7 @@ COMMANDS: dict[str, str] = {
     "fill-mask": "motian.predict:fill_mask",
     "finetune": "motian.tasks.finetune:finetune",
     "evaluate": "motian.tasks.finetune:evaluate",
+    "report": "motian.report:report",
 }
 
 

@@ -1,0 +1,130 @@
+"""The run report on a real tiny pretraining run (People's Daily shards, two stages) and real
+fine-tuning runs from its weights: report.md, valid PNGs behind relative links, the measured
+numbers in its tables, the CLI verb, and clear errors."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+from motian.cli import main as cli_main
+from motian.errors import UserError
+from motian.report import load_run, read_downstream, write_report
+from motian.tasks.finetune import finetune
+from motian.train.loop import fit
+from motian.train.metrics import read_metrics
+from motian.train.recipe import RunSettings, load_recipe
+from tests.pretrain_helpers import write_recipe
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def tiny_run(pd98_encoded, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("report")
+    recipe = load_recipe(write_recipe(root, steps=20, eval_every=10, checkpoint_every=0))
+    fit(recipe, RunSettings(device="cpu", threads=1), pd98_encoded, root / "run",
+        progress_bar=False)
+    return root / "run"
+
+
+@pytest.fixture(scope="module")
+def fine_tuned(tiny_run, pd98_encoded) -> dict[str, Path]:
+    """reviews-sentiment from the run's weights and from random init, 2 seeds, 48 examples."""
+    out = {}
+    for arm, random_init in (("teacher", False), ("random init", True)):
+        directory = tiny_run.parent / f"ft-{arm.replace(' ', '-')}"
+        finetune("reviews-sentiment", directory, model=tiny_run / "final",
+                 tokenizer=pd98_encoded, seeds=[1, 2], epochs=1, max_train=48, max_eval=48,
+                 max_length=32, random_init=random_init, save_model=False, device="cpu",
+                 progress=False)
+        out[arm] = directory
+    return out
+
+
+def _images(report: Path) -> list[Path]:
+    links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report.read_text(encoding="utf-8"))
+    assert all(not Path(link).is_absolute() for link in links)
+    return [report.parent / link for link in links]
+
+
+def _assert_png(path: Path) -> None:
+    assert path.is_file() and path.stat().st_size > 1000
+    assert path.read_bytes()[:8] == PNG_MAGIC
+    image = pytest.importorskip("PIL.Image").open(path)
+    image.verify()
+    assert image.size[0] > 300 and image.size[1] > 200
+
+
+def test_report_has_valid_plots_and_the_measured_numbers(tiny_run, fine_tuned, tmp_path):
+    path = write_report(tiny_run, tmp_path / "rep", downstream=fine_tuned)
+    text = path.read_text(encoding="utf-8")
+    images = _images(path)
+    assert [p.name for p in images] == ["loss_lr.png", "throughput.png", "eval.png",
+                                        "downstream.png"]
+    for image in images:
+        _assert_png(image)
+
+    evals = read_metrics(tiny_run / "metrics.jsonl", "eval")
+    assert [e["step"] for e in evals] == [0, 10, 20]
+    for e in evals:
+        assert f"| {e['step']} | {100 * e['accuracy']:.2f} | {e['loss']:.4f} |" in text
+    last = read_metrics(tiny_run / "metrics.jsonl", "train")[-1]
+    assert (f"| {last['step']} | 2 | 64 | {last['lr']:.3e} | {last['loss_mlm']:.4f} | "
+            f"{last['loss_pair']:.4f} | {100 * last['acc_mlm']:.2f} |") in text
+    meta = json.loads((tiny_run / "run.json").read_text())
+    assert f"torch {meta['versions']['torch']}" in text
+    assert f"({meta['hardware']['cpu_count']} cores)" in text
+
+    for arm, directory in fine_tuned.items():
+        summary = json.loads((directory / "results.json").read_text())["summary"]
+        mean, std, n = summary["test"]["accuracy"]
+        assert (f"| {arm} | reviews-sentiment | test | accuracy | {100 * mean:.2f} ± "
+                f"{100 * std:.2f} | {n} |") in text
+
+
+def test_report_defaults_to_the_run_directory_and_the_cli_writes_it(tiny_run, tmp_path,
+                                                                     capsys):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("final", "checkpoints",
+                                                                 "tensorboard"))
+    assert cli_main(["report", "--run", str(run)]) == 0
+    assert f"report: {run / 'report.md'}" in capsys.readouterr().out
+    images = _images(run / "report.md")
+    assert len(images) == 3  # no downstream chart without downstream runs
+    for image in images:
+        _assert_png(image)
+    assert "## Downstream" not in (run / "report.md").read_text(encoding="utf-8")
+
+
+def test_a_resumed_run_reports_the_last_record_of_each_step(tiny_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("final", "checkpoints",
+                                                                 "tensorboard"))
+    records = (run / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+    redo = json.loads(records[-1])  # the final eval, as a resumed run would log it again
+    redo["loss"] = 1.2345
+    with open(run / "metrics.jsonl", "a", encoding="utf-8") as f:
+        f.write(json.dumps(redo) + "\n" + '{"kind": "train", "st')  # and a torn last line
+    loaded = load_run(run)
+    assert [e["step"] for e in loaded.evals] == [0, 10, 20]
+    assert loaded.evals[-1]["loss"] == 1.2345
+    assert "| 20 | " in write_report(run).read_text(encoding="utf-8")
+
+
+def test_missing_metrics_and_bad_downstream_are_user_errors(tiny_run, tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match=r"empty/metrics\.jsonl: not found"):
+        write_report(tmp_path / "empty")
+    with pytest.raises(UserError, match=r"nowhere: not found"):
+        read_downstream({"teacher": tmp_path / "nowhere"})
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"summary": ', encoding="utf-8")
+    with pytest.raises(UserError, match=r"broken\.json:1: not valid JSON"):
+        read_downstream({"teacher": broken})
+    assert cli_main(["report", "--run", str(tiny_run), "--downstream", "no-equals-sign"]) == 1
+    assert "expected LABEL=DIR" in capsys.readouterr().err

@@ -39,6 +39,8 @@ COMMANDS: dict[str, str] = {
     "finetune": "motian.tasks.finetune:finetune",
     "evaluate": "motian.tasks.finetune:evaluate",
     "report": "motian.report:report",
+    "distill": "motian.distill:distill",
+    "distill-corpus": "motian.distill:distill_corpus",
 }
 
 

@@ -11,7 +11,9 @@ on top of the (B, L, hidden) output live in heads.py.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -84,6 +86,10 @@ class Attention(nn.Module):
         self.config = config
         self.qkv = nn.Linear(config.hidden, 3 * config.hidden)
         self.out = nn.Linear(config.hidden, config.hidden)
+        # Set by `capture_internals` (distillation's attention matching): compute the
+        # probabilities explicitly and keep them in `probs`; SDPA never returns them.
+        self.keep_probs = False
+        self.probs: Tensor | None = None
 
     def forward(self, x: Tensor, ctx: AttentionContext, rows: Tensor | None = None) -> Tensor:
         """x (B, L, hidden) -> (B, L, hidden), or (N, hidden) for only the flat `rows` of B * L:
@@ -113,6 +119,12 @@ class Attention(nn.Module):
         dropout_p = c.attention_dropout if self.training else 0.0
         if c.position == "nezha":
             y = nezha_attention(q, k, v, mask, index, ctx.relative_table, dropout_p)
+        elif self.keep_probs:
+            if is_causal:
+                mask = causal_bias(L, x.device)
+            scores = (q * ctx.scale) @ k.transpose(-1, -2)  # (B, heads, L or M, L)
+            self.probs = (scores if mask is None else scores + mask).softmax(dim=-1)
+            y = dropout(self.probs, dropout_p, self.training) @ v
         else:
             y = attention(q, k, v, mask, is_causal, ctx.scale, dropout_p)
         y = y.transpose(1, 2).reshape(B, -1, H)  # (B, L or M, hidden)
@@ -341,6 +353,54 @@ class MotianModel(nn.Module):
         if self.config.position == "alibi":
             return alibi_bias(position_ids, self.config.heads)
         return None
+
+
+@dataclass
+class Internals:
+    """What `capture_internals` records during each forward: `hidden` = [embeddings output,
+    block 1 output, ..., block N output], each (B, L, hidden) (the last block (N, hidden) when
+    the forward asked for `output_positions`); `attention` = each block's probabilities
+    (B, heads, L, L), when asked for."""
+
+    hidden: list[Tensor] = field(default_factory=list)
+    attention: list[Tensor] = field(default_factory=list)
+
+
+@contextmanager
+def capture_internals(backbone: MotianModel, attention: bool = False) -> Iterator[Internals]:
+    """Record every layer's hidden states (and attention probabilities if `attention`) of the
+    forwards run inside the `with`; what a distillation loss matches. Forward hooks, so the
+    forward signatures and the fast path stay as they are; each forward starts a fresh record.
+    Attention maps cost an explicit (B, heads, L, L) softmax per layer instead of SDPA."""
+    record = Internals()
+
+    def on_embeddings(module, args, output):
+        record.hidden[:] = [output]
+        record.attention.clear()
+
+    def on_block(module, args, output):
+        record.hidden.append(output)
+
+    def on_attention(module, args, output):
+        record.attention.append(module.probs)
+        module.probs = None
+
+    handles = [backbone.embeddings.register_forward_hook(on_embeddings)]
+    handles += [b.register_forward_hook(on_block) for b in backbone.blocks]
+    if attention:
+        if backbone.config.position == "nezha":
+            raise UserError("attention-map capture does not support NEZHA positions (their "
+                            "probabilities stay inside nezha_attention); match hidden states only")
+        handles += [b.attention.register_forward_hook(on_attention) for b in backbone.blocks]
+        for b in backbone.blocks:
+            b.attention.keep_probs = True
+    try:
+        yield record
+    finally:
+        for h in handles:
+            h.remove()
+        for b in backbone.blocks:
+            b.attention.keep_probs, b.attention.probs = False, None
 
 
 def init_weights(module: nn.Module, config: ModelConfig) -> None:

@@ -101,7 +101,7 @@ def optimizer_groups(model: nn.Module, weight_decay: float, layer_lr_decay: floa
         holder = nn.ModuleList(modules)
         for g in param_groups(holder, weight_decay) if list(holder.parameters()) else []:
             out.append({**g, "lr_scale": layer_lr_decay ** (top - depth)})
-    if extra is not None:  # the auxiliary MLM head trains at the full rate
+    if extra is not None:  # the auxiliary MLM head (and distillation's projections): full rate
         out += [{**g, "lr_scale": 1.0} for g in param_groups(extra, weight_decay)]
     seen: set[int] = set()
     for g in out:  # a weight shared between groups (tied) must be optimised once
@@ -183,13 +183,18 @@ def aux_mlm_loss(model: nn.Module, mlm: MLMHead, batch: dict[str, Tensor],
 def train(model: nn.Module, task_type: str, features: list[Feature], settings: TrainSettings,
           seed: int, pad_id: int, device: torch.device, special: dict[str, int],
           mlm: MLMHead | None = None, on_step: Callable[[int, int, float], None] | None = None,
-          ) -> dict[str, float]:
-    """Fine-tune `model` in place; returns {"steps", "final_loss"}."""
+          loss_fn: Callable[[dict[str, Tensor]], Tensor] | None = None,
+          extra: nn.Module | None = None) -> dict[str, float]:
+    """Fine-tune `model` in place; returns {"steps", "final_loss"}. `loss_fn(batch)` replaces
+    the task loss (distillation: motian.distill), `extra` holds more trainable modules (its
+    projections), trained at the full rate."""
     s = settings
     steps_per_epoch = math.ceil(len(features) / s.batch_size)
     total = max(1, math.ceil(s.epochs * steps_per_epoch))
+    extras = [m for m in (mlm if s.aux_mlm else None, extra) if m is not None]
     optimizer = torch.optim.AdamW(
-        optimizer_groups(model, s.weight_decay, s.layer_lr_decay, mlm if s.aux_mlm else None),
+        optimizer_groups(model, s.weight_decay, s.layer_lr_decay,
+                         nn.ModuleList(extras) if extras else None),
         lr=s.lr, eps=1e-6, weight_decay=s.weight_decay)
     order_gen = torch.Generator().manual_seed(seed)
     mask_gen = torch.Generator().manual_seed(seed + 1)
@@ -204,7 +209,7 @@ def train(model: nn.Module, task_type: str, features: list[Feature], settings: T
         set_lr(optimizer, s.lr * lr_multiplier((step + 1) / total, s.warmup, "linear"))
         batch = {k: v.to(device) for k, v in
                  collate(task_type, [features[i] for i in chunk], pad_id).items()}
-        loss, _ = batch_loss(task_type, model, batch)
+        loss = loss_fn(batch) if loss_fn else batch_loss(task_type, model, batch)[0]
         if s.aux_mlm and mlm is not None:
             loss = loss + s.aux_mlm * aux_mlm_loss(model, mlm, batch, special, s.mask_rate,
                                                    mask_gen)

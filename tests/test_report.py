@@ -128,3 +128,47 @@ def test_missing_metrics_and_bad_downstream_are_user_errors(tiny_run, tmp_path, 
         read_downstream({"teacher": broken})
     assert cli_main(["report", "--run", str(tiny_run), "--downstream", "no-equals-sign"]) == 1
     assert "expected LABEL=DIR" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- benchmarks/ablation.py arms
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def test_each_ablation_arm_changes_only_its_ingredient():
+    from benchmarks.ablation import arm_recipe, arms
+    from motian.train.recipe import to_dict
+
+    recipes = {a.slug: _flat(to_dict(arm_recipe(a, 1.0))) for a in arms(4e-3, 2e-3)}
+    motian = recipes["motian"]
+    assert (motian["model.overrides.norm"], motian["model.overrides.position"],
+            motian["data.masking"], motian["data.pair_task"], motian["objective.weighting"],
+            motian["optim.name"]) == ("pre", "t5", "motian", "sop", "uncertainty", "lamb")
+    expected = {"no-relative": {"model.overrides.position"},
+                "no-synonym": {"data.masking_overrides.mask_prob",
+                               "data.masking_overrides.synonym_prob", "data.masking_overrides"},
+                "no-phrase-word": {"data.masking_overrides.strategy", "data.masking_overrides"},
+                "no-pair": {"data.pair_task"}, "no-uncertainty": {"objective.weighting"},
+                "no-pre-ln": {"model.overrides.norm"}, "no-lamb": {"optim.name", "optim.lr"},
+                "motian-seed1": {"seed", "data.seed"}}
+    for slug, keys in expected.items():
+        changed = {k for k in motian.keys() | recipes[slug].keys()
+                   if motian.get(k) != recipes[slug].get(k)} - {"name"}
+        assert changed == keys, slug
+    bert = recipes["bert"]
+    assert (bert["model.overrides.norm"], bert["model.overrides.position"], bert["data.masking"],
+            bert["objective.weighting"], bert["optim.name"]) == ("post", "absolute", "bert",
+                                                                 "fixed", "adamw")
+    same = {json.dumps([r[k] for k in ("model.preset", "model.overrides.hidden",
+                                       "model.overrides.layers", "model.overrides.ffn",
+                                       "stages", "budget_minutes", "eval.seq_len",
+                                       "eval.rows", "eval.seed")]) for r in recipes.values()}
+    assert len(same) == 1  # one model size, schedule, budget and held-out evaluation

@@ -90,9 +90,12 @@ def arms(lamb_lr: float, adamw_lr: float) -> list[Arm]:
     ]
 
 
-def arm_recipe(arm: Arm, minutes: float) -> Recipe:
-    recipe = with_settings("demo", list(arm.sets))
-    return replace(recipe, name=f"ablation-{arm.slug}", budget_minutes=minutes)
+def arm_recipe(arm: Arm, minutes: float, steps: int = 0) -> Recipe:
+    """The arm's recipe at `minutes` of wall-clock, or at `steps` optimizer steps if given."""
+    recipe = replace(with_settings("demo", list(arm.sets)), name=f"ablation-{arm.slug}")
+    if steps:
+        return replace(recipe, budget_minutes=0.0, steps=steps)
+    return replace(recipe, budget_minutes=minutes)
 
 
 # --------------------------------------------------------------------------- running
@@ -129,7 +132,7 @@ def run_parallel(jobs: list[tuple[list[str], Path]], together: int = 2) -> list[
 def pretrain_job(arm: Arm, args: argparse.Namespace) -> tuple[list[str], Path]:
     arm_dir = args.out / arm.slug
     arm_dir.mkdir(parents=True, exist_ok=True)
-    save_recipe(arm_recipe(arm, args.minutes), arm_dir / "recipe.yaml")
+    save_recipe(arm_recipe(arm, args.minutes, args.steps), arm_dir / "recipe.yaml")
     cmd = [sys.executable, "-m", "motian.cli", "pretrain", "--recipe",
            str(arm_dir / "recipe.yaml"), "--data", str(args.data), "--out",
            str(arm_dir / "pretrain"), "--resume", "--device", "cpu", "--threads", "1",
@@ -175,7 +178,8 @@ def collect(arm: Arm, args: argparse.Namespace) -> dict:
 
 def settings_key(arm: Arm, args: argparse.Namespace) -> dict:
     """What an arm's result depends on; a cached result.json with other settings is refused."""
-    return {"sets": list(arm.sets), "minutes": args.minutes, "data": str(args.data),
+    return {"sets": list(arm.sets), "minutes": args.minutes, "steps": args.steps,
+            "data": str(args.data),
             "seeds": args.downstream_seeds,
             **{k: getattr(args, k) for k in ("ft_max_train", "ft_max_eval", "ft_epochs",
                                              "ft_lr", "ft_batch_size", "ft_max_length")}}
@@ -201,7 +205,7 @@ def run_arms(todo: list[Arm], args: argparse.Namespace) -> None:
     waves = [need[i:i + 2] for i in range(0, len(need), 2)]
     for n, wave in enumerate(waves, 1):
         names = " + ".join(a.name for a in wave)
-        print(f"[pretrain {n}/{len(waves)}] {names}: {args.minutes:g} min each", flush=True)
+        print(f"[pretrain {n}/{len(waves)}] {names}: {_length(args)} each", flush=True)
         if len(wave) == 1:
             print(f"  note: {wave[0].name} runs alone (an odd arm out): it gets the cores to "
                   "itself, which favours it; the table says so", flush=True)
@@ -277,14 +281,15 @@ def _pm(d: dict) -> str:
 
 
 def results_table(results: list[dict]) -> list[str]:
-    lines = ["| arm | steps | tokens | held-out MLM acc % | held-out loss | reviews acc % | "
-             "NER F1 % | ran beside (load avg start→end) |", "|---|---:|---:|---:|---:|---:|"
-             "---:|---|"]
+    lines = ["| arm | steps | tokens | train s | held-out MLM acc % | held-out loss | "
+             "reviews acc % | NER F1 % | ran beside (load avg start→end) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in results:
         e, d = r["eval"], r["downstream"]
         load = r.get("load_average") or ["?", "?"]
         beside = ", ".join(r.get("beside") or []) or "alone"
         lines.append(f"| {r['arm']} | {r['steps']:,} | {r['tokens']:,} | "
+                     f"{r['train_seconds']:.0f} | "
                      f"{100 * e['accuracy']:.2f} | {e['loss']:.3f} | "
                      f"{_pm(d['reviews-sentiment'])} | {_pm(d['pd98-ner'])} | "
                      f"{beside} ({load[0]}→{load[1]}) |")
@@ -295,7 +300,7 @@ def markdown(results: list[dict], missing: list[str], args: argparse.Namespace) 
     import torch
 
     seeds = args.downstream_seeds
-    lines = [f"### Ablation, {args.minutes:g} min of pretraining per arm "
+    lines = [f"### Ablation, {_length(args)} of pretraining per arm "
              f"({time.strftime('%Y-%m-%d')})", "",
              f"Command: `python {shlex.join(sys.argv)}`", "",
              f"Machine: {platform.platform()}, {os.cpu_count()} CPU cores, torch "
@@ -314,6 +319,10 @@ def markdown(results: list[dict], missing: list[str], args: argparse.Namespace) 
               "(one pretraining run per arm), so its noise is the distance between the Motian "
               "arm and the same recipe with another seed (a single sample: rough).", ""]
     return "\n".join(lines)
+
+
+def _length(args: argparse.Namespace) -> str:
+    return f"{args.steps} steps" if args.steps else f"{args.minutes:g} min"
 
 
 MARK_BEGIN, MARK_END = "<!-- ablation-results -->", "<!-- /ablation-results -->"
@@ -341,6 +350,9 @@ def parse_args() -> argparse.Namespace:
                    help="default: <data>/../tokenizer if it exists, else <data> (its vocab.txt)")
     p.add_argument("--out", type=Path, default=Path("runs/ablation"))
     p.add_argument("--minutes", type=float, default=10.0, help="pretraining wall-clock per arm")
+    p.add_argument("--steps", type=int, default=0,
+                   help="a fixed step count per arm instead of --minutes: equal work, not equal "
+                        "cost (a slower ingredient is not charged for its time)")
     p.add_argument("--arms", nargs="+", default=None, help="only these arm slugs")
     p.add_argument("--lamb-lr", type=float, default=4e-3)
     p.add_argument("--adamw-lr", type=float, default=2e-3)

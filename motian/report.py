@@ -97,12 +97,16 @@ def load_run(run_dir: Path) -> RunRecords:
 
 def _summary_rows(arm: str, task: str, result: dict, source: Path) -> list[DownstreamRow]:
     """Rows from a fine-tuning style result: {"summary": {split: {metric: [mean, std, n]}}}
-    (computed from its "runs" when the summary is missing)."""
+    (computed from its "runs" when the summary is missing), or from one model's {"scores":
+    {split: {metric: value}}} (a distillation run's teacher: one model, n = 1)."""
     summary = result.get("summary")
     if summary is None and "runs" in result:
         from motian.tasks.report import summarise
 
         summary = summarise(result["runs"])
+    if summary is None and isinstance(result.get("scores"), dict):
+        summary = {split: {m: [v, 0.0, 1] for m, v in metrics.items()}
+                   for split, metrics in result["scores"].items() if isinstance(metrics, dict)}
     rows = []
     for split, metrics in (summary or {}).items():
         if not isinstance(metrics, dict):
@@ -124,8 +128,9 @@ def _task_name(result: dict, fallback: str) -> str:
 def read_downstream(downstream: dict[str, Path]) -> list[DownstreamRow]:
     """Rows of the downstream table. Keys name the arm ("teacher", "student", "random init");
     "arm/anything" lets one arm appear for several tasks (the task is read from the file).
-    A results.json holding several arms as sub-objects ({"teacher": {...}, "student": {...}},
-    as a distillation run may) gives one arm per sub-object, named "<key> <sub-key>"."""
+    A results.json holding several arms as sub-objects (`motian distill`: "teacher" with its
+    scores, "student" and "baseline" with their seeds) gives one arm per sub-object, named
+    "<arm> <sub-key>" (e.g. "distilled student")."""
     rows: list[DownstreamRow] = []
     for key, path in downstream.items():
         path = Path(path)
@@ -140,7 +145,7 @@ def read_downstream(downstream: dict[str, Path]) -> list[DownstreamRow]:
         found = _summary_rows(arm, task, result, path)
         if not found:  # several arms in one file
             for sub, value in result.items():
-                if isinstance(value, dict) and ("summary" in value or "runs" in value):
+                if isinstance(value, dict) and ({"summary", "runs", "scores"} & value.keys()):
                     found += _summary_rows(f"{arm} {sub}", _task_name(value, task), value, path)
         if not found:
             raise UserError(f"{path}: no results in it (expected \"summary\": {{split: {{metric: "

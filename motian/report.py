@@ -310,8 +310,8 @@ def train_table(train: list[dict]) -> list[str]:
 
 def eval_table(evals: list[dict]) -> list[str]:
     rows = [[str(e["step"]), f"{100 * e['accuracy']:.2f}", f"{e['loss']:.4f}",
-             f"{e.get('tokens', 0):,}"] for e in evals]
-    return _table(["step", "accuracy %", "loss", "masked tokens"], rows)
+             f"{math.exp(min(e['loss'], 50.0)):,.1f}", f"{e.get('tokens', 0):,}"] for e in evals]
+    return _table(["step", "accuracy %", "loss", "perplexity", "masked tokens"], rows)
 
 
 def downstream_table(rows: list[DownstreamRow]) -> list[str]:

@@ -114,6 +114,12 @@ def test_a_resumed_run_reports_the_last_record_of_each_step(tiny_run, tmp_path):
     assert [e["step"] for e in loaded.evals] == [0, 10, 20]
     assert loaded.evals[-1]["loss"] == 1.2345
     assert "| 20 | " in write_report(run).read_text(encoding="utf-8")
+    # A run still going (or killed) has no summary.json yet: the report says so and still works.
+    (run / "summary.json").unlink()
+    (run / "run.json").unlink()
+    text = write_report(run).read_text(encoding="utf-8")
+    assert "summary.json is missing" in text and "run.json is missing" in text
+    assert "1.2345" in text
 
 
 def test_missing_metrics_and_bad_downstream_are_user_errors(tiny_run, tmp_path, capsys):

@@ -28,6 +28,7 @@ from motian.model.transformer import capture_internals
 from motian.tasks.engine import build_head, seed_everything
 from motian.tasks.features import Featurizer, collate
 from motian.tasks.finetune import evaluate, finetune, load_start, load_task, save_fine_tuned, subset
+from motian.tasks.types import Task
 
 TINY = dict(hidden=64, layers=2, heads=4, ffn=128, max_positions=128)
 
@@ -263,3 +264,31 @@ def test_cli_distill(teacher, tmp_path, capsys):
     assert result["student"]["runs"][0]["seed"] == 2
     assert main(["distill", "--teacher", str(tmp_path), "--out", str(tmp_path / "t")]) != 0
     assert "no task.json" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind", ["span", "choice"])
+def test_span_and_choice_heads_distil(kind):
+    """The other heads: start/end logits and candidate logits are matched; a copy matches."""
+    task = Task(kind, kind)
+    t_model = build_head(task, preset("tiny", vocab_size=100, **TINY)).eval()
+    g = torch.Generator().manual_seed(0)
+    shape = (3, 2, 12) if kind == "choice" else (3, 12)
+    batch = {"input_ids": torch.randint(5, 100, shape, generator=g),
+             "attention_mask": torch.ones(shape, dtype=torch.long),
+             "token_type_ids": torch.zeros(shape, dtype=torch.long)}
+    if kind == "choice":
+        batch |= {"labels": torch.tensor([0, 1, 0]), "choice_mask": torch.ones(3, 2).bool()}
+    else:
+        batch |= {"start_positions": torch.tensor([1, 2, 3]),
+                  "end_positions": torch.tensor([2, 4, 3])}
+    weights = LossWeights(1.0, 1.0, 1.0, 1.0, 2.0)
+    copy = build_head(task, t_model.config)
+    init_from_teacher(copy, t_model, [0, 1])
+    same = Distiller(t_model, copy.eval(), task_outputs(kind), weights, [0, 1])
+    same(batch)
+    assert all(abs(same.parts[k]) < 1e-6 for k in ("soft", "hidden", "attention"))
+    student = build_head(task, student_config(t_model.config, 1, 32))
+    init_from_teacher(student, t_model, [1])
+    loss = Distiller(t_model, student, task_outputs(kind), weights, [1])(batch)
+    loss.backward()
+    assert torch.isfinite(loss) and student.backbone.embeddings.word.weight.grad is not None

@@ -260,7 +260,8 @@ def plot_downstream(rows: list[DownstreamRow], path: Path) -> Path:
               for t in tasks]
     ax.set_xticks(range(len(tasks)), labels)
     ax.set_ylabel("score (×100), mean ± std over seeds")
-    ax.legend()
+    ax.margins(y=0.12)  # room for the value labels above the tallest bar
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the bars, never on them
     ax.set_title("downstream")
     return _save(fig, plt, path)
 

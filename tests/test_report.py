@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from motian.cli import main as cli_main
+from motian.distill import distill
 from motian.errors import UserError
 from motian.report import load_run, read_downstream, write_report
 from motian.tasks.finetune import finetune
@@ -85,6 +86,27 @@ def test_report_has_valid_plots_and_the_measured_numbers(tiny_run, fine_tuned, t
         mean, std, n = summary["test"]["accuracy"]
         assert (f"| {arm} | reviews-sentiment | test | accuracy | {100 * mean:.2f} ± "
                 f"{100 * std:.2f} | {n} |") in text
+
+
+def test_a_distillation_run_gives_teacher_student_and_baseline_bars(tiny_run, pd98_encoded,
+                                                                    tmp_path):
+    teacher = tmp_path / "ft"
+    finetune("reviews-sentiment", teacher, model=tiny_run / "final", tokenizer=pd98_encoded,
+             seeds=[1], epochs=1, max_train=48, max_eval=48, max_length=32, device="cpu",
+             progress=False)
+    distill(teacher / "seed-1" / "model", tmp_path / "student", student_layers=1, seeds=[1, 2],
+            epochs=1, max_train=48, max_eval=48, device="cpu", progress=False)
+    rows = read_downstream({"distill": tmp_path / "student"})
+    result = json.loads((tmp_path / "student" / "results.json").read_text())
+    test = {r.arm: r for r in rows if (r.split, r.metric) == ("test", "accuracy")}
+    assert set(test) == {"distill teacher", "distill student", "distill baseline"}
+    assert test["distill teacher"].mean == result["teacher"]["scores"]["test"]["accuracy"]
+    assert test["distill teacher"].n == 1 and test["distill student"].n == 2
+    assert [test["distill student"].mean, test["distill student"].std] == \
+        result["student"]["summary"]["test"]["accuracy"][:2]
+    path = write_report(tiny_run, tmp_path / "rep", downstream={"distill": tmp_path / "student"})
+    _assert_png(tmp_path / "rep" / "plots" / "downstream.png")
+    assert "| distill baseline | reviews-sentiment | test | accuracy |" in path.read_text("utf-8")
 
 
 def test_report_defaults_to_the_run_directory_and_the_cli_writes_it(tiny_run, tmp_path,

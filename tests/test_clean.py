@@ -197,8 +197,11 @@ def test_real_reviews_duplicates_are_removed(reviews_reference):
     _, rep = reviews_reference
     d = rep["documents"]
     assert d["read"] == 35_123  # non-blank lines of pos.txt + neg.txt
-    assert d["dropped"]["exact_duplicate"] >= 17_000  # only ~17.4k reviews are distinct
-    assert 16_000 <= d["kept"] <= 17_500
+    # only ~17.4k reviews are distinct; by default the reviews-sentiment dev/test texts (~20%
+    # of them, with their repeats) go first, as held-out task texts
+    assert d["dropped"]["exact_duplicate"] + d["dropped"]["heldout_task_text"] >= 17_000
+    assert 6_000 <= d["dropped"]["heldout_task_text"] <= 8_000
+    assert 13_000 <= d["kept"] <= 14_500
 
 
 def test_killed_run_resumes_to_the_same_output(tmp_path, reviews_reference):

@@ -48,3 +48,107 @@ def test_prepare_cli_on_user_files(tmp_path):
     again = subprocess.run(cmd, capture_output=True, text=True)
     assert again.returncode == 0, again.stderr
     assert np.array_equal(before, EncodedDataset(out / "encoded").shard(0).tokens)
+
+
+# --------------------------------------------------------------------------- held-out texts
+
+
+def test_clean_drops_heldout_reviews_wherever_they_come_from(tmp_path):
+    from motian.data.clean import HELDOUT, clean, normalize_text
+    from motian.tasks.builtin import reviews_sentiment
+
+    task = reviews_sentiment()
+    held = [e.text for e in task.splits["dev"][:15] + task.splits["test"][:15]]
+    train = [e.text for e in task.splits["train"][:40]]
+    corpus = tmp_path / "reviews.txt"  # a user's copy of the reviews, one held-out line twice
+    corpus.write_text("\n".join(train + held + held[:1]) + "\n", encoding="utf-8")
+    rep = clean([str(corpus)], tmp_path / "clean", workers=1, progress=False, min_chars=1)
+    kept = [json.loads(line)["text"] for line in open(tmp_path / "clean" / "clean-00000.jsonl",
+                                                      encoding="utf-8")]
+    assert set(kept) == {normalize_text(t) for t in train}  # the train texts, none other
+    assert rep["documents"]["dropped"][HELDOUT] == len(held) + 1
+    assert "held-out task texts removed: 31 documents" in (tmp_path / "clean" / "report.md"
+                                                          ).read_text(encoding="utf-8")
+    off = clean([str(corpus)], tmp_path / "kept", workers=1, progress=False, min_chars=1,
+                exclude_heldout=False)
+    assert HELDOUT not in off["documents"]["dropped"]
+
+
+def test_heldout_pd98_articles_are_exactly_the_dev_and_test_articles():
+    from motian.data.clean import heldout_matcher
+    from motian.tasks.builtin import pd98_ner
+
+    split_of_line: dict[int, set[str]] = {}
+    task = pd98_ner()
+    for split, examples in task.splits.items():
+        for e in examples:
+            split_of_line.setdefault(int(e.where.rsplit(":", 1)[1]), set()).add(split)
+    match = heldout_matcher(["pd98"])
+    docs = list(iter_documents(["pd98"]))
+    starts = [d.line for d in docs] + [max(split_of_line) + 1]
+    dropped = 0
+    for doc, end in zip(docs, starts[1:]):
+        splits = set().union(*(split_of_line.get(n, set()) for n in range(doc.line, end)))
+        assert len(splits) == 1  # an article never spans two splits
+        assert (match(doc) is not None) == (splits != {"train"}), (doc.line, splits)
+        dropped += match(doc) is not None
+    assert 0.15 * len(docs) < dropped < 0.25 * len(docs)  # 2 articles in 10
+
+
+# --------------------------------------------------------------------------- the demo
+
+
+# The demo recipe's objective and schedule at a test's size (a 6-second pretraining).
+TINY_DEMO = """\
+model:
+  preset: tiny
+  overrides: {hidden: 32, layers: 2, heads: 2, ffn: 64, max_positions: 128, norm: pre}
+data: {masking: wwm, pair_task: none}
+objective: {kind: mlm, weighting: uncertainty}
+optim: {name: adamw, lr: 0.002, weight_decay: 0.01, clip_norm: 1.0, decay: linear}
+stages:
+  - {fraction: 1.0, seq_len: 64, global_batch: 8, warmup: 0.05}
+eval: {every: 0, seq_len: 64, rows: 16, batch: 8}
+checkpoint_every: 1000
+"""
+
+
+def test_demo_end_to_end_on_a_tiny_budget(tmp_path, capsys):
+    from motian.pipeline import demo
+    from motian.tasks.builtin import reviews_heldout_texts, reviews_sentiment
+
+    # A small corpus in place of the bundled one (cleaning and encoding all of it takes a
+    # minute): 120 People's Daily articles and 600 reviews, 100 of them held-out ones.
+    articles = [d.text for d in itertools.islice(iter_documents(["pd98"]), 120)]
+    task = reviews_sentiment()
+    held = [e.text for e in task.splits["test"][:100]]
+    reviews = [e.text for e in task.splits["train"][:500]] + held
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n"
+                              for t in articles + reviews), encoding="utf-8")
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(TINY_DEMO, encoding="utf-8")
+    out = tmp_path / "demo"
+    report = demo(out, budget=0.2, workers=1, recipe=str(recipe), inputs=[str(corpus)],
+                  progress=False)
+
+    dropped = report["clean"]["documents"]["dropped"]["heldout_task_text"]
+    assert dropped == len(held)
+    heldout = reviews_heldout_texts()
+    for line in open(out / "clean" / "clean-00000.jsonl", encoding="utf-8"):
+        assert json.loads(line)["text"].strip() not in heldout
+    # pretraining ran and left its tokenizer with the model: fine-tuning found it alone
+    assert (out / "pretrain" / "final" / "tokenizer.json").is_file()
+    for name in ("finetune-reviews-sentiment", "finetune-pd98-ner",
+                 "finetune-reviews-sentiment-random-init", "finetune-pd98-ner-random-init"):
+        result = json.loads((out / name / "results.json").read_text(encoding="utf-8"))
+        assert result["runs"][0]["test"], name
+        assert result["config"]["tokenizer"].endswith("final")
+        assert (out / name / "seed-1" / "metrics.jsonl").is_file()
+    assert (out / "distill" / "results.json").is_file()
+    assert (out / "export" / "model.onnx").is_file()
+    text = (out / "report.md").read_text(encoding="utf-8")
+    assert "## Downstream" in text and "held-out task texts removed: 100" in text
+    assert "pd98-ner" in text and "distill student" in text
+    printed = capsys.readouterr().out
+    assert "| pretrained | reviews-sentiment | test | accuracy |" in printed

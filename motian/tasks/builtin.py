@@ -147,13 +147,29 @@ def _pd98_sentences() -> tuple[tuple[int, int, tuple[tuple[str, str], ...]], ...
                  for sentence in _sentences(words))
 
 
+def pd98_split(article: int) -> str:
+    """"train", "dev" or "test" of a pd98 article (its index mod 10: 8 dev, 9 test)."""
+    return {8: "dev", 9: "test"}.get(article % 10, "train")
+
+
+def pd98_heldout_lines(include_dev: bool = True) -> set[int]:
+    """First lines in 199801.txt of the test articles (and dev unless `include_dev=False`) of
+    pd98-ner / pd98-seg. A pd98 `Document` starts on its article's first line, so these lines
+    name exactly the documents a pretraining corpus must leave out (no text matching)."""
+    keep = {"test", "dev"} if include_dev else {"test"}
+    first: dict[int, int] = {}
+    for article, line, _ in pd98_paragraphs():
+        first.setdefault(article, line)
+    return {line for article, line in first.items() if pd98_split(article) in keep}
+
+
 def _pd98_task(name: str, labels: list[str], scheme: Scheme, make) -> Task:
     task = Task(name, "token", labels=labels, scheme=scheme,
                 splits={"train": [], "dev": [], "test": []})
     counters: dict[int, int] = defaultdict(int)
     for article, line, words in _pd98_sentences():
         text, spans = make(list(words))
-        split = {8: "dev", 9: "test"}.get(article % 10, "train")
+        split = pd98_split(article)
         n = counters[line]
         counters[line] += 1
         task.splits[split].append(Example(f"{line}.{n}", text, entities=spans,

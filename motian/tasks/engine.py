@@ -3,8 +3,13 @@
 What differs between task types is confined to three small places: which head is built
 (`build_head`), how a batch's loss is read (`batch_loss`: the heads compute it, except that
 multiple choice masks padded candidates) and how outputs become predictions (`predict`). The
-loop itself is the pretraining engine's pieces: `param_groups` / `set_lr` / `lr_multiplier` from
-`motian.train`, and `optimizer_step` (clip, skip a non-finite step, zero grads) from its loop.
+loop itself is built from the pretraining engine's pieces, so a fix there is a fix here:
+`build_optimizer` over `param_groups` (AdamW or LAMB), `set_lr` / `lr_multiplier` (warm-up then
+linear decay), `resolve_precision` / `autocast_context` (bf16 on a capable GPU, fp16 with a loss
+scaler, fp32 on CPU), `optimizer_step` (unscale, clip, skip a non-finite step, zero grads) and
+`MetricsLogger` (one JSONL record per step, TensorBoard when installed). What it does not take
+from `motian.train.loop.fit` is the packed-shard data path, stages and checkpoints: fine-tuning
+steps over a list of features and is short enough to rerun a seed instead of resuming it.
 
 Techniques from the fine-tuning literature, each off by default:
 * layer-wise learning-rate decay (discriminative rates; ULMFiT, Howard & Ruder 2018; used by
@@ -23,6 +28,8 @@ import math
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -39,8 +46,9 @@ from motian.model.heads import (
 )
 from motian.tasks.features import Feature, best_span, collate, decode_tokens
 from motian.tasks.types import Example, Task, tag_names
-from motian.train.loop import optimizer_step
-from motian.train.optim import param_groups
+from motian.train.loop import autocast_context, optimizer_step, resolve_precision
+from motian.train.metrics import MetricsLogger
+from motian.train.optim import build_optimizer, param_groups
 from motian.train.schedule import lr_multiplier, set_lr
 
 
@@ -58,6 +66,7 @@ class TrainSettings:
     unfreeze: float = 0.0  # fraction of training over which layers are unfrozen; 0 = off
     aux_mlm: float = 0.0  # weight of the auxiliary MLM loss; 0 = off
     mask_rate: float = 0.15  # of real tokens, for the auxiliary MLM loss
+    optimizer: Literal["adamw", "lamb"] = "adamw"
 
 
 def build_head(task: Task, config: ModelConfig) -> nn.Module:
@@ -184,43 +193,67 @@ def train(model: nn.Module, task_type: str, features: list[Feature], settings: T
           seed: int, pad_id: int, device: torch.device, special: dict[str, int],
           mlm: MLMHead | None = None, on_step: Callable[[int, int, float], None] | None = None,
           loss_fn: Callable[[dict[str, Tensor]], Tensor] | None = None,
-          extra: nn.Module | None = None) -> dict[str, float]:
-    """Fine-tune `model` in place; returns {"steps", "final_loss"}. `loss_fn(batch)` replaces
-    the task loss (distillation: motian.distill), `extra` holds more trainable modules (its
-    projections), trained at the full rate."""
+          extra: nn.Module | None = None, precision: str = "fp32",
+          log_dir: Path | None = None) -> dict[str, float]:
+    """Fine-tune `model` in place; returns {"steps", "final_loss", "skipped_steps"}.
+
+    `loss_fn(batch)` replaces the task loss (distillation: motian.distill), `extra` holds more
+    trainable modules (its projections), trained at the full rate. `precision` is resolved as
+    in pretraining ("auto": bf16 on a GPU that has it, else fp32); with `log_dir`, every step
+    appends {"loss", "lr", "grad_norm", "skipped"} to log_dir/metrics.jsonl."""
     s = settings
-    steps_per_epoch = math.ceil(len(features) / s.batch_size)
-    total = max(1, math.ceil(s.epochs * steps_per_epoch))
-    extras = [m for m in (mlm if s.aux_mlm else None, extra) if m is not None]
-    optimizer = torch.optim.AdamW(
-        optimizer_groups(model, s.weight_decay, s.layer_lr_decay,
-                         nn.ModuleList(extras) if extras else None),
-        lr=s.lr, eps=1e-6, weight_decay=s.weight_decay)
-    order_gen = torch.Generator().manual_seed(seed)
+    total = max(1, math.ceil(s.epochs * math.ceil(len(features) / s.batch_size)))
+    extras = nn.ModuleList([m for m in (mlm if s.aux_mlm else None, extra) if m is not None])
+    groups = optimizer_groups(model, s.weight_decay, s.layer_lr_decay,
+                              extras if len(extras) else None)
+    optimizer = build_optimizer(model, s.optimizer, s.lr, s.weight_decay, eps=1e-6, groups=groups)
+    trained = nn.ModuleList([model, extras])  # clipping sees every trained parameter
+    precision = resolve_precision(precision, device)
+    autocast = autocast_context(precision, device)
+    scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
+    logger = MetricsLogger(Path(log_dir)) if log_dir is not None else None
+    batches = _shuffled_batches(task_type, features, s.batch_size, pad_id, seed, total)
     mask_gen = torch.Generator().manual_seed(seed + 1)
     model.train()
-    order: list[int] = []
-    loss_value = math.nan
-    for step in range(total):
-        if not order:  # a new epoch: a fresh shuffle from the run's own generator
-            order = torch.randperm(len(features), generator=order_gen).tolist()
-        chunk, order = order[:s.batch_size], order[s.batch_size:]
-        apply_unfreezing(model, step / total, s.unfreeze)
-        set_lr(optimizer, s.lr * lr_multiplier((step + 1) / total, s.warmup, "linear"))
-        batch = {k: v.to(device) for k, v in
-                 collate(task_type, [features[i] for i in chunk], pad_id).items()}
-        loss = loss_fn(batch) if loss_fn else batch_loss(task_type, model, batch)[0]
-        if s.aux_mlm and mlm is not None:
-            loss = loss + s.aux_mlm * aux_mlm_loss(model, mlm, batch, special, s.mask_rate,
-                                                   mask_gen)
-        loss.backward()
-        loss = loss.detach()
-        optimizer_step(model, optimizer, s.clip_norm)
-        loss_value = loss.item()
-        if on_step:
-            on_step(step + 1, total, loss_value)
+    loss_value, skipped = math.nan, 0
+    try:
+        for step, batch in enumerate(batches):
+            apply_unfreezing(model, step / total, s.unfreeze)
+            lr = s.lr * lr_multiplier((step + 1) / total, s.warmup, "linear")
+            set_lr(optimizer, lr)
+            batch = {k: v.to(device) for k, v in batch.items()}
+            with autocast:
+                loss = loss_fn(batch) if loss_fn else batch_loss(task_type, model, batch)[0]
+                if s.aux_mlm and mlm is not None:
+                    loss = loss + s.aux_mlm * aux_mlm_loss(model, mlm, batch, special,
+                                                           s.mask_rate, mask_gen)
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+            norm, bad = optimizer_step(trained, optimizer, s.clip_norm, scaler)
+            skipped += bad
+            loss_value = loss.item()
+            if logger is not None:
+                logger.log("finetune", step + 1, {"loss": loss_value, "lr": lr,
+                                                  "grad_norm": norm, "skipped": int(bad)})
+            if on_step:
+                on_step(step + 1, total, loss_value)
+    finally:
+        if logger is not None:
+            logger.close()
     apply_unfreezing(model, 1.0, 0.0)
-    return {"steps": total, "final_loss": loss_value}
+    return {"steps": total, "final_loss": loss_value, "skipped_steps": skipped}
+
+
+def _shuffled_batches(task_type: str, features: list[Feature], batch_size: int, pad_id: int,
+                      seed: int, total: int):
+    """`total` collated batches; each epoch is a fresh shuffle from the run's own generator (a
+    last short batch closes an epoch, as in the pretraining loader)."""
+    order_gen = torch.Generator().manual_seed(seed)
+    order: list[int] = []
+    for _ in range(total):
+        if not order:
+            order = torch.randperm(len(features), generator=order_gen).tolist()
+        chunk, order = order[:batch_size], order[batch_size:]
+        yield collate(task_type, [features[i] for i in chunk], pad_id)
 
 
 # --------------------------------------------------------------------------- prediction
@@ -228,10 +261,12 @@ def train(model: nn.Module, task_type: str, features: list[Feature], settings: T
 
 @torch.no_grad()
 def predict(model: nn.Module, task: Task, features: list[Feature], examples: list[Example],
-            pad_id: int, device: torch.device, batch_size: int = 64) -> list:
+            pad_id: int, device: torch.device, batch_size: int = 64,
+            precision: str = "fp32") -> list:
     """One prediction per example: class/choice index, character spans, or answer text
     (the best-scoring span over all of an example's windows; "" if none fits)."""
     model.eval()
+    autocast = autocast_context(resolve_precision(precision, device), device)
     kind = task.type
     tags = tag_names(task.labels, task.scheme) if kind == "token" else []
     best: list = [None] * len(examples)
@@ -239,7 +274,8 @@ def predict(model: nn.Module, task: Task, features: list[Feature], examples: lis
         chunk = features[i:i + batch_size]
         batch = {k: v.to(device) for k, v in collate(kind, chunk, pad_id).items()
                  if k not in ("labels", "start_positions", "end_positions")}
-        _, out = batch_loss(kind, model, batch)
+        with autocast:
+            _, out = batch_loss(kind, model, batch)
         logits = out.logits.float().cpu()
         for j, f in enumerate(chunk):
             if kind in ("single", "pair", "choice"):

@@ -35,6 +35,7 @@ from motian.tasks.features import Featurizer
 from motian.tasks.metrics import accuracy, entity_prf, macro_f1, squad_scores
 from motian.tasks.report import results_table, summarise
 from motian.tasks.types import Example, Task
+from motian.train.loop import resolve_precision
 
 DEFAULT_SEEDS = [1, 2, 3]
 
@@ -149,19 +150,45 @@ def load_start(task: Task, model: Path | None, preset: str, vocab_size: int,
     return head, info, mlm
 
 
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt")
+
+
+def _holds_tokenizer(directory: Path) -> bool:
+    return any((directory / name).is_file() for name in TOKENIZER_FILES)
+
+
 def find_tokenizer(tokenizer: Path | None, model: Path | None) -> Path:
-    """`tokenizer`, else a tokenizer.json / vocab.txt in the model directory or up to three
-    levels above it (alone or in a `tokenizer/` folder, as `motian prepare` writes it)."""
+    """`tokenizer` if given, else the tokenizer the model was trained with, looked up along its
+    provenance rather than guessed: the model directory itself (a pretraining run's final/, a
+    fine-tuned model, a Hugging Face directory), the pretraining run it belongs to (the run
+    directory above final/ or checkpoints/step-N, which `motian pretrain` gives a copy, else
+    the encoded data its run.json names), and last the `tokenizer/` folder `motian prepare`
+    writes beside the run (runs made before runs recorded their data)."""
     if tokenizer is not None:
         return Path(tokenizer)
-    if model is not None:
-        here = Path(model).resolve()
-        for directory in [here, *here.parents[:3]]:
-            for candidate in (directory, directory / "tokenizer"):
-                if (candidate / "tokenizer.json").is_file() or (candidate / "vocab.txt").is_file():
-                    return candidate
-    raise UserError("no tokenizer: pass --tokenizer (a directory written by `motian tokenizer`, "
-                    "a tokenizer.json or a vocab.txt)")
+    if model is None:
+        raise UserError("no tokenizer: a randomly initialised model needs --tokenizer (a "
+                        "directory written by `motian tokenizer`, a tokenizer.json or a vocab.txt)")
+    here = Path(model).resolve()
+    if _holds_tokenizer(here):
+        return here
+    for run_dir in here.parents[:2]:
+        if (run_dir / "run.json").is_file():
+            if _holds_tokenizer(run_dir):
+                return run_dir
+            data = json.loads((run_dir / "run.json").read_text("utf-8")).get("data")
+            if data:
+                from motian.train.loop import encoded_tokenizer
+
+                found = encoded_tokenizer(Path(data))
+                if found is not None:
+                    return found
+    for directory in here.parents[:3]:
+        if _holds_tokenizer(directory / "tokenizer"):
+            return directory / "tokenizer"
+    raise UserError(f"{model}: found no tokenizer in it, in its pretraining run or in the data "
+                    "that run recorded; pass --tokenizer (the out/tokenizer directory of `motian "
+                    "prepare`, a tokenizer.json or a vocab.txt)")
 
 
 def pick_device(device: str) -> torch.device:
@@ -204,9 +231,11 @@ def _progress_printer(enabled: bool, seed: int):
 
 def _evaluate_split(model: nn.Module, task: Task, split: str, examples: list[Example],
                     featurize: Featurizer, pad: int, device: torch.device, batch_size: int,
-                    out_dir: Path) -> tuple[dict[str, float] | None, Path | None]:
+                    out_dir: Path, precision: str = "fp32"
+                    ) -> tuple[dict[str, float] | None, Path | None]:
     """Scores of a labelled split; for an unlabelled CLUE split, the submission file."""
-    predictions = predict(model, task, featurize(examples), examples, pad, device, batch_size)
+    predictions = predict(model, task, featurize(examples), examples, pad, device, batch_size,
+                          precision)
     if _all_gold(task, examples):
         return score(task, examples, predictions), None
     if task.clue:
@@ -226,22 +255,26 @@ def finetune(task: str, out: Path, model: Path | None = None, tokenizer: Path | 
              clip_norm: float = 1.0, layer_lr_decay: float = 1.0, unfreeze: float = 0.0,
              aux_mlm: float = 0.0, scheme: Literal["BIO", "BIOES"] = "BIO",
              max_train: int | None = None, max_eval: int | None = None,
-             random_init: bool = False, save_model: bool = True, device: str = "auto",
+             random_init: bool = False, save_model: bool = True,
+             optimizer: Literal["adamw", "lamb"] = "adamw", device: str = "auto",
+             precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto",
              progress: bool = True) -> dict:
     """Fine-tune a model on a task with several seeds; report dev/test mean ± std.
 
-    Writes out/results.json, out/results.md and per seed out/seed-N/ (result.json, the model,
-    CLUE submission files for unlabelled test data). Seeds already finished with the same
+    Writes out/results.json, out/results.md and per seed out/seed-N/ (result.json,
+    metrics.jsonl with one record per step, the model, CLUE submission files for unlabelled
+    test data). Seeds already finished with the same
     settings are reused, so an interrupted run continues where it stopped.
 
     Args:
         task: reviews-sentiment, pd98-ner, pd98-seg, or a CLUE task (afqmc, tnews, iflytek,
             ocnli, cmnli, cluewsc2020, csl, cluener, cmrc2018, c3, chid) with --data.
         out: run directory.
-        model: starting weights: a motian checkpoint or training run, or a Hugging Face BERT
-            directory; none = random initialisation of --preset.
-        tokenizer: tokenizer directory / tokenizer.json / vocab.txt (default: found next to
-            the model).
+        model: starting weights: a motian checkpoint or training run (e.g.
+            runs/demo/pretrain/final), or a Hugging Face BERT directory; none = random
+            initialisation of --preset.
+        tokenizer: tokenizer directory / tokenizer.json / vocab.txt (default: the model's own,
+            found in its directory, its pretraining run or the data that run recorded).
         data: directory with the CLUE task's files (train.json, dev.json, test.json, ...).
         preset: model shape for random initialisation (tiny, small, base, ...).
         seeds: random seeds, one fine-tuning run each (default 1 2 3).
@@ -261,7 +294,10 @@ def finetune(task: str, out: Path, model: Path | None = None, tokenizer: Path | 
         random_init: with --model, keep its shape and tokenizer but start from random weights
             (the control for measuring what pretraining buys).
         save_model: keep each seed's fine-tuned model.
+        optimizer: adamw, or lamb (the pretraining engine's, for very large batches).
         device: auto, cpu or cuda.
+        precision: auto (bf16 on a capable GPU, else fp32), fp32, bf16, or fp16 (CUDA only,
+            with a loss scaler); how it runs, so not part of the settings a seed is reused by.
         progress: show a progress bar.
     """
     seeds = list(seeds or DEFAULT_SEEDS)
@@ -272,7 +308,7 @@ def finetune(task: str, out: Path, model: Path | None = None, tokenizer: Path | 
     tok = load_tokenizer(tok_path)
     special = special_token_ids(tok)
     settings = TrainSettings(epochs, batch_size, lr, warmup, weight_decay, clip_norm,
-                             layer_lr_decay, unfreeze, aux_mlm)
+                             layer_lr_decay, unfreeze, aux_mlm, optimizer=optimizer)
     _, start_info, _ = load_start(the_task, model, preset, tok.get_vocab_size(), random_init)
     config = {"task": the_task.name, "model": str(model) if model else None,
               "model_sha256": start_info.get("sha256"), "tokenizer": str(tok_path),
@@ -289,7 +325,7 @@ def finetune(task: str, out: Path, model: Path | None = None, tokenizer: Path | 
     for seed in seeds:
         runs.append(_run_seed(the_task, seed, out / f"seed-{seed}", config, settings, model,
                               preset, tok, special, featurize, train_features, max_eval,
-                              save_model, pick_device(device), progress))
+                              save_model, pick_device(device), precision, progress))
     result = {"task": {"name": the_task.name, "type": the_task.type,
                        "sizes": {**the_task.sizes(), "train_used": len(train_examples)},
                        "notes": the_task.notes},
@@ -303,7 +339,7 @@ def finetune(task: str, out: Path, model: Path | None = None, tokenizer: Path | 
 def _run_seed(task: Task, seed: int, seed_dir: Path, config: dict, settings: TrainSettings,
               model_path: Path | None, preset: str, tok: Tokenizer, special: dict[str, int],
               featurize: Featurizer, train_features: list, max_eval: int | None,
-              save_model: bool, device: torch.device, progress: bool) -> dict:
+              save_model: bool, device: torch.device, precision: str, progress: bool) -> dict:
     done = seed_dir / "result.json"
     if done.is_file():
         previous = json.loads(done.read_text("utf-8"))
@@ -321,15 +357,18 @@ def _run_seed(task: Task, seed: int, seed_dir: Path, config: dict, settings: Tra
         if mlm_state:
             mlm.load_state_dict(mlm_state)
     t0 = time.perf_counter()
+    (seed_dir / "metrics.jsonl").unlink(missing_ok=True)  # a rerun logs afresh
     stats = train(model, task.type, train_features, settings, seed, special["pad"], device,
-                  special, mlm, _progress_printer(progress, seed))
-    result: dict = {"seed": seed, "train_seconds": round(time.perf_counter() - t0, 2), **stats}
+                  special, mlm, _progress_printer(progress, seed), precision=precision,
+                  log_dir=seed_dir)
+    result: dict = {"seed": seed, "train_seconds": round(time.perf_counter() - t0, 2),
+                    "precision": resolve_precision(precision, device), **stats}
     for split in ("dev", "test"):
         examples = subset(task.splits.get(split, []), max_eval)
         if not examples:
             continue
         scores, submission = _evaluate_split(model, task, split, examples, featurize,
-                                             special["pad"], device, 64, seed_dir)
+                                             special["pad"], device, 64, seed_dir, precision)
         if scores is not None:
             result[split] = scores
         if submission is not None:

@@ -17,7 +17,9 @@ the loss is weighted by masked tokens per global batch.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -179,6 +181,28 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     if precision == "fp16" and device.type != "cuda":
         raise UserError("fp16 with a loss scaler needs CUDA; use --precision fp32 (or bf16) on CPU")
     return precision
+
+
+def encoded_tokenizer(data: Path) -> Path | None:
+    """The tokenizer the shards in `data` were encoded with: the tokenizer.json their manifest
+    names when it is still there with the same vocabulary, else the vocab.txt that `encode`
+    copied beside the shards (the same vocabulary, BERT's pipeline); None if neither is."""
+    data = Path(data)
+    vocab = data / "vocab.txt"
+    try:
+        named = json.loads((data / "manifest.json").read_text("utf-8")).get("tokenizer")
+    except (OSError, json.JSONDecodeError):
+        named = None
+    if named:
+        path = Path(named)
+        path = path / "tokenizer.json" if path.is_dir() else path
+        if path.suffix == ".json" and path.is_file() and vocab.is_file():
+            from tokenizers import Tokenizer
+
+            tokens = vocab.read_text("utf-8").splitlines()
+            if Tokenizer.from_file(str(path)).get_vocab() == {t: i for i, t in enumerate(tokens)}:
+                return path
+    return vocab if vocab.is_file() else None
 
 
 def dropout_seed(seed: int, step: int, first_row: int) -> int:
@@ -346,7 +370,8 @@ def _fit(recipe: Recipe, settings: RunSettings, data: Path, run_dir: Path, info:
         init_weights_from(run.model, Path(init_from), verbose=info.is_main)
     elif resume and info.is_main:
         print(f"motian: no checkpoint under {run_dir}; starting a new run", file=sys.stderr)
-    logger = _start_logging(recipe, settings, run_dir, info, precision) if info.is_main else None
+    logger = _start_logging(recipe, settings, run_dir, info, precision, data) \
+        if info.is_main else None
     try:
         return _loop(recipe, data, run_dir, info, run, state, logger, progress_bar)
     finally:
@@ -371,7 +396,7 @@ def _restore(run: _Run, path: Path, recipe: Recipe, state: RunState, info: DistI
 
 
 def _start_logging(recipe: Recipe, settings: RunSettings, run_dir: Path, info: DistInfo,
-                   precision: str) -> MetricsLogger:
+                   precision: str, data: Path) -> MetricsLogger:
     from motian.data.shards import write_json_atomic
     from motian.train.recipe import save_recipe
 
@@ -379,8 +404,14 @@ def _start_logging(recipe: Recipe, settings: RunSettings, run_dir: Path, info: D
     save_recipe(recipe, run_dir / "recipe.yaml")
     meta = run_metadata(to_dict(recipe), to_dict(settings), info.world_size,
                         {"precision": precision, "device": str(info.device),
-                         "recipe_fingerprint": recipe.fingerprint()})
+                         "recipe_fingerprint": recipe.fingerprint(),
+                         "data": str(Path(data).resolve())})
     write_json_atomic(run_dir / "run.json", meta)
+    # The run carries the tokenizer its model reads, so `motian finetune --model run/final`
+    # (or any checkpoint under the run) needs no --tokenizer.
+    tokenizer = encoded_tokenizer(data)
+    if tokenizer is not None:
+        shutil.copyfile(tokenizer, run_dir / tokenizer.name)
     return MetricsLogger(run_dir)
 
 
@@ -561,5 +592,8 @@ def _finish(run_dir: Path, run: _Run, state: RunState, info: DistInfo) -> dict:
                "checkpoint": str(latest_checkpoint(run_dir) or ""), "rank": info.rank}
     if info.is_main:
         save_pretrained(run.model, run_dir / "final")
+        for name in ("tokenizer.json", "vocab.txt"):  # the copy _start_logging made
+            if (run_dir / name).is_file():
+                shutil.copyfile(run_dir / name, run_dir / "final" / name)
         write_json_atomic(run_dir / "summary.json", summary)
     return summary

@@ -226,13 +226,15 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 def build_optimizer(model: nn.Module, name: Literal["lamb", "adamw"], lr: float,
                     weight_decay: float = 0.01, betas: tuple[float, float] = (0.9, 0.999),
-                    eps: float = 1e-6) -> torch.optim.Optimizer:
-    """The named optimiser over `param_groups(model, weight_decay)`.
+                    eps: float = 1e-6, groups: list[dict] | None = None
+                    ) -> torch.optim.Optimizer:
+    """The named optimiser over `param_groups(model, weight_decay)`, or over `groups` when given
+    (fine-tuning passes per-layer groups with their own `lr_scale`).
 
     lamb: `Lamb` with bias correction and global gradient pre-normalisation to norm 1 (the
     large-batch BERT settings). adamw: `torch.optim.AdamW` (decoupled weight decay, Loshchilov
     & Hutter 2019), the BERT baseline; clip its gradients in the loop."""
-    groups = param_groups(model, weight_decay)
+    groups = param_groups(model, weight_decay) if groups is None else groups
     if not groups:
         raise UserError("build_optimizer: the model has no trainable parameters")
     if name == "lamb":

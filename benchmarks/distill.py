@@ -100,7 +100,11 @@ def main() -> None:
     p.add_argument("--alpha-hard", type=float, default=0.5)
     p.add_argument("--alpha-hidden", type=float, default=1.0)
     p.add_argument("--alpha-attention", type=float, default=1.0)
+    p.add_argument("--student-init", choices=["teacher-layers", "fresh"],
+                   default="teacher-layers")
     p.add_argument("--out", type=Path, default=Path("runs/distill-bench"))
+    p.add_argument("--name", default="student", help="the student run's folder under --out "
+                   "(another name compares student settings against the same teachers)")
     args = p.parse_args()
     start, load = time.perf_counter(), os.getloadavg()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -112,13 +116,14 @@ def main() -> None:
                        **common)
     teacher_model = args.out / "teacher" / f"seed-{args.seeds[0]}" / "model"
     t_cfg = _config(teacher_model)
-    result = distill(teacher_model, args.out / "student",
+    result = distill(teacher_model, args.out / args.name, init=args.student_init,
                      student_layers=args.student_layers or max(1, t_cfg["layers"] // 2),
                      student_hidden=args.student_hidden or t_cfg["hidden"] // 2,
                      temperature=args.temperature, alpha_soft=args.alpha_soft,
                      alpha_hard=args.alpha_hard, alpha_hidden=args.alpha_hidden,
                      alpha_attention=args.alpha_attention, lr=args.student_lr, **common)
     print(f"\nreviews-sentiment, {result['task']['train_used']} training reviews, "
+          f"student init {args.student_init}, weights {result['config']['weights']}, "
           f"{args.epochs:g} epochs, seeds {args.seeds}; teacher from "
           f"{args.init or 'random weights'}; student compute {result['compute_ratio']:.3f} × "
           f"the teacher's (encoder matmul FLOPs per token at length {args.max_length})")
@@ -126,7 +131,7 @@ def main() -> None:
           f"torch {torch.__version__}; load average before {load[0]:.2f}, after "
           f"{os.getloadavg()[0]:.2f}; {time.perf_counter() - start:.0f} s\n")
     print(table(teacher, result))
-    student_model = args.out / "student" / f"seed-{args.seeds[0]}" / "model"
+    student_model = args.out / args.name / f"seed-{args.seeds[0]}" / "model"
     print(f"\nserving: .venv/bin/python benchmarks/serving.py --models tiny --threads 1 "
           f"--checkpoint {teacher_model} --checkpoint {student_model}")
 

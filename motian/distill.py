@@ -390,13 +390,14 @@ def distill(teacher: Path, out: Path, task: str | None = None, student_layers: i
     run = _Run(the_task, tok, special, Featurizer(the_task, tok, special, meta["max_length"]),
                max_eval, pick_device(device), t_model.to(pick_device(device)), s_cfg, init,
                mapping, settings, progress)
-    features = run.featurize(subset(the_task.splits["train"], max_train))
+    examples = subset(the_task.splits["train"], max_train)
+    features = run.featurize(examples)
     out = Path(out)
     arms = {"student": (out, weights)}
     if baseline:
         arms["baseline"] = (out / "baseline", LossWeights(soft=0.0, hard=1.0))
     result = {"task": {"name": the_task.name, "type": the_task.type,
-                       "train_used": len(features)},
+                       "train_used": len(examples)},
               "teacher": _describe(t_model, meta["max_length"], sha256=config["teacher_sha256"],
                                    path=str(teacher), scores=run.teacher_scores(out)),
               "config": config}

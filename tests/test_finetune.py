@@ -218,3 +218,59 @@ def test_cli_runs_bundled_task_and_reports_errors(tmp_path, vocab, capsys):
         assert (out / "seed-1" / "model" / f"{task}_test_predictions.jsonl").is_file()
     assert main(["finetune", "--task", "glue", "--out", str(out)]) == 1
     assert "unknown task 'glue'" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- tokenizer discovery
+
+
+def test_finetune_finds_the_tokenizer_of_a_pretraining_run(tmp_path, pd98_encoded):
+    import shutil
+
+    from motian.errors import UserError
+    from motian.tasks.finetune import find_tokenizer
+    from motian.train.checkpoint import latest_checkpoint
+    from motian.train.loop import fit
+    from motian.train.metrics import read_metrics
+    from motian.train.recipe import RunSettings, load_recipe
+    from tests.pretrain_helpers import write_recipe
+
+    data = tmp_path / "enc"  # a copy whose manifest can be edited
+    shutil.copytree(pd98_encoded, data)
+    trained_with = pd98_encoded.parent / "tok" / "tokenizer.json"
+    recipe = load_recipe(write_recipe(tmp_path, steps=4, eval_every=0, checkpoint_every=2,
+                                      pair_task="none"))
+    run = tmp_path / "run"
+    fit(recipe, RunSettings(device="cpu", threads=1), data, run, progress_bar=False)
+    # pretraining left the tokenizer it was fed in the run and in final/
+    assert (run / "final" / "tokenizer.json").read_bytes() == trained_with.read_bytes()
+    assert find_tokenizer(None, run / "final") == (run / "final").resolve()
+    checkpoint = latest_checkpoint(run)
+    assert find_tokenizer(None, checkpoint) == run.resolve()
+    # without the copy, run.json's data leads to the encoded shards' own tokenizer ...
+    (run / "tokenizer.json").unlink()
+    assert find_tokenizer(None, checkpoint) == trained_with
+    # ... or, where their manifest names a tokenizer that is gone, to their vocab.txt
+    manifest = json.loads((data / "manifest.json").read_text("utf-8"))
+    (data / "manifest.json").write_text(json.dumps({**manifest, "tokenizer": "/gone"}), "utf-8")
+    assert find_tokenizer(None, checkpoint) == data.resolve() / "vocab.txt"
+    # a bare model directory: a clear error naming the option to pass
+    lonely = tmp_path / "lonely"
+    shutil.copytree(checkpoint, lonely)
+    with pytest.raises(UserError, match="pass --tokenizer"):
+        find_tokenizer(None, lonely)
+
+    # the CLI call the demo makes, with LAMB for once; one metrics record per step
+    out = tmp_path / "ft"
+    assert main(["finetune", "--task", "reviews-sentiment", "--model", str(run / "final"),
+                 "--out", str(out), "--seeds", "1", "--epochs", "1", "--batch-size", "8",
+                 "--max-train", "24", "--max-eval", "16", "--max-length", "32",
+                 "--optimizer", "lamb", "--lr", "1e-3", "--no-save-model",
+                 "--no-progress"]) == 0
+    result = json.loads((out / "results.json").read_text("utf-8"))
+    assert result["config"]["tokenizer"] == str((run / "final").resolve())
+    assert result["config"]["optimizer"] == "lamb" and result["runs"][0]["precision"] == "fp32"
+    records = read_metrics(out / "seed-1" / "metrics.jsonl", "finetune")
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert records[0]["lr"] > 0 and records[-1]["lr"] == 0  # linear decay to 0
+    assert all(r["grad_norm"] > 0 and r["skipped"] == 0 for r in records)
+    assert records[-1]["loss"] == pytest.approx(result["runs"][0]["final_loss"])

@@ -656,6 +656,7 @@ def _corpus_loop(distiller: Distiller, trainable: nn.Module, optimizer: torch.op
         batch = {k: v.to(device) for k, v in next(batches).items()}
         loss = distiller(batch)
         loss.backward()
+        loss = loss.detach()
         optimizer_step(trainable, optimizer, config["clip_norm"])
         first = float(loss) if math.isnan(first) else first
         if on_step:

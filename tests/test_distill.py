@@ -25,6 +25,7 @@ from motian.distill import (
 from motian.errors import UserError
 from motian.model import MaskedLM, from_pretrained, preset, save_pretrained
 from motian.model.transformer import capture_internals
+from motian.predict import iter_predictions, load_predictor
 from motian.tasks.engine import build_head, seed_everything
 from motian.tasks.features import Featurizer, collate
 from motian.tasks.finetune import evaluate, finetune, load_start, load_task, save_fine_tuned, subset
@@ -88,6 +89,9 @@ def test_distill_reviews_student_and_baseline(teacher, tmp_path, capsys):
     again = evaluate(out / "seed-1" / "model", split="dev", max_eval=200)
     assert again["scores"] == pytest.approx(run["dev"])
     assert "| student | 1 × 32 |" in (out / "results.md").read_text("utf-8")
+    predictor = load_predictor(out / "seed-1" / "model", "torch")
+    (answer,) = iter_predictions(predictor, [(0, {"text": "质量很好，物流也快"})])
+    assert answer["label"] in ("negative", "positive")
     stamp = (out / "seed-1" / "result.json").stat().st_mtime_ns
     assert distill(teacher, out, **kwargs)["student"]["runs"] == s["runs"]  # resumed, not rerun
     assert (out / "seed-1" / "result.json").stat().st_mtime_ns == stamp

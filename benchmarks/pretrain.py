@@ -52,11 +52,15 @@ def demo(args) -> None:
     from motian.train.loop import fit
     from motian.train.recipe import RunSettings
 
-    recipe = replace(with_settings(args.recipe, args.set), budget_minutes=args.minutes)
+    recipe = with_settings(args.recipe, args.set)
+    # --steps: a fixed step count instead of the clock, so arms compare at equal work even when
+    # the machine is shared; the CPU seconds used are printed next to it.
+    recipe = (replace(recipe, budget_minutes=0.0, steps=args.steps) if args.steps
+              else replace(recipe, budget_minutes=args.minutes))
     out = Path(args.out or tempfile.mkdtemp(prefix="motian-bench-"))
     if out.exists() and args.out:
         shutil.rmtree(out)
-    started = time.time()
+    started, cpu_started = time.time(), time.process_time()
     summary = fit(recipe, RunSettings(device="cpu", threads=args.threads), Path(args.data), out,
                   progress_bar=not args.quiet)
     evals = read_metrics(out / "metrics.jsonl", "eval")
@@ -64,6 +68,7 @@ def demo(args) -> None:
     result = {"recipe": args.recipe, "set": args.set, "minutes": args.minutes,
               "steps": summary["steps"], "tokens_seen": summary["tokens_seen"],
               "wall_s": round(time.time() - started, 1),
+              "cpu_s": round(time.process_time() - cpu_started, 1),
               "untrained": evals[0] if evals and evals[0]["step"] == 0 else None,
               "final": summary["eval"],
               "train_tokens_per_s": round(sum(r["tokens_per_s"] for r in train[-5:])
@@ -137,6 +142,7 @@ def main() -> None:
     p.add_argument("--data", default="runs/demo/encoded")
     p.add_argument("--recipe", default="demo")
     p.add_argument("--minutes", type=float, default=10.0)
+    p.add_argument("--steps", type=int, default=0, help="fixed step count instead of --minutes")
     p.add_argument("--set", action="append", default=[])
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--out", default="")

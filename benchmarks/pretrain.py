@@ -11,6 +11,10 @@ how each lever in docs/pretrain.md was measured.
 recompute: activation memory (bytes autograd saves for backward, counted with
 `saved_tensors_hooks`) and fwd+bwd time of the tiny preset with and without recomputation.
 processes: optimizer steps per second of the same run on 1 process and on 2 (torchrun, gloo).
+ngram: count-based references on the same common evaluation set, to read the neural numbers
+against: the most frequent token, the most frequent token after the left neighbour, and the
+most frequent token between the left and right neighbours (backing off to one side), all
+counted on the training documents only.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import torch
 import yaml
 
@@ -135,6 +140,58 @@ def processes(args) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _argmax_by_context(context: np.ndarray, center: np.ndarray) -> dict[int, int]:
+    """{context key: the centre token seen most often with it}, from aligned int64 arrays."""
+    pairs, counts = np.unique(np.stack([context, center], 1), axis=0, return_counts=True)
+    order = np.lexsort((-counts, pairs[:, 0]))  # by context, most frequent centre first
+    pairs = pairs[order]
+    first = np.ones(len(pairs), bool)
+    first[1:] = pairs[1:, 0] != pairs[:-1, 0]
+    return dict(zip(pairs[first, 0].tolist(), pairs[first, 1].tolist()))
+
+
+def ngram(args) -> None:
+    # Written here because it is a yardstick for the common evaluation (same held-out rows,
+    # same masking, same neighbours the model sees), not a language model anyone should use.
+    from motian.data.loader import LoaderConfig
+    from motian.train.loop import SplitLoader, eval_batches
+
+    data = Path(args.data)
+    recipe = load_recipe(args.recipe)
+    train = SplitLoader(data, LoaderConfig(seq_len=recipe.eval.seq_len, batch_size=1),
+                        recipe.eval.holdout_every, held_out=False)
+    vocab = len(train.vocab)
+    docs = [np.asarray(train.shards[s].tokens[a:a + n], dtype=np.int64)
+            for s, a, n in zip(train.doc_shard, train.doc_start, train.doc_len)]
+    left = np.concatenate([d[:-2] for d in docs if len(d) > 2])
+    mid = np.concatenate([d[1:-1] for d in docs if len(d) > 2])
+    right = np.concatenate([d[2:] for d in docs if len(d) > 2])
+    unigram = int(np.bincount(np.concatenate(docs), minlength=vocab).argmax())
+    by_left = _argmax_by_context(left, mid)
+    by_right = _argmax_by_context(right, mid)
+    by_both = _argmax_by_context(left * vocab + right, mid)
+    hits = {"most frequent token": 0, "left neighbour": 0, "left + right neighbours": 0}
+    total = 0
+    for batch in eval_batches(data, recipe.eval, causal=False)[0]:
+        ids = batch["input_ids"]
+        width = ids.shape[1]
+        flat = ids.reshape(-1).tolist()
+        for p, y in zip(batch["mlm_positions"].reshape(-1).tolist(),
+                        batch["mlm_labels"].reshape(-1).tolist()):
+            a = flat[p - 1] if p % width else None
+            b = flat[p + 1] if (p + 1) % width else None
+            guess_left = by_left.get(a, unigram)
+            both = by_both.get(a * vocab + b) if a is not None and b is not None else None
+            guess_both = both if both is not None else by_left.get(a, by_right.get(b, unigram))
+            hits["most frequent token"] += unigram == y
+            hits["left neighbour"] += guess_left == y
+            hits["left + right neighbours"] += guess_both == y
+            total += 1
+    print(json.dumps({"data": str(data), "training_tokens": int(sum(map(len, docs))),
+                      "masked_tokens": total,
+                      "accuracy": {k: round(v / total, 4) for k, v in hits.items()}}, indent=1))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="what", required=True)
@@ -155,8 +212,12 @@ def main() -> None:
     p.add_argument("--data", default="runs/demo/encoded")
     p.add_argument("--recipe", default="demo")
     p.add_argument("--steps", type=int, default=30)
+    p = sub.add_parser("ngram")
+    p.add_argument("--data", default="runs/demo/encoded")
+    p.add_argument("--recipe", default="demo", help="whose common evaluation to use")
     args = parser.parse_args()
-    {"demo": demo, "recompute": recompute, "processes": processes}[args.what](args)
+    {"demo": demo, "recompute": recompute, "processes": processes,
+     "ngram": ngram}[args.what](args)
 
 
 if __name__ == "__main__":

@@ -13,9 +13,10 @@ DEMO_ARGS ?=
 $(VENV)/bin/python:
 	$(PYTHON) -m venv --system-site-packages $(VENV)
 
+# The onnx extra is part of the base install: `make demo` ends by exporting to ONNX.
 $(VENV)/.installed: pyproject.toml scripts/ensure_torch.sh | $(VENV)/bin/python
 	bash scripts/ensure_torch.sh $(PY)
-	$(PIP) install -q -e .
+	$(PIP) install -q -e '.[onnx]'
 	touch $@
 
 $(VENV)/.installed-dev: $(VENV)/.installed

@@ -35,6 +35,7 @@ from motian.tasks.features import Featurizer
 from motian.tasks.metrics import accuracy, entity_prf, macro_f1, squad_scores
 from motian.tasks.report import results_table, summarise
 from motian.tasks.types import Example, Task
+from motian.tasks.user import USER_TASKS, load_user_task, write_predictions
 from motian.train.loop import resolve_precision
 
 DEFAULT_SEEDS = [1, 2, 3]
@@ -42,13 +43,19 @@ DEFAULT_SEEDS = [1, 2, 3]
 
 def load_task(name: str, data: Path | None = None,
               scheme: Literal["BIO", "BIOES"] = "BIO") -> Task:
-    """A bundled task (reviews-sentiment, pd98-ner, pd98-seg) or a CLUE task read from `data`."""
+    """A bundled task (reviews-sentiment, pd98-ner, pd98-seg), a CLUE task read from `data`, or
+    the user's own files in `data` (text-classification, text-pair, ner: motian/tasks/user.py)."""
     if name in BUILTIN_TASKS:
         return load_builtin(name, scheme)
+    if name in USER_TASKS:
+        task = load_user_task(name, data)
+        task.scheme = scheme
+        return task
     if clue_name(name) is None:
         raise UserError(f"unknown task {name!r}; bundled tasks: {', '.join(BUILTIN_TASKS)}; "
                         "CLUE tasks: afqmc, tnews, iflytek, ocnli, cmnli, cluewsc2020, csl, "
-                        "cluener, cmrc2018, c3, chid (with --data DIR)")
+                        "cluener, cmrc2018, c3, chid (with --data DIR); your own files: "
+                        f"{', '.join(USER_TASKS)} (with --data DIR)")
     if data is None:
         raise UserError(f"CLUE task {name!r} needs --data: the directory holding its files")
     task = load_clue(name, data)
@@ -233,14 +240,17 @@ def _evaluate_split(model: nn.Module, task: Task, split: str, examples: list[Exa
                     featurize: Featurizer, pad: int, device: torch.device, batch_size: int,
                     out_dir: Path, precision: str = "fp32"
                     ) -> tuple[dict[str, float] | None, Path | None]:
-    """Scores of a labelled split; for an unlabelled CLUE split, the submission file."""
+    """Scores of a labelled split; for an unlabelled CLUE split, the submission file. The
+    user's own tasks always get their predictions file (under their label names), scored or
+    not: that file is what they came for."""
     predictions = predict(model, task, featurize(examples), examples, pad, device, batch_size,
                           precision)
-    if _all_gold(task, examples):
-        return score(task, examples, predictions), None
-    if task.clue:
+    scores = score(task, examples, predictions) if _all_gold(task, examples) else None
+    if task.name in USER_TASKS:
+        return scores, write_predictions(task, examples, predictions, out_dir, split)
+    if scores is None and task.clue:
         return None, write_submission(task, examples, predictions, out_dir)
-    return None, None
+    return scores, None
 
 
 def _all_gold(task: Task, examples: list[Example]) -> bool:
@@ -267,15 +277,18 @@ def finetune(task: str, out: Path, model: Path | None = None, tokenizer: Path | 
     settings are reused, so an interrupted run continues where it stopped.
 
     Args:
-        task: reviews-sentiment, pd98-ner, pd98-seg, or a CLUE task (afqmc, tnews, iflytek,
-            ocnli, cmnli, cluewsc2020, csl, cluener, cmrc2018, c3, chid) with --data.
+        task: reviews-sentiment, pd98-ner, pd98-seg; a CLUE task (afqmc, tnews, iflytek,
+            ocnli, cmnli, cluewsc2020, csl, cluener, cmrc2018, c3, chid) with --data; or your
+            own JSON lines with --data: text-classification ({"text", "label"}), text-pair
+            ({"text_a", "text_b", "label"}), ner ({"text", "entities": [[start, end, type]]}).
         out: run directory.
         model: starting weights: a motian checkpoint or training run (e.g.
             runs/demo/pretrain/final), or a Hugging Face BERT directory; none = random
             initialisation of --preset.
         tokenizer: tokenizer directory / tokenizer.json / vocab.txt (default: the model's own,
             found in its directory, its pretraining run or the data that run recorded).
-        data: directory with the CLUE task's files (train.json, dev.json, test.json, ...).
+        data: directory with the task's files (CLUE: train.json, dev.json, test.json, ...;
+            your own: train.jsonl, dev.jsonl, test.jsonl).
         preset: model shape for random initialisation (tiny, small, base, ...).
         seeds: random seeds, one fine-tuning run each (default 1 2 3).
         epochs: passes over the training data (fractions allowed).
@@ -372,7 +385,8 @@ def _run_seed(task: Task, seed: int, seed_dir: Path, config: dict, settings: Tra
         if scores is not None:
             result[split] = scores
         if submission is not None:
-            result[f"{split}_submission"] = str(submission)
+            kind = "predictions" if task.name in USER_TASKS else "submission"
+            result[f"{split}_{kind}"] = str(submission)
     if save_model:
         save_fine_tuned(model, task, tok, config["max_length"], seed_dir / "model")
     write_json_atomic(done, {"config": config, "result": result})
@@ -398,7 +412,7 @@ def evaluate(model: Path, split: Literal["train", "dev", "test"] = "dev",
     Args:
         model: a fine-tuned model directory (out/seed-N/model of `motian finetune`).
         split: which split of the task to evaluate.
-        data: directory with the CLUE task's files (CLUE tasks only).
+        data: directory with the task's files (CLUE tasks and your own).
         out: where predictions go (default: the model directory); CLUE tasks get CLUE's
             submission file name, others predictions.jsonl.
         max_eval: use only the first N examples.
@@ -433,6 +447,9 @@ def evaluate(model: Path, split: Literal["train", "dev", "test"] = "dev",
             f"{k} {v * 100:.2f}" for k, v in result["scores"].items()))
     if task.clue:
         result["predictions"] = str(write_submission(task, examples, predictions, target))
+    elif task.name in USER_TASKS:
+        result["predictions"] = str(write_predictions(task, examples, predictions, target,
+                                                      split))
     else:
         target.mkdir(parents=True, exist_ok=True)
         path = target / f"{task.name}_{split}_predictions.jsonl"

@@ -1,0 +1,128 @@
+"""The user's own labelled files (text-classification, text-pair, ner): each fine-tunes end to
+end on real bundled text with the real tokenizer and tiny model, predictions of an unlabelled
+test file come back under the user's label names (also through `motian predict`), and bad files
+are refused with file:line."""
+
+import json
+
+import pytest
+
+from motian.cli import main
+from motian.errors import UserError
+from motian.predict import predict
+from motian.tasks.builtin import pd98_ner, reviews_sentiment
+from motian.tasks.finetune import evaluate, finetune, load_task
+from tests.test_clue import jsonl
+from tests.test_tasks import char_tokenizer
+
+FAST = dict(epochs=30, batch_size=8, lr=2e-3, warmup=0.1, seeds=[1], progress=False)
+
+
+@pytest.fixture(scope="module")
+def reviews():
+    task = reviews_sentiment()
+    pos = [e.text[:40] for e in task.splits["train"] if e.label == 1][:12]
+    neg = [e.text[:40] for e in task.splits["train"] if e.label == 0][:12]
+    return pos, neg
+
+
+@pytest.fixture(scope="module")
+def sentences():
+    return [e for e in pd98_ner().splits["train"][:400] if e.entities and len(e.text) < 40][:16]
+
+
+@pytest.fixture
+def vocab(tmp_path, reviews, sentences):
+    char_tokenizer(tmp_path, reviews[0] + reviews[1] + [e.text for e in sentences])
+    return tmp_path / "vocab.txt"
+
+
+def task_dir(tmp_path, name, train, test):
+    """train.jsonl = dev.jsonl (the loop must learn it) and an unlabelled test.jsonl."""
+    d = tmp_path / name
+    d.mkdir()
+    for split, records in (("train", train), ("dev", train), ("test", test)):
+        jsonl(d / f"{split}.jsonl", records)
+    return d
+
+
+def test_text_classification_learns_and_predicts_label_names(tmp_path, reviews, vocab, capsys):
+    pos, neg = reviews
+    train = [{"text": t, "label": "好评"} for t in pos] + [{"text": t, "label": "差评"} for t in neg]
+    test = [{"id": f"r{i}", "text": t} for i, t in enumerate(pos[:3] + neg[:3])]
+    d = task_dir(tmp_path, "mine", train, test)
+    task = load_task("text-classification", d)
+    assert task.labels == sorted(["好评", "差评"])  # sorted: the same files, the same indices
+    assert task.sizes() == {"train": 24, "dev": 24, "test": 6}
+    result = finetune("text-classification", tmp_path / "run", tokenizer=vocab, data=d, **FAST)
+    run = result["runs"][0]
+    assert run["dev"]["accuracy"] >= 0.9
+    lines = [json.loads(x) for x in open(run["test_predictions"], encoding="utf-8")]
+    assert [x["id"] for x in lines] == [f"r{i}" for i in range(6)]
+    assert [x["label"] for x in lines] == ["好评"] * 3 + ["差评"] * 3
+    model = tmp_path / "run" / "seed-1" / "model"
+    assert evaluate(model, split="dev", data=d)["scores"] == pytest.approx(run["dev"])
+    inputs = tmp_path / "in.jsonl"
+    jsonl(inputs, [{"id": 1, "text": pos[0]}, {"id": 2, "text": neg[0]}])
+    predict(model, inputs, tmp_path / "out.jsonl")
+    out = [json.loads(x) for x in open(tmp_path / "out.jsonl", encoding="utf-8")]
+    assert [x["label"] for x in out] == ["好评", "差评"]
+
+
+def test_text_pair_and_ner_learn(tmp_path, reviews, sentences, vocab):
+    pos, neg = reviews
+    pairs = [{"text_a": a, "text_b": b, "label": "same"} for a, b in zip(pos, pos[1:])] + \
+        [{"text_a": a, "text_b": b, "label": "different"} for a, b in zip(pos, neg)]
+    ner = [{"text": e.text, "entities": [[s, t, kind] for s, t, kind in e.entities]}
+           for e in sentences]
+    cases = [("text-pair", task_dir(tmp_path, "pairs", pairs, pairs[:2]), "accuracy", 0.9,
+              FAST),
+             ("ner", task_dir(tmp_path, "ner", ner, [{"text": x["text"]} for x in ner[:2]]),
+              "f1", 0.6, {**FAST, "epochs": 60})]
+    for name, d, metric, floor, settings in cases:
+        result = finetune(name, tmp_path / f"run-{name}", tokenizer=vocab, data=d,
+                          save_model=False, **settings)
+        run = result["runs"][0]
+        assert run["dev"][metric] >= floor, (name, run)
+        lines = [json.loads(x) for x in open(run["test_predictions"], encoding="utf-8")]
+        assert len(lines) == 2
+    assert load_task("ner", tmp_path / "ner").labels == sorted(
+        {kind for e in sentences for _, _, kind in e.entities})
+    entities = json.loads(open(tmp_path / "run-ner" / "seed-1" /
+                               "ner_test_predictions.jsonl", encoding="utf-8").readline())
+    assert all(len(x) == 3 for x in entities["entities"])
+
+
+@pytest.mark.parametrize("name,train,dev,message", [
+    ("text-classification", [{"text": "好", "label": "a"}, {"text": "差", "label": "b"}],
+     [{"text": "还行", "label": "c"}], r"dev.jsonl:1: label 'c' never occurs in the training"),
+    ("text-classification", [{"text": "好", "label": "a"}, {"text": "差"}], [],
+     r"train.jsonl:2: missing field 'label'"),
+    ("text-classification", [{"text": "好", "label": "a"}, {"text": "差", "label": "a"}], [],
+     "only 1 distinct label"),
+    ("text-pair", [{"text_a": "好", "label": "a"}, {"text_a": "差", "text_b": "坏", "label": "b"}],
+     [], r"train.jsonl:1: missing field 'text_b'"),
+    ("ner", [{"text": "北京", "entities": [[0, 3, "LOC"]]}], [],
+     r"train.jsonl:1: entity \[0, 3, 'LOC'\] is outside the text of 2 characters"),
+    ("ner", [{"text": "北京", "entities": [[0, 2, "LOC"]]}],
+     [{"text": "上海", "entities": [[0, 2, "GPE"]]}], r"dev.jsonl:1: entity type 'GPE' never"),
+])
+def test_bad_files_name_file_and_line(tmp_path, name, train, dev, message):
+    d = tmp_path / "bad"
+    d.mkdir()
+    jsonl(d / "train.jsonl", train)
+    jsonl(d / "dev.jsonl", dev)
+    with pytest.raises(UserError, match=message):
+        load_task(name, d)
+
+
+def test_missing_files_and_cli_errors(tmp_path, capsys):
+    with pytest.raises(UserError, match="no train.jsonl"):
+        load_task("text-classification", tmp_path)
+    with pytest.raises(UserError, match="give --data DIR"):
+        load_task("ner", None)
+    (tmp_path / "train.jsonl").write_text('{"text": "好", "label": "a"}\n{"text": 差}\n',
+                                          encoding="utf-8")
+    assert main(["finetune", "--task", "text-classification", "--data", str(tmp_path),
+                 "--out", str(tmp_path / "run"), "--preset", "tiny"]) == 1
+    assert "train.jsonl:2: not valid JSON" in capsys.readouterr().err

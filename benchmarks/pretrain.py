@@ -119,8 +119,11 @@ def recompute(args) -> None:
 
 def processes(args) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="motian-procs-"))
-    recipe = replace(load_recipe(args.recipe), budget_minutes=0, steps=args.steps,
-                     checkpoint_every=0, eval=replace(load_recipe(args.recipe).eval, every=0))
+    # The first stage only (the demo's 90%): one --micro-batch must divide every stage's rows.
+    base = load_recipe(args.recipe)
+    recipe = replace(base, budget_minutes=0, steps=args.steps, checkpoint_every=0,
+                     stages=(replace(base.stages[0], fraction=1.0),),
+                     eval=replace(base.eval, every=0))
     save_recipe(recipe, tmp / "r.yaml")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     common = ["-m", "motian.cli", "pretrain", "--recipe", str(tmp / "r.yaml"), "--data",
@@ -131,8 +134,10 @@ def processes(args) -> None:
     for n, cmd in ((1, [sys.executable, *common, "--threads", "2"]),
                    (2, [torchrun, "--standalone", "--nproc_per_node", "2", *common,
                         "--threads", "1"])):
-        subprocess.run([*cmd, "--out", str(tmp / f"p{n}")], env=env, check=True,
-                       capture_output=True)
+        done = subprocess.run([*cmd, "--out", str(tmp / f"p{n}")], env=env,
+                              capture_output=True, text=True)
+        if done.returncode:
+            sys.exit(f"{n} process(es) failed ({' '.join(cmd)}):\n{done.stderr[:3000]}")
         summary = json.loads((tmp / f"p{n}" / "summary.json").read_text())
         results[f"{n} process(es)"] = round(summary["steps"] / summary["seconds"], 2)
     print(json.dumps({"recipe": args.recipe, "steps": args.steps, "steps_per_s": results},

@@ -414,7 +414,7 @@ def evaluate(model: Path, split: Literal["train", "dev", "test"] = "dev",
         split: which split of the task to evaluate.
         data: directory with the task's files (CLUE tasks and your own).
         out: where predictions go (default: the model directory); CLUE tasks get CLUE's
-            submission file name, others predictions.jsonl.
+            submission file name, others <task>_<split>_predictions.jsonl.
         max_eval: use only the first N examples.
         batch_size: examples per forward pass.
         device: auto, cpu or cuda.

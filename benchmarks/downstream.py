@@ -210,7 +210,8 @@ def run(args: argparse.Namespace) -> str:
                               model=model, seeds=args.seeds, epochs=args.epochs,
                               batch_size=args.batch_size, lr=args.lr, max_train=args.max_train,
                               max_eval=args.max_eval, random_init=random_init, save_model=False,
-                              device=args.device, progress=not args.quiet)
+                              device=args.device, pooling=args.pooling,
+                              progress=not args.quiet)
             if arm == "pretrained":
                 sha = result["model"].get("sha256")
             metric = MAIN_METRIC[task]
@@ -247,6 +248,8 @@ def main() -> None:
     p.add_argument("--max-train", type=int, default=6000)
     p.add_argument("--max-eval", type=int, default=None)
     p.add_argument("--device", default="auto")
+    p.add_argument("--pooling", choices=["cls", "mean"], default=None,
+                   help="what the classification head reads (default: the model's own, [CLS])")
     p.add_argument("--corpus", type=Path, default=None,
                    help="the cleaned pretraining corpus, to count held-out reviews in it")
     p.add_argument("--out", type=Path, default=Path("runs/downstream"))

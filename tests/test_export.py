@@ -42,11 +42,12 @@ def review_tokenizer(tmp_path_factory):
     return root / "tok"
 
 
-def tiny_checkpoint(directory, head, tokenizer, position="absolute", **head_kwargs):
+def tiny_checkpoint(directory, head, tokenizer, position="absolute", pooling="cls",
+                    **head_kwargs):
     """A random-weight tiny model of `head` saved as a motian checkpoint with its tokenizer."""
     vocab = sum(1 for _ in open(tokenizer / "vocab.txt", encoding="utf-8"))
     config = preset("tiny", vocab_size=vocab, hidden=32, heads=4, ffn=64, position=position,
-                    causal=head == "CausalLM", max_positions=128)
+                    causal=head == "CausalLM", max_positions=128, classifier_pooling=pooling)
     if head in ("SequenceClassification", "TokenClassification"):
         head_kwargs.setdefault("num_labels", 3)
     torch.manual_seed(0)
@@ -72,6 +73,18 @@ def test_every_head_onnx_and_hf_match_pytorch(tmp_path, review_tokenizer, head):
     assert json.loads((out / "export.json").read_text())["head"] == head
     assert (out / "hf" / "config.json").is_file()
     assert not (out / "model.unchecked.onnx").exists()
+
+
+@pytest.mark.parametrize("head", ["SequenceClassification", "MultipleChoice"])
+def test_mean_pooled_heads_export_with_parity_as_remote_code(tmp_path, review_tokenizer, head):
+    """A mean-pooled head is not what transformers' BERT classes compute: it exports as remote
+    code (model_type motian), with the same parity as every other head, padding included."""
+    ckpt = tiny_checkpoint(tmp_path / "ckpt", head, review_tokenizer, pooling="mean")
+    manifest = export(ckpt, tmp_path / "out", format="both")
+    for what in ("onnx", "hf"):
+        assert max(manifest[what]["max_abs_diff"].values()) <= TOLERANCE
+    hf_config = json.loads((tmp_path / "out" / "hf" / "config.json").read_text())
+    assert hf_config["model_type"] == "motian"
 
 
 @pytest.mark.parametrize("position,head", [

@@ -299,6 +299,33 @@ def test_span_extraction_ignores_padding():
     assert (out.logits[:, 9:] < -1e3).all() and (out.end_logits[:, 9:] < -1e3).all()
 
 
+def test_mean_pooling_reads_the_real_tokens_only():
+    """classifier_pooling="mean": the head reads the mean of the real tokens' last layer (not
+    [CLS], not the padding); extra padding changes nothing; the pretraining pair task keeps
+    [CLS]; an unknown pooling is refused."""
+    torch.manual_seed(0)
+    model = SequenceClassification(tiny(classifier_pooling="mean"), num_labels=3).eval()
+    x, mask = ids(), torch.ones(2, 12, dtype=torch.long)
+    mask[1, 7:] = 0
+    with torch.no_grad():
+        out = model(x, mask)
+        h = out.hidden_states
+        mean = torch.stack([h[0].mean(0), h[1, :7].mean(0)])
+        head = model.head
+        assert torch.allclose(out.logits, head.classifier(torch.tanh(head.pooler(mean))),
+                              atol=1e-6)
+        cls = head.classifier(torch.tanh(head.pooler(h[:, 0])))
+        assert not torch.allclose(out.logits, cls, atol=1e-3)
+        padded = model(torch.cat([x, torch.zeros(2, 5, dtype=x.dtype)], 1),
+                       torch.cat([mask, torch.zeros(2, 5, dtype=mask.dtype)], 1)).logits
+        assert torch.allclose(padded, out.logits, atol=1e-5)
+        choice = MultipleChoice(tiny(classifier_pooling="mean")).eval()
+        assert choice(x[None], mask[None]).logits.shape == (1, 2)
+    assert PreTrainingModel(tiny(classifier_pooling="mean")).pair.pooling == "cls"
+    with pytest.raises(UserError, match="classifier_pooling='max' is not one of cls, mean"):
+        tiny(classifier_pooling="max")
+
+
 def test_causal_lm_learns_and_requires_causal_config():
     with pytest.raises(UserError, match="causal"):
         CausalLM(tiny())

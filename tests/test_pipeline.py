@@ -147,6 +147,10 @@ def test_demo_end_to_end_on_a_tiny_budget(tmp_path, capsys):
         assert (out / name / "seed-1" / "metrics.jsonl").is_file()
     assert (out / "distill" / "results.json").is_file()
     assert (out / "export" / "model.onnx").is_file()
+    # the demo's classifiers (teacher and distilled student) read the token mean, not [CLS]
+    for model in (out / "finetune-reviews-sentiment" / "seed-1" / "model", out / "export"):
+        config = json.loads((model / "config.json").read_text(encoding="utf-8"))
+        assert config["model"]["classifier_pooling"] == "mean", model
     text = (out / "report.md").read_text(encoding="utf-8")
     assert "## Downstream" in text and "held-out task texts removed: 100" in text
     assert "pd98-ner" in text and "distill student" in text

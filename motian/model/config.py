@@ -17,6 +17,7 @@ from motian.errors import UserError
 
 Activation = Literal["gelu", "geglu"]
 Norm = Literal["pre", "post"]
+Pooling = Literal["cls", "mean"]
 Position = Literal["absolute", "sinusoidal", "t5", "nezha", "deberta", "rope", "alibi", "tupe"]
 
 POSITIONS: tuple[str, ...] = Position.__args__
@@ -52,11 +53,16 @@ class ModelConfig:
     cross_document_attention: bool = True  # False: tokens attend only within their document
     checkpoint_activations: bool = False  # recompute each block in backward (memory for time)
     initializer_range: float = 0.02  # BERT: weights ~ N(0, 0.02), biases 0, LayerNorm 1/0
+    # What sequence heads (classification, pairs, multiple choice) read: [CLS] as BERT, or the
+    # mean over real tokens, which an MLM-only pretraining (no pair task) trains where [CLS]
+    # stays untrained (docs/finetune.md measures it). The pretraining pair task always reads [CLS].
+    classifier_pooling: Pooling = "cls"
 
     def __post_init__(self) -> None:
         self._check_choice("activation", Activation.__args__)
         self._check_choice("norm", Norm.__args__)
         self._check_choice("position", POSITIONS)
+        self._check_choice("classifier_pooling", Pooling.__args__)
         if self.hidden % self.heads:
             raise UserError(f"model config: hidden ({self.hidden}) must be divisible by heads "
                             f"({self.heads}); choose e.g. heads={_divisor_near(self.hidden, self.heads)}")

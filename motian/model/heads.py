@@ -130,17 +130,27 @@ class MaskedLM(_Backbone):
 
 
 class ClassifierHead(nn.Module):
-    """[CLS] -> pooler (dense + tanh, as BERT) -> dropout -> linear to `num_labels`."""
+    """[CLS] (or the mean of the real tokens, `config.classifier_pooling`) -> pooler (dense +
+    tanh, as BERT) -> dropout -> linear to `num_labels`."""
 
-    def __init__(self, config: ModelConfig, num_labels: int):
+    def __init__(self, config: ModelConfig, num_labels: int, pooling: str | None = None):
         super().__init__()
+        self.pooling = pooling or config.classifier_pooling
         self.pooler = nn.Linear(config.hidden, config.hidden)
         self.dropout = Dropout(config.dropout)
         self.classifier = nn.Linear(config.hidden, num_labels)
 
-    def forward(self, h: Tensor) -> Tensor:
-        """h (B, L, hidden) -> (B, num_labels), from the first token."""
-        return self.classifier(self.dropout(torch.tanh(self.pooler(h[:, 0]))))
+    def forward(self, h: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """h (B, L, hidden) -> (B, num_labels), from the first token or the masked mean."""
+        if self.pooling == "mean":
+            if attention_mask is None:
+                pooled = h.mean(1)
+            else:
+                mask = attention_mask[:, :, None].to(h.dtype)
+                pooled = (h * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+        else:
+            pooled = h[:, 0]
+        return self.classifier(self.dropout(torch.tanh(self.pooler(pooled))))
 
 
 class PreTrainingModel(_Backbone):
@@ -152,7 +162,7 @@ class PreTrainingModel(_Backbone):
     def __init__(self, config: ModelConfig, num_pair_labels: int = 2):
         super().__init__(config, num_pair_labels=num_pair_labels)
         self.mlm = MLMHead(config)
-        self.pair = ClassifierHead(config, num_pair_labels)
+        self.pair = ClassifierHead(config, num_pair_labels, pooling="cls")
         self._init_head()
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
@@ -181,8 +191,8 @@ class PreTrainingModel(_Backbone):
 
 
 class SequenceClassification(_Backbone):
-    """One label per sequence (or pair) from [CLS]: logits (B, num_labels). `num_labels=1` is
-    regression (MSE on float labels)."""
+    """One label per sequence (or pair) from [CLS] or the token mean (`classifier_pooling`):
+    logits (B, num_labels). `num_labels=1` is regression (MSE on float labels)."""
 
     def __init__(self, config: ModelConfig, num_labels: int = 2):
         super().__init__(config, num_labels=num_labels)
@@ -194,7 +204,7 @@ class SequenceClassification(_Backbone):
                 token_type_ids: Tensor | None = None, position_ids: Tensor | None = None,
                 labels: Tensor | None = None) -> ModelOutput:
         h = self.encode(input_ids, attention_mask, token_type_ids, position_ids)
-        out = ModelOutput(logits=self.head(h), hidden_states=h)
+        out = ModelOutput(logits=self.head(h, attention_mask), hidden_states=h)
         if labels is not None:
             if self.num_labels == 1:
                 out.loss = F.mse_loss(out.logits.float().squeeze(-1), labels.float())
@@ -266,7 +276,7 @@ class MultipleChoice(_Backbone):
             return None if t is None else t.reshape(B * C, L)
 
         h = self.encode(flat(input_ids), flat(attention_mask), flat(token_type_ids))
-        logits = self.head(h).view(B, C)
+        logits = self.head(h, flat(attention_mask)).view(B, C)
         out = ModelOutput(logits=logits, hidden_states=h)
         if labels is not None:
             out.loss = F.cross_entropy(logits.float(), labels)

@@ -225,7 +225,8 @@ def is_bert_shaped(model: nn.Module) -> bool:
     """True if `transformers`' own BERT classes compute exactly what `model` computes."""
     c: ModelConfig = model.config
     return (type(model).__name__ in _HEAD_TO_BERT and c.norm == "post" and c.position == "absolute"
-            and c.activation == "gelu" and not c.causal and c.type_vocab_size > 0)
+            and c.activation == "gelu" and not c.causal and c.type_vocab_size > 0
+            and c.classifier_pooling == "cls")
 
 
 def export_hf(model: nn.Module, directory: str | Path,

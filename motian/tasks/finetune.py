@@ -14,7 +14,7 @@ import hashlib
 import json
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Literal
 
@@ -113,12 +113,15 @@ def _backbone_state(state: dict[str, torch.Tensor], source: str) -> dict[str, to
 
 
 def load_start(task: Task, model: Path | None, preset: str, vocab_size: int,
-               random_init: bool = False) -> tuple[nn.Module, dict, dict[str, torch.Tensor]]:
+               random_init: bool = False, pooling: str | None = None
+               ) -> tuple[nn.Module, dict, dict[str, torch.Tensor]]:
     """(task model, description of its starting weights, MLM-head weights if any).
     `random_init` keeps the checkpoint's shape but not its weights: the control arm of a
-    "does pretraining help" comparison."""
+    "does pretraining help" comparison. `pooling` (cls, mean) overrides what a sequence head
+    reads; None keeps the checkpoint's (a fine-tuned model's own, or [CLS])."""
     if model is None:
         config = model_preset(preset, vocab_size=vocab_size)
+        config = replace(config, classifier_pooling=pooling) if pooling else config
         return build_head(task, config), {"source": f"random init ({preset})"}, {}
     model = Path(model)
     config_file = model / "config.json"
@@ -143,6 +146,8 @@ def load_start(task: Task, model: Path | None, preset: str, vocab_size: int,
     if vocab_size > config.vocab_size:
         raise UserError(f"{model}: the tokenizer has {vocab_size} tokens but the model only "
                         f"{config.vocab_size}; use the tokenizer the model was trained with")
+    if pooling:
+        config = replace(config, classifier_pooling=pooling)
     head = build_head(task, config)
     if random_init:  # no weights, hence no hash: the result does not depend on them
         return head, {"source": f"random init, shape of {model}"}, {}
@@ -268,6 +273,7 @@ def finetune(task: str, out: Path, model: Path | None = None, tokenizer: Path | 
              random_init: bool = False, save_model: bool = True,
              optimizer: Literal["adamw", "lamb"] = "adamw", device: str = "auto",
              precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto",
+             pooling: Literal["cls", "mean"] | None = None,
              progress: bool = True) -> dict:
     """Fine-tune a model on a task with several seeds; report dev/test mean ± std.
 
@@ -311,6 +317,10 @@ def finetune(task: str, out: Path, model: Path | None = None, tokenizer: Path | 
         device: auto, cpu or cuda.
         precision: auto (bf16 on a capable GPU, else fp32), fp32, bf16, or fp16 (CUDA only,
             with a loss scaler); how it runs, so not part of the settings a seed is reused by.
+        pooling: what classification, pair and multiple-choice heads read: cls ([CLS], as
+            BERT) or mean (the mean over real tokens; measured better from an MLM-only
+            checkpoint, see docs/finetune.md); default: the model's own, else cls. Saved with
+            the model; a mean-pooled model exports to Hugging Face as remote code, not BERT.
         progress: show a progress bar.
     """
     seeds = list(seeds or DEFAULT_SEEDS)
@@ -322,10 +332,12 @@ def finetune(task: str, out: Path, model: Path | None = None, tokenizer: Path | 
     special = special_token_ids(tok)
     settings = TrainSettings(epochs, batch_size, lr, warmup, weight_decay, clip_norm,
                              layer_lr_decay, unfreeze, aux_mlm, optimizer=optimizer)
-    _, start_info, _ = load_start(the_task, model, preset, tok.get_vocab_size(), random_init)
+    _, start_info, _ = load_start(the_task, model, preset, tok.get_vocab_size(), random_init,
+                                  pooling)
     config = {"task": the_task.name, "model": str(model) if model else None,
               "model_sha256": start_info.get("sha256"), "tokenizer": str(tok_path),
               "preset": None if model else preset, "random_init": random_init,
+              **({"pooling": pooling} if pooling else {}),
               "max_length": max_length,
               "scheme": the_task.scheme, "max_train": max_train, "max_eval": max_eval,
               **asdict(settings)}
@@ -362,7 +374,7 @@ def _run_seed(task: Task, seed: int, seed_dir: Path, config: dict, settings: Tra
     seed_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(seed)
     model, _, mlm_state = load_start(task, model_path, preset, tok.get_vocab_size(),
-                                     config["random_init"])
+                                     config["random_init"], config.get("pooling"))
     model.to(device)
     mlm = None
     if settings.aux_mlm:

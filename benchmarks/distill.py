@@ -102,6 +102,8 @@ def main() -> None:
     p.add_argument("--alpha-attention", type=float, default=1.0)
     p.add_argument("--student-init", choices=["teacher-layers", "fresh"],
                    default="teacher-layers")
+    p.add_argument("--pooling", choices=["cls", "mean"], default=None,
+                   help="what the teacher's classifier reads (the student inherits it)")
     p.add_argument("--out", type=Path, default=Path("runs/distill-bench"))
     p.add_argument("--name", default="student", help="the student run's folder under --out "
                    "(another name compares student settings against the same teachers)")
@@ -113,7 +115,7 @@ def main() -> None:
                   max_eval=args.max_eval, seeds=args.seeds, progress=False)
     teacher = finetune("reviews-sentiment", args.out / "teacher", model=init,
                        tokenizer=args.tokenizer, lr=args.teacher_lr, max_length=args.max_length,
-                       **common)
+                       pooling=args.pooling, **common)
     teacher_model = args.out / "teacher" / f"seed-{args.seeds[0]}" / "model"
     t_cfg = _config(teacher_model)
     result = distill(teacher_model, args.out / args.name, init=args.student_init,

@@ -210,7 +210,7 @@ def run(args: argparse.Namespace) -> str:
                               model=model, seeds=args.seeds, epochs=args.epochs,
                               batch_size=args.batch_size, lr=args.lr, max_train=args.max_train,
                               max_eval=args.max_eval, random_init=random_init, save_model=False,
-                              device=args.device, pooling=args.pooling,
+                              device=args.device, pooling=args.pooling, dropout=args.dropout,
                               progress=not args.quiet)
             if arm == "pretrained":
                 sha = result["model"].get("sha256")
@@ -248,6 +248,8 @@ def main() -> None:
     p.add_argument("--max-train", type=int, default=6000)
     p.add_argument("--max-eval", type=int, default=None)
     p.add_argument("--device", default="auto")
+    p.add_argument("--dropout", type=float, default=None,
+                   help="fine-tuning dropout (default: the model's own)")
     p.add_argument("--pooling", choices=["cls", "mean"], default=None,
                    help="what the classification head reads (default: the model's own, [CLS])")
     p.add_argument("--corpus", type=Path, default=None,

@@ -71,18 +71,28 @@ def test_text_classification_learns_and_predicts_label_names(tmp_path, reviews, 
 
 def test_mean_pooling_is_kept_with_the_fine_tuned_model(tmp_path, reviews, vocab):
     """--pooling mean trains a mean-pooled head, saves it with the model, and evaluate /
-    predict (which rebuild the model from its directory) score it the same way."""
+    predict (which rebuild the model from its directory) score it the same way; --dropout
+    reaches the model, and a bad value is refused."""
     pos, neg = reviews
     train = [{"text": t, "label": "好评"} for t in pos] + [{"text": t, "label": "差评"} for t in neg]
     d = task_dir(tmp_path, "mine", train, train[:2])
     result = finetune("text-classification", tmp_path / "run", tokenizer=vocab, data=d,
                       pooling="mean", **FAST)
     run = result["runs"][0]
-    assert run["dev"]["accuracy"] >= 0.9 and result["config"]["pooling"] == "mean"
+    assert run["dev"]["accuracy"] >= 0.9
+    assert result["config"]["model_overrides"] == {"classifier_pooling": "mean"}
     model = tmp_path / "run" / "seed-1" / "model"
     saved = json.loads((model / "config.json").read_text("utf-8"))
     assert saved["model"]["classifier_pooling"] == "mean"
     assert evaluate(model, split="dev", data=d)["scores"] == pytest.approx(run["dev"])
+    result = finetune("text-classification", tmp_path / "run-dropout", tokenizer=vocab, data=d,
+                      dropout=0.3, save_model=True, **{**FAST, "epochs": 1})
+    saved = json.loads((tmp_path / "run-dropout" / "seed-1" / "model" / "config.json")
+                       .read_text("utf-8"))["model"]
+    assert saved["dropout"] == saved["attention_dropout"] == 0.3
+    with pytest.raises(UserError, match="dropout and attention_dropout must be in"):
+        finetune("text-classification", tmp_path / "run-bad", tokenizer=vocab, data=d,
+                 dropout=1.5, **FAST)
 
 
 def test_text_pair_and_ner_learn(tmp_path, reviews, sentences, vocab):

@@ -113,15 +113,15 @@ def _backbone_state(state: dict[str, torch.Tensor], source: str) -> dict[str, to
 
 
 def load_start(task: Task, model: Path | None, preset: str, vocab_size: int,
-               random_init: bool = False, pooling: str | None = None
+               random_init: bool = False, overrides: dict | None = None
                ) -> tuple[nn.Module, dict, dict[str, torch.Tensor]]:
     """(task model, description of its starting weights, MLM-head weights if any).
     `random_init` keeps the checkpoint's shape but not its weights: the control arm of a
-    "does pretraining help" comparison. `pooling` (cls, mean) overrides what a sequence head
-    reads; None keeps the checkpoint's (a fine-tuned model's own, or [CLS])."""
+    "does pretraining help" comparison. `overrides` replaces ModelConfig fields that do not
+    change the weights' shapes (classifier_pooling, dropout, attention_dropout)."""
     if model is None:
         config = model_preset(preset, vocab_size=vocab_size)
-        config = replace(config, classifier_pooling=pooling) if pooling else config
+        config = replace(config, **(overrides or {}))
         return build_head(task, config), {"source": f"random init ({preset})"}, {}
     model = Path(model)
     config_file = model / "config.json"
@@ -146,8 +146,7 @@ def load_start(task: Task, model: Path | None, preset: str, vocab_size: int,
     if vocab_size > config.vocab_size:
         raise UserError(f"{model}: the tokenizer has {vocab_size} tokens but the model only "
                         f"{config.vocab_size}; use the tokenizer the model was trained with")
-    if pooling:
-        config = replace(config, classifier_pooling=pooling)
+    config = replace(config, **(overrides or {}))
     head = build_head(task, config)
     if random_init:  # no weights, hence no hash: the result does not depend on them
         return head, {"source": f"random init, shape of {model}"}, {}
@@ -273,7 +272,7 @@ def finetune(task: str, out: Path, model: Path | None = None, tokenizer: Path | 
              random_init: bool = False, save_model: bool = True,
              optimizer: Literal["adamw", "lamb"] = "adamw", device: str = "auto",
              precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto",
-             pooling: Literal["cls", "mean"] | None = None,
+             pooling: Literal["cls", "mean"] | None = None, dropout: float | None = None,
              progress: bool = True) -> dict:
     """Fine-tune a model on a task with several seeds; report dev/test mean ± std.
 
@@ -321,6 +320,8 @@ def finetune(task: str, out: Path, model: Path | None = None, tokenizer: Path | 
             BERT) or mean (the mean over real tokens; measured better from an MLM-only
             checkpoint, see docs/finetune.md); default: the model's own, else cls. Saved with
             the model; a mean-pooled model exports to Hugging Face as remote code, not BERT.
+        dropout: dropout on hidden states and attention weights while fine-tuning (default:
+            the model's own; the demo recipe pretrains with 0, BERT with 0.1).
         progress: show a progress bar.
     """
     seeds = list(seeds or DEFAULT_SEEDS)
@@ -332,12 +333,14 @@ def finetune(task: str, out: Path, model: Path | None = None, tokenizer: Path | 
     special = special_token_ids(tok)
     settings = TrainSettings(epochs, batch_size, lr, warmup, weight_decay, clip_norm,
                              layer_lr_decay, unfreeze, aux_mlm, optimizer=optimizer)
+    overrides = {k: v for k, v in (("classifier_pooling", pooling), ("dropout", dropout),
+                                   ("attention_dropout", dropout)) if v is not None}
     _, start_info, _ = load_start(the_task, model, preset, tok.get_vocab_size(), random_init,
-                                  pooling)
+                                  overrides)
     config = {"task": the_task.name, "model": str(model) if model else None,
               "model_sha256": start_info.get("sha256"), "tokenizer": str(tok_path),
               "preset": None if model else preset, "random_init": random_init,
-              **({"pooling": pooling} if pooling else {}),
+              **({"model_overrides": overrides} if overrides else {}),
               "max_length": max_length,
               "scheme": the_task.scheme, "max_train": max_train, "max_eval": max_eval,
               **asdict(settings)}
@@ -374,7 +377,7 @@ def _run_seed(task: Task, seed: int, seed_dir: Path, config: dict, settings: Tra
     seed_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(seed)
     model, _, mlm_state = load_start(task, model_path, preset, tok.get_vocab_size(),
-                                     config["random_init"], config.get("pooling"))
+                                     config["random_init"], config.get("model_overrides"))
     model.to(device)
     mlm = None
     if settings.aux_mlm:

@@ -139,3 +139,32 @@ def pd98_encoded(tmp_path_factory):
     encode([str(corpus)], root / "enc", tokenizer=root / "tok", workers=1, txt_mode="blank",
            shard_docs=100, progress=False)
     return root / "enc"
+
+
+# Real text for the fine-tuning tests (bundled CLUE-style, user-file and built-in tasks): 12
+# positive and 12 negative reviews, 16 short People's Daily sentences with entities, and a
+# character vocabulary over them.
+@pytest.fixture(scope="module")
+def reviews():
+    from motian.tasks.builtin import reviews_sentiment
+
+    task = reviews_sentiment()
+    pos = [e.text[:40] for e in task.splits["train"] if e.label == 1][:12]
+    neg = [e.text[:40] for e in task.splits["train"] if e.label == 0][:12]
+    return pos, neg
+
+
+@pytest.fixture(scope="module")
+def ner_sentences():
+    from motian.tasks.builtin import pd98_ner
+
+    return [e for e in pd98_ner().splits["train"][:400] if e.entities and len(e.text) < 40][:16]
+
+
+@pytest.fixture
+def vocab(tmp_path, reviews, ner_sentences):
+    from tests.test_tasks import char_tokenizer
+
+    texts = reviews[0] + reviews[1] + [e.text for e in ner_sentences] + ["好差"]
+    char_tokenizer(tmp_path, texts)
+    return tmp_path / "vocab.txt"

@@ -10,7 +10,6 @@ import torch
 from motian.cli import main
 from motian.model import MaskedLM, from_pretrained, preset, save_pretrained
 from motian.model.heads import MLMHead
-from motian.tasks.builtin import pd98_ner, reviews_sentiment
 from motian.tasks.engine import (
     apply_unfreezing,
     aux_mlm_loss,
@@ -26,26 +25,6 @@ from tests.test_clue import jsonl
 from tests.test_tasks import char_tokenizer
 
 FAST = dict(epochs=30, batch_size=8, lr=2e-3, warmup=0.1, seeds=[1], progress=False)
-
-
-@pytest.fixture(scope="module")
-def reviews():
-    task = reviews_sentiment()
-    pos = [e.text[:40] for e in task.splits["train"] if e.label == 1][:12]
-    neg = [e.text[:40] for e in task.splits["train"] if e.label == 0][:12]
-    return pos, neg
-
-
-@pytest.fixture(scope="module")
-def ner_sentences():
-    return [e for e in pd98_ner().splits["train"][:400] if e.entities and len(e.text) < 40][:16]
-
-
-@pytest.fixture
-def vocab(tmp_path, reviews, ner_sentences):
-    texts = reviews[0] + reviews[1] + [e.text for e in ner_sentences] + ["好差"]
-    char_tokenizer(tmp_path, texts)
-    return tmp_path / "vocab.txt"
 
 
 def clue_dir(tmp_path, name, train, test, as_json=False):

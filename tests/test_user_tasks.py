@@ -10,31 +10,9 @@ import pytest
 from motian.cli import main
 from motian.errors import UserError
 from motian.predict import predict
-from motian.tasks.builtin import pd98_ner, reviews_sentiment
 from motian.tasks.finetune import evaluate, finetune, load_task
 from tests.test_clue import jsonl
-from tests.test_tasks import char_tokenizer
-
-FAST = dict(epochs=30, batch_size=8, lr=2e-3, warmup=0.1, seeds=[1], progress=False)
-
-
-@pytest.fixture(scope="module")
-def reviews():
-    task = reviews_sentiment()
-    pos = [e.text[:40] for e in task.splits["train"] if e.label == 1][:12]
-    neg = [e.text[:40] for e in task.splits["train"] if e.label == 0][:12]
-    return pos, neg
-
-
-@pytest.fixture(scope="module")
-def sentences():
-    return [e for e in pd98_ner().splits["train"][:400] if e.entities and len(e.text) < 40][:16]
-
-
-@pytest.fixture
-def vocab(tmp_path, reviews, sentences):
-    char_tokenizer(tmp_path, reviews[0] + reviews[1] + [e.text for e in sentences])
-    return tmp_path / "vocab.txt"
+from tests.test_finetune import FAST
 
 
 def task_dir(tmp_path, name, train, test):
@@ -95,12 +73,12 @@ def test_mean_pooling_is_kept_with_the_fine_tuned_model(tmp_path, reviews, vocab
                  dropout=1.5, **FAST)
 
 
-def test_text_pair_and_ner_learn(tmp_path, reviews, sentences, vocab):
+def test_text_pair_and_ner_learn(tmp_path, reviews, ner_sentences, vocab):
     pos, neg = reviews
     pairs = [{"text_a": a, "text_b": b, "label": "same"} for a, b in zip(pos, pos[1:])] + \
         [{"text_a": a, "text_b": b, "label": "different"} for a, b in zip(pos, neg)]
     ner = [{"text": e.text, "entities": [[s, t, kind] for s, t, kind in e.entities]}
-           for e in sentences]
+           for e in ner_sentences]
     cases = [("text-pair", task_dir(tmp_path, "pairs", pairs, pairs[:2]), "accuracy", 0.9,
               FAST),
              ("ner", task_dir(tmp_path, "ner", ner, [{"text": x["text"]} for x in ner[:2]]),
@@ -113,7 +91,7 @@ def test_text_pair_and_ner_learn(tmp_path, reviews, sentences, vocab):
         lines = [json.loads(x) for x in open(run["test_predictions"], encoding="utf-8")]
         assert len(lines) == 2
     assert load_task("ner", tmp_path / "ner").labels == sorted(
-        {kind for e in sentences for _, _, kind in e.entities})
+        {kind for e in ner_sentences for _, _, kind in e.entities})
     entities = json.loads(open(tmp_path / "run-ner" / "seed-1" /
                                "ner_test_predictions.jsonl", encoding="utf-8").readline())
     assert all(len(x) == 3 for x in entities["entities"])

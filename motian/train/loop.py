@@ -303,10 +303,13 @@ def fit(recipe: Recipe, settings: RunSettings, data: Path, run_dir: Path, resume
     final model under `run_dir`. Runs alone or as one rank of torchrun. Returns a summary."""
     info = dist_utils.setup(settings.device, settings.dist_timeout_s)
     try:
-        return _fit(recipe, settings, Path(data), Path(run_dir), info, resume, init_from,
-                    progress_bar)
-    finally:
-        dist_utils.teardown()
+        summary = _fit(recipe, settings, Path(data), Path(run_dir), info, resume, init_from,
+                       progress_bar)
+    except BaseException:
+        dist_utils.teardown(finished=False)
+        raise
+    dist_utils.teardown()
+    return summary
 
 
 @dataclass

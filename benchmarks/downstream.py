@@ -44,26 +44,31 @@ MAIN_METRIC = {"reviews-sentiment": "accuracy", "pd98-ner": "f1"}
 
 def tfidf_baseline(max_train: int | None) -> list[tuple[str, str, str, list[float]]]:
     """Character 1-2-gram TF-IDF + logistic regression on the same training reviews."""
-    try:
-        from sklearn.feature_extraction.text import TfidfVectorizer
-        from sklearn.linear_model import LogisticRegression
-    except ImportError:
+    if importlib.util.find_spec("sklearn") is None:
         print("scikit-learn is not installed: pip install scikit-learn (the dev extra has it)",
               file=sys.stderr)
         return []
     task = reviews_sentiment()
     train = subset(task.splits["train"], max_train)
+    scores = tfidf_accuracy(train, [task.splits["dev"], task.splits["test"]])
+    return [(f"TF-IDF char 1-2-gram + LR ({len(train)} train)", split, "accuracy", [acc])
+            for split, acc in zip(("dev", "test"), scores)]
+
+
+def tfidf_accuracy(train: list, evaluations: list[list]) -> list[float]:
+    """Character 1-2-gram TF-IDF + logistic regression fitted on `train` examples; accuracy on
+    each list of `evaluations`."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import LogisticRegression
+
     vectoriser = TfidfVectorizer(analyzer="char", ngram_range=(1, 2), sublinear_tf=True)
     x = vectoriser.fit_transform([e.text for e in train])
     clf = LogisticRegression(max_iter=2000, C=4.0).fit(x, [e.label for e in train])
-    rows = []
-    for split in ("dev", "test"):
-        examples = task.splits[split]
+    scores = []
+    for examples in evaluations:
         pred = clf.predict(vectoriser.transform([e.text for e in examples]))
-        acc = sum(int(p) == e.label for p, e in zip(pred, examples)) / len(examples)
-        rows.append((f"TF-IDF char 1-2-gram + LR ({len(train)} train)", split, "accuracy",
-                     [acc]))
-    return rows
+        scores.append(sum(int(p) == e.label for p, e in zip(pred, examples)) / len(examples))
+    return scores
 
 
 def contamination(corpus: Path) -> str:

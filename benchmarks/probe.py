@@ -24,8 +24,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from downstream import tfidf_accuracy  # the same baseline as benchmarks/downstream.py
 
 from motian.data.tokenizer import load_tokenizer, special_token_ids
+from motian.model.heads import masked_mean
 from motian.tasks.builtin import reviews_sentiment
 from motian.tasks.features import Featurizer, collate
 from motian.tasks.finetune import find_tokenizer, load_start, subset
@@ -40,9 +42,8 @@ def embed(model: torch.nn.Module, features: list, pad: int, batch_size: int = 64
     for i in range(0, len(features), batch_size):
         batch = collate("single", features[i:i + batch_size], pad)
         h = model.encode(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
-        mask = batch["attention_mask"].unsqueeze(-1).to(h.dtype)
         out["cls"].append(h[:, 0].numpy())
-        out["mean"].append(((h * mask).sum(1) / mask.sum(1)).numpy())
+        out["mean"].append(masked_mean(h, batch["attention_mask"]).numpy())
     return {k: np.concatenate(v) for k, v in out.items()}
 
 
@@ -54,17 +55,6 @@ def probe(x_train: np.ndarray, y_train: list[int], x_test: np.ndarray, y_test: l
     scaler = StandardScaler().fit(x_train)
     clf = LogisticRegression(max_iter=5000, C=1.0).fit(scaler.transform(x_train), y_train)
     return float((clf.predict(scaler.transform(x_test)) == np.array(y_test)).mean())
-
-
-def tfidf(train: list, test: list) -> float:
-    from sklearn.feature_extraction.text import TfidfVectorizer
-    from sklearn.linear_model import LogisticRegression
-
-    vectoriser = TfidfVectorizer(analyzer="char", ngram_range=(1, 2), sublinear_tf=True)
-    x = vectoriser.fit_transform([e.text for e in train])
-    clf = LogisticRegression(max_iter=2000, C=4.0).fit(x, [e.label for e in train])
-    pred = clf.predict(vectoriser.transform([e.text for e in test]))
-    return float((pred == np.array([e.label for e in test])).mean())
 
 
 def main() -> None:
@@ -100,7 +90,8 @@ def main() -> None:
                       for k in ("cls", "mean")}
         print(f"{name}: [CLS] {rows[name]['cls']:.2f}, mean {rows[name]['mean']:.2f} "
               f"({time.perf_counter() - t0:.0f} s)", flush=True)
-    rows["TF-IDF char 1-2-gram + LR"] = {"text": round(100 * tfidf(train, test), 2)}
+    rows["TF-IDF char 1-2-gram + LR"] = {"text": round(100 * tfidf_accuracy(train, [test])[0],
+                                                       2)}
     print(json.dumps({"init": str(args.init), "train": len(train), "test": len(test),
                       "test_accuracy": rows}, ensure_ascii=False, indent=1))
 

@@ -129,6 +129,14 @@ class MaskedLM(_Backbone):
         return out
 
 
+def masked_mean(h: Tensor, attention_mask: Tensor | None) -> Tensor:
+    """(B, L, hidden) -> (B, hidden): the mean over the real tokens (all without a mask)."""
+    if attention_mask is None:
+        return h.mean(1)
+    mask = attention_mask[:, :, None].to(h.dtype)
+    return (h * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+
+
 class ClassifierHead(nn.Module):
     """[CLS] (or the mean of the real tokens, `config.classifier_pooling`) -> pooler (dense +
     tanh, as BERT) -> dropout -> linear to `num_labels`."""
@@ -142,14 +150,7 @@ class ClassifierHead(nn.Module):
 
     def forward(self, h: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         """h (B, L, hidden) -> (B, num_labels), from the first token or the masked mean."""
-        if self.pooling == "mean":
-            if attention_mask is None:
-                pooled = h.mean(1)
-            else:
-                mask = attention_mask[:, :, None].to(h.dtype)
-                pooled = (h * mask).sum(1) / mask.sum(1).clamp(min=1.0)
-        else:
-            pooled = h[:, 0]
+        pooled = masked_mean(h, attention_mask) if self.pooling == "mean" else h[:, 0]
         return self.classifier(self.dropout(torch.tanh(self.pooler(pooled))))
 
 

@@ -22,7 +22,7 @@ import json
 from pathlib import Path
 
 from motian.errors import UserError
-from motian.tasks.clue import _guid, label_index, need, read_jsonl
+from motian.tasks.clue import _guid, need, read_jsonl
 from motian.tasks.types import Example, Task
 
 USER_TASKS: dict[str, str] = {"text-classification": "single", "text-pair": "pair",
@@ -116,7 +116,7 @@ def _example(task_type: str, labels: list[str], path: Path, lineno: int,
             raise UserError(f"{where}: label {record['label']!r} never occurs in the training "
                             f"file (labels: {', '.join(labels)}); add examples of it to "
                             "train.jsonl or relabel")
-        label = label_index(record["label"], labels, where)
+        label = labels.index(str(record["label"]))
     return Example(guid, text, text_b, label, where=where)
 
 

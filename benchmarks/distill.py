@@ -29,12 +29,12 @@ from pathlib import Path
 import torch
 
 from motian.data.tokenizer import train_tokenizer
-from motian.distill import distill
+from motian.distillation import distill
+from motian.finetuning import finetune, subset
 from motian.model import MaskedLM, preset, save_pretrained
+from motian.reporting.tables import fmt
 from motian.tasks.builtin import load_builtin
-from motian.tasks.finetune import finetune, subset
 from motian.tasks.metrics import mean_std
-from motian.tasks.report import fmt
 
 
 def random_teacher_start(root: Path, shape: list[int], max_train: int | None) -> Path:

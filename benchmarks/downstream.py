@@ -34,10 +34,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from motian.finetuning import find_tokenizer, finetune, subset  # noqa: E402
 from motian.pipeline import FINETUNE  # noqa: E402
+from motian.reporting.tables import comparison_table  # noqa: E402
 from motian.tasks.builtin import reviews_heldout_texts, reviews_sentiment  # noqa: E402
-from motian.tasks.finetune import find_tokenizer, finetune, subset  # noqa: E402
-from motian.tasks.report import comparison_table  # noqa: E402
 
 MAIN_METRIC = {"reviews-sentiment": "accuracy", "pd98-ner": "f1"}
 

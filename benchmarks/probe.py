@@ -27,10 +27,10 @@ import torch
 from downstream import tfidf_accuracy  # the same baseline as benchmarks/downstream.py
 
 from motian.data.tokenizer import load_tokenizer, special_token_ids
+from motian.finetuning import find_tokenizer, load_start, subset
 from motian.model.heads import masked_mean
 from motian.tasks.builtin import reviews_sentiment
 from motian.tasks.features import Featurizer, collate
-from motian.tasks.finetune import find_tokenizer, load_start, subset
 
 
 @torch.no_grad()

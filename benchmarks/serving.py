@@ -5,7 +5,7 @@
     .venv/bin/python benchmarks/serving.py --checkpoint runs/x/model --checkpoint runs/y/model
 
 For every model, `motian export` writes the serving directory (ONNX parity checked as usual),
-then both backends run through `motian.predict.load_predictor`, the path `motian predict`
+then both backends run through `motian.serving.predict.load_predictor`, the path `motian predict`
 serves with, on the same tokenised bundled reviews (one review per request, padded batches of
 32 for throughput):
 
@@ -38,9 +38,9 @@ import torch
 
 from motian.data.sources import iter_reviews
 from motian.data.tokenizer import train_tokenizer
-from motian.export import export
 from motian.model import SequenceClassification, count_parameters, preset, save_pretrained
-from motian.predict import iter_predictions, load_predictor
+from motian.serving.export import export
+from motian.serving.predict import iter_predictions, load_predictor
 from motian.tasks.builtin import load_builtin
 from motian.tasks.features import Featurizer, collate
 from motian.tasks.types import Example, Task

@@ -139,7 +139,7 @@ def demo(out: Path = Path("runs/demo"), budget: float = FULL_BUDGET, workers: in
         distill: distil the fine-tuned reviews model and export the student.
         progress: show progress bars.
     """
-    from motian.pretrain import pretrain
+    from motian.pretraining import pretrain
 
     out = Path(out)
     if budget <= 0:
@@ -168,7 +168,7 @@ def finetune_sizes(budget: float) -> tuple[int, int | None]:
 def _finetune_all(out: Path, model: Path, budget: float, seeds: list[int], control: bool,
                   progress: bool) -> dict[str, Path]:
     """Fine-tune every demo task from `model` (and from random init); {arm/task: run dir}."""
-    from motian.tasks.finetune import finetune
+    from motian.finetuning import finetune
 
     max_train, max_eval = finetune_sizes(budget)
     arms: dict[str, Path] = {}
@@ -188,8 +188,8 @@ def _distill_and_export(out: Path, arms: dict[str, Path], budget: float, seeds: 
                         progress: bool) -> Path:
     """Distil the pretrained reviews-sentiment model (first seed) into a student with half
     its layers, beside the same student trained without a teacher; export the student."""
-    from motian.distill import distill
-    from motian.export import export
+    from motian.distillation import distill
+    from motian.serving.export import export
 
     max_train, max_eval = finetune_sizes(budget)
     teacher = arms["pretrained/reviews-sentiment"] / f"seed-{seeds[0]}" / "model"
@@ -208,7 +208,7 @@ def _distill_and_export(out: Path, arms: dict[str, Path], budget: float, seeds: 
 def _demo_report(out: Path, run: Path, arms: dict[str, Path], data_report: dict) -> Path:
     """out/report.md: the pretraining run's report (plots, tables) with the downstream arms,
     then the data-preparation report; prints the downstream table."""
-    from motian.report import downstream_table, read_downstream, write_report
+    from motian.reporting.run import downstream_table, read_downstream, write_report
 
     path = write_report(run, out, arms)
     text = path.read_text(encoding="utf-8")

@@ -10,7 +10,7 @@ import torch
 
 from motian.cli import main
 from motian.data.tokenizer import load_tokenizer, special_token_ids
-from motian.distill import (
+from motian.distillation import (
     Distiller,
     LossWeights,
     distill,
@@ -23,12 +23,12 @@ from motian.distill import (
     task_outputs,
 )
 from motian.errors import UserError
+from motian.finetuning import evaluate, finetune, load_start, load_task, save_fine_tuned, subset
 from motian.model import MaskedLM, from_pretrained, preset, save_pretrained
 from motian.model.transformer import capture_internals
-from motian.predict import iter_predictions, load_predictor
+from motian.serving.predict import iter_predictions, load_predictor
 from motian.tasks.engine import build_head, seed_everything
 from motian.tasks.features import Featurizer, collate
-from motian.tasks.finetune import evaluate, finetune, load_start, load_task, save_fine_tuned, subset
 from motian.tasks.types import Task
 
 TINY = dict(hidden=64, layers=2, heads=4, ffn=128, max_positions=128)

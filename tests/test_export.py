@@ -13,7 +13,8 @@ import torch
 from motian.data.sources import iter_reviews
 from motian.data.tokenizer import train_tokenizer
 from motian.errors import UserError
-from motian.export import (
+from motian.model import HEADS, from_pretrained, preset, save_pretrained
+from motian.serving.export import (
     EXPORT_LENGTH,
     OUTPUTS,
     check_batches,
@@ -24,7 +25,6 @@ from motian.export import (
     run_session,
     torch_outputs,
 )
-from motian.model import HEADS, from_pretrained, preset, save_pretrained
 
 pytest.importorskip("onnxruntime")
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from motian.cli import main
+from motian.finetuning import evaluate, finetune, load_start, load_task, sha256_file
 from motian.model import MaskedLM, from_pretrained, preset, save_pretrained
 from motian.model.heads import MLMHead
 from motian.tasks.engine import (
@@ -19,7 +20,6 @@ from motian.tasks.engine import (
     optimizer_groups,
 )
 from motian.tasks.features import Featurizer, collate
-from motian.tasks.finetune import evaluate, finetune, load_start, load_task, sha256_file
 from motian.tasks.types import Example, Task
 from tests.test_clue import jsonl
 from tests.test_tasks import char_tokenizer
@@ -206,7 +206,7 @@ def test_finetune_finds_the_tokenizer_of_a_pretraining_run(tmp_path, pd98_encode
     import shutil
 
     from motian.errors import UserError
-    from motian.tasks.finetune import find_tokenizer
+    from motian.finetuning import find_tokenizer
     from motian.train.checkpoint import latest_checkpoint
     from motian.train.loop import fit
     from motian.train.metrics import read_metrics

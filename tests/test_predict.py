@@ -10,8 +10,14 @@ import sys
 import pytest
 
 from motian.errors import UserError
-from motian.export import export
-from motian.predict import fill_mask, iter_predictions, load_predictor, predict, read_records
+from motian.serving.export import export
+from motian.serving.predict import (
+    fill_mask,
+    iter_predictions,
+    load_predictor,
+    predict,
+    read_records,
+)
 from tests import test_export
 from tests.test_export import tiny_checkpoint
 
@@ -170,8 +176,8 @@ def test_serves_a_fine_tuned_model_as_evaluate_scores_it(tmp_path, review_tokeni
     """The contract with `motian finetune`: its saved model (task.json, tokenizer.json) exports
     and serves with no other input, and both backends predict exactly what `motian evaluate`
     predicts for the same examples."""
+    from motian.finetuning import evaluate, finetune
     from motian.tasks.builtin import load_builtin
-    from motian.tasks.finetune import evaluate, finetune
 
     finetune("reviews-sentiment", tmp_path / "ft", tokenizer=review_tokenizer, seeds=[1],
              epochs=1, max_train=200, max_eval=60, lr=1e-3, progress=False)

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 
 from motian.cli import main as cli_main
-from motian.distill import distill
+from motian.distillation import distill
 from motian.errors import UserError
-from motian.report import load_run, read_downstream, write_report
-from motian.tasks.finetune import finetune
+from motian.finetuning import finetune
+from motian.reporting.run import load_run, read_downstream, write_report
 from motian.train.loop import fit
 from motian.train.metrics import read_metrics
 from motian.train.recipe import RunSettings, load_recipe

@@ -9,8 +9,8 @@ import pytest
 
 from motian.cli import main
 from motian.errors import UserError
-from motian.predict import predict
-from motian.tasks.finetune import evaluate, finetune, load_task
+from motian.finetuning import evaluate, finetune, load_task
+from motian.serving.predict import predict
 from tests.test_clue import jsonl
 from tests.test_finetune import FAST
 

@@ -3,6 +3,6 @@
 inputs (`features`), the fine-tuning loop (`engine`), the `finetune` / `evaluate` verbs
 (`finetune`) and results tables (`report`).
 
-Modules are imported on demand (`from motian.tasks.finetune import finetune`) so reading a CLUE
+Modules are imported on demand (`from motian.finetuning import finetune`) so reading a CLUE
 file does not import torch.
 """

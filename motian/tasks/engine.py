@@ -197,7 +197,7 @@ def train(model: nn.Module, task_type: str, features: list[Feature], settings: T
           log_dir: Path | None = None) -> dict[str, float]:
     """Fine-tune `model` in place; returns {"steps", "final_loss", "skipped_steps"}.
 
-    `loss_fn(batch)` replaces the task loss (distillation: motian.distill), `extra` holds more
+    `loss_fn(batch)` replaces the task loss (distillation: motian.distillation), `extra` holds more
     trainable modules (its projections), trained at the full rate. `precision` is resolved as
     in pretraining ("auto": bf16 on a GPU that has it, else fp32); with `log_dir`, every step
     appends {"loss", "lr", "grad_norm", "skipped"} to log_dir/metrics.jsonl."""

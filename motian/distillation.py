@@ -50,19 +50,7 @@ from motian.data.loader import LoaderConfig, PackedLoader
 from motian.data.shards import write_json_atomic
 from motian.data.tokenizer import load_tokenizer, special_token_ids
 from motian.errors import UserError
-from motian.model.config import ModelConfig
-from motian.model.heads import MaskedLM, masked_lm_logits, mlm_loss
-from motian.model.io import (
-    count_parameters,
-    from_pretrained,
-    load_weights,
-    read_state_dict,
-    save_pretrained,
-)
-from motian.model.transformer import capture_internals
-from motian.tasks.engine import TrainSettings, batch_loss, build_head, seed_everything, train
-from motian.tasks.features import Featurizer
-from motian.tasks.finetune import (
+from motian.finetuning import (
     DEFAULT_SEEDS,
     _backbone_state,
     _evaluate_split,
@@ -74,8 +62,20 @@ from motian.tasks.finetune import (
     sha256_file,
     subset,
 )
+from motian.model.config import ModelConfig
+from motian.model.heads import MaskedLM, masked_lm_logits, mlm_loss
+from motian.model.io import (
+    count_parameters,
+    from_pretrained,
+    load_weights,
+    read_state_dict,
+    save_pretrained,
+)
+from motian.model.transformer import capture_internals
+from motian.reporting.tables import fmt, summarise
+from motian.tasks.engine import TrainSettings, batch_loss, build_head, seed_everything, train
+from motian.tasks.features import Featurizer
 from motian.tasks.metrics import mean_std
-from motian.tasks.report import fmt, summarise
 from motian.tasks.types import Task
 from motian.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from motian.train.loop import optimizer_step

@@ -101,7 +101,7 @@ def _summary_rows(arm: str, task: str, result: dict, source: Path) -> list[Downs
     {split: {metric: value}}} (a distillation run's teacher: one model, n = 1)."""
     summary = result.get("summary")
     if summary is None and "runs" in result:
-        from motian.tasks.report import summarise
+        from motian.reporting.tables import summarise
 
         summary = summarise(result["runs"])
     if summary is None and isinstance(result.get("scores"), dict):

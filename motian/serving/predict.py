@@ -37,7 +37,9 @@ from torch import Tensor
 
 from motian.data.tokenizer import load_tokenizer, special_token_ids
 from motian.errors import UserError
-from motian.export import (
+from motian.model.config import ModelConfig
+from motian.model.io import FORMAT, from_pretrained
+from motian.serving.export import (
     ONNX_FILE,
     find_tokenizer,
     input_names,
@@ -46,9 +48,7 @@ from motian.export import (
     read_task,
     run_session,
 )
-from motian.export import torch_outputs as run_torch
-from motian.model.config import ModelConfig
-from motian.model.io import FORMAT, from_pretrained
+from motian.serving.export import torch_outputs as run_torch
 from motian.tasks.features import Featurizer, best_span, collate, decode_tokens
 from motian.tasks.types import Example, Task
 

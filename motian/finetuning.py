@@ -28,12 +28,12 @@ from motian.errors import UserError
 from motian.model.config import preset as model_preset
 from motian.model.heads import MLMHead
 from motian.model.io import from_pretrained, load_weights, read_state_dict, save_pretrained
+from motian.reporting.tables import results_table, summarise
 from motian.tasks.builtin import BUILTIN_TASKS, load_builtin
 from motian.tasks.clue import clue_name, load_clue, write_submission
 from motian.tasks.engine import TrainSettings, build_head, predict, seed_everything, train
 from motian.tasks.features import Featurizer
 from motian.tasks.metrics import accuracy, entity_prf, macro_f1, squad_scores
-from motian.tasks.report import results_table, summarise
 from motian.tasks.types import Example, Task
 from motian.tasks.user import USER_TASKS, load_user_task, write_predictions
 from motian.train.loop import resolve_precision

@@ -356,7 +356,7 @@ def _name_hf_labels(directory: Path, labels: list[str]) -> None:
 def find_tokenizer(checkpoint: Path, tokenizer: Path | None) -> Path:
     """The tokenizer given, else the one fine-tuning saved with the model (or `motian prepare`
     next to it): the lookup `motian finetune` / `evaluate` use, so all verbs agree."""
-    from motian.tasks.finetune import find_tokenizer as lookup  # the training engine: lazily
+    from motian.finetuning import find_tokenizer as lookup  # the training engine: lazily
 
     found = lookup(tokenizer, checkpoint)
     load_tokenizer(found)  # fails early, naming the file, if it is not a tokenizer

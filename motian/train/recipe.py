@@ -25,9 +25,12 @@ import yaml
 from motian.data.masking import MaskingConfig
 from motian.errors import UserError
 from motian.model.config import ModelConfig, preset
+from motian.train.settings import OptimSettings, Precision, RunSettings, Stage
+
+OptimSpec = OptimSettings  # the recipe's `optim:` section (older name)
+__all__ = ["OptimSettings", "OptimSpec", "Precision", "RunSettings", "Stage"]
 
 CONFIGS_DIR = Path(__file__).resolve().parents[2] / "configs"
-Precision = Literal["auto", "fp32", "bf16", "fp16"]
 
 
 @dataclass(frozen=True)
@@ -64,30 +67,6 @@ class ObjectiveSpec:
     kind: Literal["mlm", "causal"] = "mlm"
     weighting: Literal["uncertainty", "fixed"] = "uncertainty"
     weights: dict = field(default_factory=lambda: {"mlm": 1.0, "pair": 1.0})  # fixed weighting
-
-
-@dataclass(frozen=True)
-class OptimSpec:
-    name: Literal["lamb", "adamw"] = "lamb"
-    lr: float = 1e-3  # peak learning rate
-    weight_decay: float = 0.01
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-6
-    clip_norm: float = 1.0  # global gradient-norm clipping; 0 = off
-    decay: Literal["linear", "cosine", "constant"] = "linear"
-    min_ratio: float = 0.0  # final LR as a fraction of the peak
-
-
-@dataclass(frozen=True)
-class Stage:
-    """A part of the run: `fraction` of all steps (or of the time budget) at `seq_len` tokens
-    with `global_batch` rows per optimizer step, after its own warm-up (fraction of the stage)."""
-
-    fraction: float = 1.0
-    seq_len: int = 128
-    global_batch: int = 32
-    warmup: float = 0.06
-    name: str = ""
 
 
 @dataclass(frozen=True)
@@ -147,19 +126,6 @@ class Recipe:
         d.pop("budget_minutes")  # a resumed run may be given more time
         d.pop("steps")
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
-
-
-@dataclass(frozen=True)
-class RunSettings:
-    """How the run executes; none of it changes the result beyond floating-point noise."""
-
-    device: str = "auto"  # auto: cuda when available, else cpu
-    precision: Precision = "auto"  # auto: bf16 on CUDA that supports it, else fp32
-    micro_batch: int = 0  # rows per forward pass per process; 0 = the stage's whole share
-    compile: bool = False  # torch.compile the model
-    checkpoint_activations: bool = False  # recompute each block in backward
-    threads: int = 0  # torch intra-op threads; 0 = torch's default
-    dist_timeout_s: float = 300.0  # a collective that waits longer means a rank died
 
 
 def accumulation(stage: Stage, micro_batch: int, world_size: int) -> tuple[int, int]:

@@ -55,7 +55,7 @@ class Arm:
 
 
 def motian_sets(lamb_lr: float) -> list[str]:
-    """The Motian ingredients on top of configs/demo.yaml (which fixes size, data and schedule)."""
+    """The Motian ingredients on top of motian/configs/demo.yaml (it fixes size, data, schedule)."""
     return ["model.overrides.norm=pre", "model.overrides.position=t5", "data.masking=motian",
             "data.pair_task=sop", "objective.weighting=uncertainty", "optim.name=lamb",
             f"optim.lr={lamb_lr}"]

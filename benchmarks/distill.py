@@ -111,11 +111,16 @@ def main() -> None:
     start, load = time.perf_counter(), os.getloadavg()
     args.out.mkdir(parents=True, exist_ok=True)
     init = args.init or random_teacher_start(args.out, args.teacher_shape, args.max_train)
-    common = dict(epochs=args.epochs, batch_size=args.batch_size, max_train=args.max_train,
-                  max_eval=args.max_eval, seeds=args.seeds, progress=False)
+    from motian.task_training import TaskTraining
+    from motian.train.settings import OptimSettings, RunSettings
+
+    common = dict(max_train=args.max_train, max_eval=args.max_eval, seeds=args.seeds,
+                  run=RunSettings(progress=False))
     teacher = finetune("reviews-sentiment", args.out / "teacher", model=init,
-                       tokenizer=args.tokenizer, lr=args.teacher_lr, max_length=args.max_length,
-                       pooling=args.pooling, **common)
+                       tokenizer=args.tokenizer, max_length=args.max_length,
+                       pooling=args.pooling, optim=OptimSettings(lr=args.teacher_lr),
+                       training=TaskTraining(epochs=args.epochs, batch_size=args.batch_size),
+                       **common)
     teacher_model = args.out / "teacher" / f"seed-{args.seeds[0]}" / "model"
     t_cfg = _config(teacher_model)
     result = distill(teacher_model, args.out / args.name, init=args.student_init,
@@ -123,7 +128,9 @@ def main() -> None:
                      student_hidden=args.student_hidden or t_cfg["hidden"] // 2,
                      temperature=args.temperature, alpha_soft=args.alpha_soft,
                      alpha_hard=args.alpha_hard, alpha_hidden=args.alpha_hidden,
-                     alpha_attention=args.alpha_attention, lr=args.student_lr, **common)
+                     alpha_attention=args.alpha_attention, epochs=args.epochs,
+                     batch_size=args.batch_size, optim=OptimSettings(lr=args.student_lr),
+                     **common)
     print(f"\nreviews-sentiment, {result['task']['train_used']} training reviews, "
           f"student init {args.student_init}, weights {result['config']['weights']}, "
           f"{args.epochs:g} epochs, seeds {args.seeds}; teacher from "

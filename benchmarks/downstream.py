@@ -35,9 +35,11 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from motian.finetuning import find_tokenizer, finetune, subset  # noqa: E402
-from motian.pipeline import FINETUNE  # noqa: E402
+from motian.pipeline import FINETUNE_BATCH, FINETUNE_EPOCHS, FINETUNE_OPTIM  # noqa: E402
 from motian.reporting.tables import comparison_table  # noqa: E402
+from motian.task_training import TaskTraining  # noqa: E402
 from motian.tasks.builtin import reviews_heldout_texts, reviews_sentiment  # noqa: E402
+from motian.train.settings import OptimSettings, RunSettings  # noqa: E402
 
 MAIN_METRIC = {"reviews-sentiment": "accuracy", "pd98-ner": "f1"}
 
@@ -212,11 +214,13 @@ def run(args: argparse.Namespace) -> str:
         for arm, model, random_init in arms:
             t0 = time.perf_counter()
             result = finetune(task, args.out / f"{task}-{arm.split(',')[0].replace(' ', '-')}",
-                              model=model, seeds=args.seeds, epochs=args.epochs,
-                              batch_size=args.batch_size, lr=args.lr, max_train=args.max_train,
+                              model=model, seeds=args.seeds, max_train=args.max_train,
                               max_eval=args.max_eval, random_init=random_init, save_model=False,
-                              device=args.device, pooling=args.pooling, dropout=args.dropout,
-                              progress=not args.quiet)
+                              pooling=args.pooling, dropout=args.dropout,
+                              training=TaskTraining(epochs=args.epochs,
+                                                    batch_size=args.batch_size),
+                              optim=OptimSettings(lr=args.lr),
+                              run=RunSettings(device=args.device, progress=not args.quiet))
             if arm == "pretrained":
                 sha = result["model"].get("sha256")
             metric = MAIN_METRIC[task]
@@ -240,9 +244,9 @@ def main() -> None:
                    help="pretrained motian checkpoint, e.g. runs/demo/pretrain/final")
     p.add_argument("--tasks", nargs="+", default=["reviews-sentiment", "pd98-ner"])
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
-    p.add_argument("--epochs", type=float, default=FINETUNE["epochs"])
-    p.add_argument("--batch-size", type=int, default=FINETUNE["batch_size"])
-    p.add_argument("--lr", type=float, default=FINETUNE["lr"])
+    p.add_argument("--epochs", type=float, default=FINETUNE_EPOCHS)
+    p.add_argument("--batch-size", type=int, default=FINETUNE_BATCH)
+    p.add_argument("--lr", type=float, default=FINETUNE_OPTIM.lr)
     p.add_argument("--hf-minutes", type=float, default=0.0,
                    help="arm (c): minutes of HF BERT pretraining (the motian run's budget for a "
                         "like-for-like comparison); 0 = skip the arm")

@@ -54,7 +54,7 @@ def with_settings(recipe_name: str, sets: list[str]):
 
 
 def demo(args) -> None:
-    from motian.train.loop import fit
+    from motian.pretraining import pretrain_recipe
     from motian.train.recipe import RunSettings
 
     recipe = with_settings(args.recipe, args.set)
@@ -66,8 +66,8 @@ def demo(args) -> None:
     if out.exists() and args.out:
         shutil.rmtree(out)
     started, cpu_started = time.time(), time.process_time()
-    summary = fit(recipe, RunSettings(device="cpu", threads=args.threads), Path(args.data), out,
-                  progress_bar=not args.quiet)
+    summary = pretrain_recipe(recipe, RunSettings(device="cpu", threads=args.threads,
+                                                  progress=not args.quiet), Path(args.data), out)
     evals = read_metrics(out / "metrics.jsonl", "eval")
     train = read_metrics(out / "metrics.jsonl", "train")
     result = {"recipe": args.recipe, "set": args.set, "minutes": args.minutes,
@@ -159,7 +159,8 @@ def ngram(args) -> None:
     # Written here because it is a yardstick for the common evaluation (same held-out rows,
     # same masking, same neighbours the model sees), not a language model anyone should use.
     from motian.data.loader import LoaderConfig
-    from motian.train.loop import SplitLoader, eval_batches
+    from motian.data.splits import SplitLoader
+    from motian.pretraining import eval_batches
 
     data = Path(args.data)
     recipe = load_recipe(args.recipe)

@@ -55,10 +55,11 @@ from motian.finetuning import (
     _backbone_state,
     _evaluate_split,
     _motian_dir,
-    _progress_printer,
+    fingerprint,
     load_task,
-    pick_device,
+    remove_checkpoints,
     save_fine_tuned,
+    settings_record,
     sha256_file,
     subset,
 )
@@ -73,14 +74,21 @@ from motian.model.io import (
 )
 from motian.model.transformer import capture_internals
 from motian.reporting.tables import fmt, summarise
-from motian.tasks.engine import TrainSettings, batch_loss, build_head, seed_everything, train
+from motian.task_training import (
+    TaskTraining,
+    optimizer_groups,
+    seed_everything,
+    train_on_features,
+)
 from motian.tasks.features import Featurizer
+from motian.tasks.heads import batch_loss, build_head
 from motian.tasks.metrics import mean_std
 from motian.tasks.types import Task
-from motian.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from motian.train.loop import optimizer_step
-from motian.train.optim import param_groups
-from motian.train.schedule import lr_multiplier, set_lr
+from motian.train import distributed as dist_utils
+from motian.train.distributed import DistInfo
+from motian.train.fit import FitConfig, Objective, fit
+from motian.train.metrics import MetricsLogger, read_metrics
+from motian.train.settings import OptimSettings, RunSettings, Stage
 
 Init = Literal["teacher-layers", "fresh"]
 PRIMARY = {"single": "accuracy", "pair": "accuracy", "choice": "accuracy", "token": "f1",
@@ -249,15 +257,16 @@ Outputs = Callable[[nn.Module, dict[str, Tensor]], tuple[Tensor | None, list[Ten
                                                          Tensor | None]]
 
 
-class Distiller(nn.Module):
-    """The distillation loss of one batch: `distiller(batch)` runs the frozen teacher and the
-    student and returns the weighted sum; `parts` keeps the last batch's terms. Owns the
-    hidden-state projections (trained with the student, not saved with it)."""
+class Distiller(Objective):
+    """The distillation objective: `loss(batch)` runs the frozen teacher and the student and
+    returns the weighted sum of the signals (a mean over the batch); `parts` keeps the last
+    batch's terms. Owns the hidden-state projections (trained with the student, saved with
+    its checkpoints, not with the student model). The student is `self.model`."""
 
     def __init__(self, teacher: nn.Module | None, student: nn.Module, outputs: Outputs,
                  weights: LossWeights, mapping: list[int]):
         super().__init__()
-        self.teacher, self.student, self.outputs = teacher, student, outputs
+        self.teacher, self.model, self.outputs = teacher, student, outputs
         self.weights, self.mapping = weights, mapping
         self.pairs = [(0, 0)] + [(i + 1, j + 1) for i, j in enumerate(mapping)]
         hs, ht = student.config.hidden, teacher.config.hidden if teacher else 0
@@ -267,11 +276,41 @@ class Distiller(nn.Module):
         if teacher is not None:
             teacher.eval().requires_grad_(False)
 
-    def forward(self, batch: dict[str, Tensor]) -> Tensor:
+    @property
+    def student(self) -> nn.Module:
+        return self.model
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()  # the teacher never trains (no dropout)
+        return self
+
+    def units(self, batch: dict[str, Tensor]) -> float:
+        """Rows: every signal is a mean over the micro-batch, weighted by its rows."""
+        return float(batch["input_ids"].shape[0])
+
+    def forward(self, batch: dict[str, Tensor], units_per_rank: float,
+                micro_steps: int) -> tuple[Tensor, dict[str, Tensor]]:
+        n = self.units(batch)
+        terms = self._terms(batch)
+        total = sum(terms.values())
+        stats = {f"{k}_sum": v.detach() * n for k, v in terms.items()}
+        stats.update({"loss_sum": total.detach() * n, "units": torch.tensor(n)})
+        return total * (n / units_per_rank), stats
+
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        return optimizer_groups(self.model, weight_decay, 1.0, self.projections)
+
+    def loss(self, batch: dict[str, Tensor]) -> Tensor:
+        """The weighted sum of the signals on `batch` (a mean over its rows)."""
+        return sum(self._terms(batch).values())
+
+    def _terms(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         w = self.weights
         attn = bool(w.attention)
-        with capture_internals(self.student.backbone, attn) as s_rec:
-            hard, s_logits, mask = self.outputs(self.student, batch)
+        with capture_internals(self.model.backbone, attn) as s_rec:
+            hard, s_logits, mask = self.outputs(self.model, batch)
         terms: dict[str, Tensor] = {}
         if w.hard and hard is not None:
             terms["hard"] = w.hard * hard
@@ -289,7 +328,7 @@ class Distiller(nn.Module):
                 terms["attention"] = w.attention * attention_loss(
                     s_rec.attention, t_rec.attention, self.mapping, mask)
         self.parts = {k: float(v.detach()) for k, v in terms.items()}
-        return sum(terms.values())
+        return terms
 
 
 def task_outputs(task_type: str) -> Outputs:
@@ -328,9 +367,10 @@ def distill(teacher: Path, out: Path, task: str | None = None, student_layers: i
             layer_map: str | None = None, temperature: float = 2.0, alpha_soft: float = 1.0,
             alpha_hard: float = 0.5, alpha_hidden: float = 0.0, alpha_attention: float = 0.0,
             baseline: bool = True, data: Path | None = None, seeds: list[int] | None = None,
-            epochs: float = 3.0, batch_size: int = 32, lr: float = 1e-4, warmup: float = 0.1,
-            weight_decay: float = 0.01, clip_norm: float = 1.0, max_train: int | None = None,
-            max_eval: int | None = None, device: str = "auto", progress: bool = True) -> dict:
+            epochs: float = 3.0, batch_size: int = 32, warmup: float = 0.1,
+            max_train: int | None = None, max_eval: int | None = None,
+            checkpoint_every: int = 200, optim: OptimSettings = OptimSettings(lr=1e-4),
+            run: RunSettings = RunSettings()) -> dict:
     """Distil a fine-tuned teacher into a smaller student; report teacher, student and the
     non-distilled baseline student with the compute ratio.
 
@@ -357,16 +397,27 @@ def distill(teacher: Path, out: Path, task: str | None = None, student_layers: i
         data: directory with the CLUE task's files (CLUE tasks only).
         seeds: random seeds, one student each (default 1 2 3).
         epochs: passes over the training data.
-        batch_size: examples per optimizer step.
-        lr: peak learning rate (linear warm-up, then linear decay).
-        warmup: fraction of the steps spent warming up.
-        weight_decay: AdamW decoupled weight decay.
-        clip_norm: gradient norm clip (0 = off).
+        batch_size: examples per optimizer step (the global batch).
+        warmup: fraction of the steps spent warming up (then linear decay to 0).
         max_train: use only N training examples.
         max_eval: use only N dev and test examples.
-        device: auto, cpu or cuda.
-        progress: show a progress bar.
+        checkpoint_every: optimizer steps between checkpoints of a student (0 = only at its
+            end); an interrupted student continues exactly from its latest one.
+        optim: the optimiser and its settings.
+        run: how the run executes (device, precision, micro-batch, ...): never the result.
     """
+    with dist_utils.process_group(run.device, run.dist_timeout_s) as info:
+        return _distill(teacher, Path(out), task, student_layers, student_hidden, student_heads,
+                        student_ffn, init, layer_map, temperature, alpha_soft, alpha_hard,
+                        alpha_hidden, alpha_attention, baseline, data, seeds, epochs,
+                        batch_size, warmup, max_train, max_eval, checkpoint_every, optim, run,
+                        info)
+
+
+def _distill(teacher, out, task, student_layers, student_hidden, student_heads, student_ffn,
+             init, layer_map, temperature, alpha_soft, alpha_hard, alpha_hidden,
+             alpha_attention, baseline, data, seeds, epochs, batch_size, warmup, max_train,
+             max_eval, checkpoint_every, optim, run, info) -> dict:
     t_model, meta = load_teacher(teacher, task)
     the_task = load_task(meta["name"], data, meta.get("scheme", "BIO"))
     if the_task.labels != meta["labels"]:
@@ -376,22 +427,26 @@ def distill(teacher: Path, out: Path, task: str | None = None, student_layers: i
     s_cfg = student_config(t_cfg, student_layers or max(1, t_cfg.layers // 2), student_hidden,
                            student_heads, student_ffn)
     mapping = parse_layer_map(layer_map, t_cfg.layers, s_cfg.layers)
-    print("layer map (student block <- teacher block, 0-based): "
-          + ", ".join(f"{i} <- {j}" for i, j in enumerate(mapping)), file=sys.stderr)
+    if info.is_main:
+        print("layer map (student block <- teacher block, 0-based): "
+              + ", ".join(f"{i} <- {j}" for i, j in enumerate(mapping)), file=sys.stderr)
     weights = LossWeights(alpha_soft, alpha_hard, alpha_hidden, alpha_attention, temperature)
-    settings = TrainSettings(epochs, batch_size, lr, warmup, weight_decay, clip_norm)
+    settings = TaskTraining(epochs=epochs, batch_size=batch_size, warmup=warmup)
     config = {"teacher": str(teacher), "teacher_sha256": sha256_file(
         Path(teacher) / "model.safetensors"), "task": the_task.name, "student": s_cfg.to_dict(),
         "init": init, "layer_map": mapping, "weights": asdict(weights),
         "max_length": meta["max_length"], "max_train": max_train, "max_eval": max_eval,
-        **asdict(settings)}
+        "epochs": epochs, "batch_size": batch_size, "warmup": warmup,
+        **{k: v for k, v in settings_record(settings, optim).items()
+           if k in ("optimizer", "lr", "weight_decay", "clip_norm", "betas", "eps", "decay",
+                    "min_ratio")}}
     tok = load_tokenizer(Path(teacher) / "tokenizer.json")
     special = special_token_ids(tok)
-    run = _Run(the_task, tok, special, Featurizer(the_task, tok, special, meta["max_length"]),
-               max_eval, pick_device(device), t_model.to(pick_device(device)), s_cfg, init,
-               mapping, settings, progress)
+    runner = _Run(the_task, tok, special, Featurizer(the_task, tok, special, meta["max_length"]),
+                  max_eval, info, t_model.to(info.device), s_cfg, init, mapping, settings,
+                  optim, run, checkpoint_every)
     examples = subset(the_task.splits["train"], max_train)
-    features = run.featurize(examples)
+    features = runner.featurize(examples)
     out = Path(out)
     arms = {"student": (out, weights)}
     if baseline:
@@ -399,18 +454,19 @@ def distill(teacher: Path, out: Path, task: str | None = None, student_layers: i
     result = {"task": {"name": the_task.name, "type": the_task.type,
                        "train_used": len(examples)},
               "teacher": _describe(t_model, meta["max_length"], sha256=config["teacher_sha256"],
-                                   path=str(teacher), scores=run.teacher_scores(out)),
+                                   path=str(teacher), scores=runner.teacher_scores(out)),
               "config": config}
     for name, (directory, w) in arms.items():
-        runs = [run.seed(seed, directory / f"seed-{seed}", {**config, "weights": asdict(w)}, w,
-                         features) for seed in (seeds or DEFAULT_SEEDS)]
+        runs = [runner.seed(seed, directory / f"seed-{seed}", {**config, "weights": asdict(w)},
+                            w, features) for seed in (seeds or DEFAULT_SEEDS)]
         result[name] = {**_describe(build_head(the_task, s_cfg), meta["max_length"]),
                         "runs": runs, "summary": summarise(runs)}
     result["compute_ratio"] = result["student"]["flops_per_token"] / result["teacher"][
         "flops_per_token"]
-    write_json_atomic(out / "results.json", result)
-    (out / "results.md").write_text(results_page(result), encoding="utf-8")
-    print((out / "results.md").read_text("utf-8").split("Resolved settings")[0])
+    if info.is_main:
+        write_json_atomic(out / "results.json", result)
+        (out / "results.md").write_text(results_page(result), encoding="utf-8")
+        print((out / "results.md").read_text("utf-8").split("Resolved settings")[0])
     return result
 
 
@@ -430,13 +486,15 @@ class _Run:
     special: dict[str, int]
     featurize: Featurizer
     max_eval: int | None
-    device: torch.device
+    info: DistInfo
     teacher: nn.Module
     student_config: ModelConfig
     init: Init
     mapping: list[int]
-    settings: TrainSettings
-    progress: bool
+    settings: TaskTraining
+    optim: OptimSettings
+    run: RunSettings
+    checkpoint_every: int
 
     def evaluate(self, model: nn.Module, directory: Path) -> dict:
         scores = {}
@@ -444,7 +502,8 @@ class _Run:
             examples = subset(self.task.splits.get(split, []), self.max_eval)
             if examples:
                 s, _ = _evaluate_split(model, self.task, split, examples, self.featurize,
-                                       self.special["pad"], self.device, 64, directory)
+                                       self.special["pad"], self.info.device, 64, directory,
+                                       self.run.precision, write=self.info.is_main)
                 if s is not None:
                     scores[split] = s
         return scores
@@ -456,24 +515,33 @@ class _Run:
              features: list) -> dict:
         done = seed_dir / "result.json"
         if done.is_file() and json.loads(done.read_text("utf-8")).get("config") == config:
-            print(f"seed {seed}: finished earlier, reusing {done}", file=sys.stderr)
+            if self.info.is_main:
+                print(f"seed {seed}: finished earlier, reusing {done}", file=sys.stderr)
             return json.loads(done.read_text("utf-8"))["result"]
+        if self.info.is_main:
+            seed_dir.mkdir(parents=True, exist_ok=True)
         seed_everything(seed)
         student = build_head(self.task, self.student_config)
         if self.init == "teacher-layers":
             init_from_teacher(student, self.teacher, self.mapping)
-        student.to(self.device)
         distiller = Distiller(self.teacher if weights.needs_teacher else None, student,
-                              task_outputs(self.task.type), weights, self.mapping).to(self.device)
+                              task_outputs(self.task.type), weights, self.mapping)
         t0 = time.perf_counter()
-        stats = train(student, self.task.type, features, self.settings, seed,
-                      self.special["pad"], self.device, self.special,
-                      on_step=_progress_printer(self.progress, seed), loss_fn=distiller,
-                      extra=distiller.projections)
-        result = {"seed": seed, "train_seconds": round(time.perf_counter() - t0, 2), **stats,
-                  "last_terms": distiller.parts, **self.evaluate(student, seed_dir)}
-        save_fine_tuned(student, self.task, self.tok, config["max_length"], seed_dir / "model")
-        write_json_atomic(done, {"config": config, "result": result})
+        stats = train_on_features(distiller, features, self.task.type, self.special["pad"],
+                                  self.settings, self.optim, self.run, self.info, seed,
+                                  seed_dir, fingerprint(config, seed), self.checkpoint_every,
+                                  f"distill seed {seed}", config["max_length"])
+        result = {"seed": seed, "train_seconds": round(time.perf_counter() - t0, 2),
+                  "steps": stats["steps"], "final_loss": stats["final_loss"],
+                  "skipped_steps": stats["skipped_steps"],
+                  "last_terms": {k: v for k, v in stats["last"].items()
+                                 if k in ("soft", "hard", "hidden", "attention")},
+                  **self.evaluate(student, seed_dir)}
+        if self.info.is_main:
+            save_fine_tuned(student, self.task, self.tok, config["max_length"],
+                            seed_dir / "model")
+            write_json_atomic(done, {"config": config, "result": result})
+            remove_checkpoints(seed_dir)
         return result
 
 
@@ -546,18 +614,19 @@ def distill_corpus(teacher_model: Path, data: Path, out: Path, tokenizer: Path |
                    init: Init = "teacher-layers", layer_map: str | None = None,
                    temperature: float = 1.0, alpha_soft: float = 1.0, alpha_hard: float = 0.0,
                    alpha_hidden: float = 1.0, alpha_attention: float = 0.0, steps: int = 1000,
-                   batch_size: int = 32, seq_len: int = 128, lr: float = 5e-4,
-                   warmup: float = 0.1, weight_decay: float = 0.01, clip_norm: float = 1.0,
-                   seed: int = 0, checkpoint_every: int = 200, device: str = "auto",
-                   progress: bool = True) -> dict:
+                   batch_size: int = 32, seq_len: int = 128, warmup: float = 0.1,
+                   seed: int = 0, checkpoint_every: int = 200,
+                   optim: OptimSettings = OptimSettings(lr=5e-4),
+                   run: RunSettings = RunSettings()) -> dict:
     """Task-agnostic distillation: a student masked LM learns a pretrained teacher's MLM logits
     and hidden states on encoded shards; fine-tune the result with `motian finetune --model
-    out/model`. An interrupted run resumes from its latest checkpoint.
+    out/model`. An interrupted run resumes exactly from its latest checkpoint.
 
     Args:
         teacher_model: a pretrained model: motian checkpoint / training run, or HF BERT dir.
         data: encoded shards (a directory written by `motian encode`).
-        out: run directory (out/model is the student, out/results.json the record).
+        out: run directory (out/model is the student, out/results.json the record,
+            out/metrics.jsonl one record per step).
         tokenizer: the tokenizer the shards were encoded with (default: data/vocab.txt).
         student_layers: student blocks (default: half the teacher's, at least 1).
         student_hidden: student hidden size (default: the teacher's).
@@ -571,97 +640,90 @@ def distill_corpus(teacher_model: Path, data: Path, out: Path, tokenizer: Path |
         alpha_hidden: weight of the hidden-state MSE.
         alpha_attention: weight of the attention-probability KL.
         steps: optimizer steps.
-        batch_size: rows per step.
+        batch_size: rows per step (the global batch).
         seq_len: tokens per row.
-        lr: peak learning rate (linear warm-up, then linear decay).
-        warmup: fraction of the steps spent warming up.
-        weight_decay: AdamW decoupled weight decay.
-        clip_norm: gradient norm clip (0 = off).
+        warmup: fraction of the steps spent warming up (then linear decay to 0).
         seed: data order, masking and initialisation seed.
         checkpoint_every: steps between checkpoints (0 = only at the end).
-        device: auto, cpu or cuda.
-        progress: show a progress bar.
+        optim: the optimiser and its settings.
+        run: how the run executes (device, precision, micro-batch, ...): never the result.
     """
-    dev = pick_device(device)
-    teacher = load_mlm_teacher(teacher_model).to(dev)
+    with dist_utils.process_group(run.device, run.dist_timeout_s) as info:
+        return _distill_corpus(teacher_model, Path(data), Path(out), tokenizer, student_layers,
+                               student_hidden, student_heads, student_ffn, init, layer_map,
+                               LossWeights(alpha_soft, alpha_hard, alpha_hidden,
+                                           alpha_attention, temperature),
+                               steps, batch_size, seq_len, warmup, seed, checkpoint_every,
+                               optim, run, info)
+
+
+class CorpusBatches:
+    """The `BatchSource` of task-agnostic distillation: packed, masked rows of the shards."""
+
+    def __init__(self, data: Path, tokenizer: Path | None, seed: int):
+        self.data, self.tokenizer, self.seed, self.loader = data, tokenizer, seed, None
+
+    def start(self, stage: int, spec: Stage, micro: int, info: DistInfo, state: dict | None):
+        self.loader = PackedLoader(self.data, self.tokenizer, LoaderConfig(
+            seq_len=spec.seq_len, batch_size=micro, seed=self.seed, rank=info.rank,
+            world_size=info.world_size))
+        if state is not None:
+            self.loader.load_state_dict(state)
+        return iter(self.loader)
+
+    def state_dict(self) -> dict:
+        return self.loader.state_dict() if self.loader is not None else {}
+
+
+def _distill_corpus(teacher_model, data, out, tokenizer, student_layers, student_hidden,
+                    student_heads, student_ffn, init, layer_map, weights, steps, batch_size,
+                    seq_len, warmup, seed, checkpoint_every, optim, run, info) -> dict:
+    teacher = load_mlm_teacher(teacher_model)
     s_cfg = student_config(teacher.config, student_layers or max(1, teacher.config.layers // 2),
                            student_hidden, student_heads, student_ffn)
     mapping = parse_layer_map(layer_map, teacher.config.layers, s_cfg.layers)
-    weights = LossWeights(alpha_soft, alpha_hard, alpha_hidden, alpha_attention, temperature)
+    vocab = PackedLoader(data, tokenizer, LoaderConfig(seq_len=seq_len, batch_size=1)).vocab
+    if len(vocab) > s_cfg.vocab_size:
+        raise UserError(f"{data}: encoded with {len(vocab)} tokens but the teacher has "
+                        f"{s_cfg.vocab_size}; use shards encoded with the teacher's tokenizer")
     seed_everything(seed)
     student = MaskedLM(s_cfg)
     if init == "teacher-layers":
         init_from_teacher(student, teacher, mapping)
-    distiller = Distiller(teacher, student.to(dev), mlm_outputs, weights, mapping).to(dev)
-    trainable = nn.ModuleDict({"student": student})
-    if distiller.projections is not None:
-        trainable["projections"] = distiller.projections
-    trainable.config = s_cfg  # what save_checkpoint records with the weights
-    optimizer = torch.optim.AdamW(param_groups(trainable, weight_decay), lr=lr, eps=1e-6)
-    loader = PackedLoader(data, tokenizer, LoaderConfig(seq_len=seq_len, batch_size=batch_size,
-                                                        seed=seed))
-    if len(loader.vocab) > s_cfg.vocab_size:
-        raise UserError(f"{data}: encoded with {len(loader.vocab)} tokens but the teacher has "
-                        f"{s_cfg.vocab_size}; use shards encoded with the teacher's tokenizer")
-    out = Path(out)
+    distiller = Distiller(teacher, student, mlm_outputs, weights, mapping)
     config = {"teacher": str(teacher_model), "data": str(data), "student": s_cfg.to_dict(),
               "init": init, "layer_map": mapping, "weights": asdict(weights), "steps": steps,
-              "batch_size": batch_size, "seq_len": seq_len, "lr": lr, "warmup": warmup,
-              "weight_decay": weight_decay, "clip_norm": clip_norm, "seed": seed}
-    start = _resume(out, trainable, optimizer, loader, config)
-    losses = _corpus_loop(distiller, trainable, optimizer, loader, start, config,
-                          checkpoint_every, out, dev, progress)
-    save_pretrained(student, out / "model")
-    tok_source = Path(tokenizer) if tokenizer is not None else Path(data) / "vocab.txt"
-    load_tokenizer(tok_source).save(str(out / "model" / "tokenizer.json"))
+              "batch_size": batch_size, "seq_len": seq_len, "warmup": warmup, "seed": seed,
+              **settings_record(TaskTraining(), optim)}
+    for key in ("epochs", "layer_lr_decay", "unfreeze", "aux_mlm", "mask_rate"):
+        config.pop(key)  # fine-tuning's, not this run's
+    fit_config = FitConfig(optim=optim, stages=(Stage(seq_len=seq_len, global_batch=batch_size,
+                                                      warmup=warmup),),
+                           steps=steps, schedule="warmup-decay", seed=seed,
+                           checkpoint_every=checkpoint_every, log_every=1,
+                           label="distill-corpus", fingerprint=fingerprint(config, seed))
+    logger = MetricsLogger(out) if info.is_main else None
+    try:
+        summary = fit(distiller, CorpusBatches(data, tokenizer, seed), fit_config, run, out,
+                      info, resume=True, logger=logger)
+    finally:
+        if logger is not None:
+            logger.close()
+    train = read_metrics(out / "metrics.jsonl", "train") if info.is_main else []
+    last = summary["last"]
+    losses = {"first_loss": train[0]["loss"] if train else math.nan,
+              "final_loss": last.get("loss", math.nan),
+              "last_terms": {k: v for k, v in last.items()
+                             if k in ("soft", "hard", "hidden", "attention")}}
     result = {"config": config, "teacher": _describe(teacher, seq_len),
               "student": _describe(student, seq_len), "steps": steps, **losses}
     result["compute_ratio"] = result["student"]["flops_per_token"] / result["teacher"][
         "flops_per_token"]
-    write_json_atomic(out / "results.json", result)
-    print(f"student: {out / 'model'} ({result['compute_ratio']:.3f} × the teacher's compute); "
-          f"last loss {losses['final_loss']:.4f} {losses['last_terms']}")
+    if info.is_main:
+        save_pretrained(student, out / "model")
+        tok_source = Path(tokenizer) if tokenizer is not None else Path(data) / "vocab.txt"
+        load_tokenizer(tok_source).save(str(out / "model" / "tokenizer.json"))
+        write_json_atomic(out / "results.json", result)
+        print(f"student: {out / 'model'} ({result['compute_ratio']:.3f} × the teacher's "
+              f"compute); last loss {losses['final_loss']:.4f} {losses['last_terms']}")
     return result
-
-
-def _resume(out: Path, trainable: nn.Module, optimizer: torch.optim.Optimizer,
-            loader: PackedLoader, config: dict) -> int:
-    """The step to start from: 0, or the latest checkpoint's after restoring everything."""
-    latest = latest_checkpoint(out)
-    if latest is None:
-        return 0
-    state = json.loads((latest / "state.json").read_text("utf-8"))
-    if state.get("config") != config:
-        raise UserError(f"{out}: holds a distillation run with other settings; use another "
-                        "--out or remove it")
-    state = load_checkpoint(latest, trainable, optimizer)
-    loader.load_state_dict(state["loader"])
-    print(f"resuming from {latest} (step {state['step']})", file=sys.stderr)
-    return int(state["step"])
-
-
-def _corpus_loop(distiller: Distiller, trainable: nn.Module, optimizer: torch.optim.Optimizer,
-                 loader: PackedLoader, start: int, config: dict, checkpoint_every: int,
-                 out: Path, device: torch.device, progress: bool) -> dict:
-    """The optimizer steps of `distill_corpus`: warm-up + linear decay, clip, checkpoint."""
-    steps = config["steps"]
-    on_step = _progress_printer(progress, config["seed"])
-    trainable.train()
-    batches = iter(loader)
-    first = math.nan
-    loss = torch.tensor(math.nan)
-    for step in range(start, steps):
-        set_lr(optimizer, config["lr"] * lr_multiplier((step + 1) / steps, config["warmup"],
-                                                       "linear"))
-        batch = {k: v.to(device) for k, v in next(batches).items()}
-        loss = distiller(batch)
-        loss.backward()
-        loss = loss.detach()
-        optimizer_step(trainable, optimizer, config["clip_norm"])
-        first = float(loss) if math.isnan(first) else first
-        if on_step:
-            on_step(step + 1, steps, float(loss))
-        if checkpoint_every and (step + 1) % checkpoint_every == 0 and step + 1 < steps:
-            save_checkpoint(out, step + 1, trainable, optimizer,
-                            {"config": config, "loader": loader.state_dict()})
-    return {"first_loss": first, "final_loss": float(loss), "last_terms": distiller.parts}

@@ -29,14 +29,23 @@ from motian.model.config import preset as model_preset
 from motian.model.heads import MLMHead
 from motian.model.io import from_pretrained, load_weights, read_state_dict, save_pretrained
 from motian.reporting.tables import results_table, summarise
+from motian.task_training import (
+    TaskObjective,
+    TaskTraining,
+    seed_everything,
+    train_on_features,
+)
 from motian.tasks.builtin import BUILTIN_TASKS, load_builtin
 from motian.tasks.clue import clue_name, load_clue, write_submission
-from motian.tasks.engine import TrainSettings, build_head, predict, seed_everything, train
 from motian.tasks.features import Featurizer
+from motian.tasks.heads import build_head, predict
 from motian.tasks.metrics import accuracy, entity_prf, macro_f1, squad_scores
 from motian.tasks.types import Example, Task
 from motian.tasks.user import USER_TASKS, load_user_task, write_predictions
-from motian.train.loop import resolve_precision
+from motian.train import distributed as dist_utils
+from motian.train.distributed import DistInfo
+from motian.train.fit import resolve_precision
+from motian.train.settings import OptimSettings, RunSettings
 
 DEFAULT_SEEDS = [1, 2, 3]
 
@@ -189,7 +198,7 @@ def find_tokenizer(tokenizer: Path | None, model: Path | None) -> Path:
                 return run_dir
             data = json.loads((run_dir / "run.json").read_text("utf-8")).get("data")
             if data:
-                from motian.train.loop import encoded_tokenizer
+                from motian.data.tokenizer import encoded_tokenizer
 
                 found = encoded_tokenizer(Path(data))
                 if found is not None:
@@ -222,34 +231,18 @@ def subset(examples: list[Example], limit: int | None) -> list[Example]:
     return [examples[i] for i in sorted(rank[:limit])]
 
 
-def _progress_printer(enabled: bool, seed: int):
-    if not enabled:
-        return None
-    from tqdm import tqdm
-
-    bar: dict = {}
-
-    def on_step(step: int, total: int, loss: float) -> None:
-        if "bar" not in bar:
-            bar["bar"] = tqdm(total=total, desc=f"seed {seed}", unit="step", file=sys.stderr)
-        bar["bar"].update(1)
-        bar["bar"].set_postfix(loss=f"{loss:.4f}")
-        if step == total:
-            bar["bar"].close()
-
-    return on_step
-
-
 def _evaluate_split(model: nn.Module, task: Task, split: str, examples: list[Example],
                     featurize: Featurizer, pad: int, device: torch.device, batch_size: int,
-                    out_dir: Path, precision: str = "fp32"
+                    out_dir: Path, precision: str = "fp32", write: bool = True
                     ) -> tuple[dict[str, float] | None, Path | None]:
     """Scores of a labelled split; for an unlabelled CLUE split, the submission file. The
     user's own tasks always get their predictions file (under their label names), scored or
-    not: that file is what they came for."""
+    not: that file is what they came for. With `write` false nothing is written."""
     predictions = predict(model, task, featurize(examples), examples, pad, device, batch_size,
                           precision)
     scores = score(task, examples, predictions) if _all_gold(task, examples) else None
+    if not write:
+        return scores, None
     if task.name in USER_TASKS:
         return scores, write_predictions(task, examples, predictions, out_dir, split)
     if scores is None and task.clue:
@@ -264,22 +257,21 @@ def _all_gold(task: Task, examples: list[Example]) -> bool:
 
 def finetune(task: str, out: Path, model: Path | None = None, tokenizer: Path | None = None,
              data: Path | None = None, preset: str = "tiny", seeds: list[int] | None = None,
-             epochs: float = 3.0, batch_size: int = 32, lr: float = 5e-5,
-             max_length: int = 128, warmup: float = 0.1, weight_decay: float = 0.01,
-             clip_norm: float = 1.0, layer_lr_decay: float = 1.0, unfreeze: float = 0.0,
-             aux_mlm: float = 0.0, scheme: Literal["BIO", "BIOES"] = "BIO",
+             max_length: int = 128, scheme: Literal["BIO", "BIOES"] = "BIO",
              max_train: int | None = None, max_eval: int | None = None,
              random_init: bool = False, save_model: bool = True,
-             optimizer: Literal["adamw", "lamb"] = "adamw", device: str = "auto",
-             precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto",
              pooling: Literal["cls", "mean"] | None = None, dropout: float | None = None,
-             progress: bool = True) -> dict:
+             checkpoint_every: int = 200, training: TaskTraining = TaskTraining(),
+             optim: OptimSettings = OptimSettings(lr=5e-5),
+             run: RunSettings = RunSettings()) -> dict:
     """Fine-tune a model on a task with several seeds; report dev/test mean ± std.
 
     Writes out/results.json, out/results.md and per seed out/seed-N/ (result.json,
     metrics.jsonl with one record per step, the model, CLUE submission files for unlabelled
-    test data). Seeds already finished with the same
-    settings are reused, so an interrupted run continues where it stopped.
+    test data). Seeds already finished with the same settings are reused, and an interrupted
+    seed continues exactly from its latest checkpoint, so rerunning the command after a crash
+    continues where it stopped. Runs alone or on every rank of torchrun (the global batch is
+    split across the processes; rank 0 writes).
 
     Args:
         task: reviews-sentiment, pd98-ner, pd98-seg; a CLUE task (afqmc, tnews, iflytek,
@@ -296,43 +288,41 @@ def finetune(task: str, out: Path, model: Path | None = None, tokenizer: Path | 
             your own: train.jsonl, dev.jsonl, test.jsonl).
         preset: model shape for random initialisation (tiny, small, base, ...).
         seeds: random seeds, one fine-tuning run each (default 1 2 3).
-        epochs: passes over the training data (fractions allowed).
-        batch_size: examples per optimizer step.
-        lr: peak learning rate (linear warm-up, then linear decay to 0).
         max_length: tokens per input sequence.
-        warmup: fraction of the steps spent warming up.
-        weight_decay: AdamW decoupled weight decay (not on biases and norms).
-        clip_norm: gradient norm clip (0 = off).
-        layer_lr_decay: layer-wise learning-rate decay factor; 1 = off (e.g. 0.8).
-        unfreeze: gradual unfreezing over this fraction of training, top layer first; 0 = off.
-        aux_mlm: weight of an auxiliary masked-LM loss on the task inputs; 0 = off.
         scheme: tagging scheme for token tasks (pd98-seg always uses BIOES = BMES).
-        max_train: use only the first N training examples.
-        max_eval: use only the first N dev and test examples.
+        max_train: use only N training examples (a stable hash sample).
+        max_eval: use only N dev and test examples.
         random_init: with --model, keep its shape and tokenizer but start from random weights
             (the control for measuring what pretraining buys).
         save_model: keep each seed's fine-tuned model.
-        optimizer: adamw, or lamb (the pretraining engine's, for very large batches).
-        device: auto, cpu or cuda.
-        precision: auto (bf16 on a capable GPU, else fp32), fp32, bf16, or fp16 (CUDA only,
-            with a loss scaler); how it runs, so not part of the settings a seed is reused by.
         pooling: what classification, pair and multiple-choice heads read: cls ([CLS], as
             BERT) or mean (the mean over real tokens; measured better from an MLM-only
             checkpoint, see docs/finetune.md); default: the model's own, else cls. Saved with
             the model; a mean-pooled model exports to Hugging Face as remote code, not BERT.
         dropout: dropout on hidden states and attention weights while fine-tuning (default:
             the model's own; the demo recipe pretrains with 0, BERT with 0.1).
-        progress: show a progress bar.
+        checkpoint_every: optimizer steps between checkpoints of a seed (0 = only at its end);
+            how it runs, not the result.
+        training: epochs, batch size, warm-up and the fine-tuning techniques.
+        optim: the optimiser (adamw, or lamb for very large batches) and its settings.
+        run: how the run executes (device, precision, micro-batch, ...): never the result.
     """
-    seeds = list(seeds or DEFAULT_SEEDS)
+    with dist_utils.process_group(run.device, run.dist_timeout_s) as info:
+        return _finetune(task, Path(out), model, tokenizer, data, preset,
+                         list(seeds or DEFAULT_SEEDS), max_length, scheme, max_train, max_eval,
+                         random_init, save_model, pooling, dropout, checkpoint_every, training,
+                         optim, run, info)
+
+
+def _finetune(task, out, model, tokenizer, data, preset, seeds, max_length, scheme, max_train,
+              max_eval, random_init, save_model, pooling, dropout, checkpoint_every,
+              training, optim, run, info) -> dict:
     the_task = load_task(task, data, scheme)
     if not the_task.splits.get("train"):
         raise UserError(f"{task}: the training split is empty")
     tok_path = find_tokenizer(tokenizer, model)
     tok = load_tokenizer(tok_path)
     special = special_token_ids(tok)
-    settings = TrainSettings(epochs, batch_size, lr, warmup, weight_decay, clip_norm,
-                             layer_lr_decay, unfreeze, aux_mlm, optimizer=optimizer)
     overrides = {k: v for k, v in (("classifier_pooling", pooling), ("dropout", dropout),
                                    ("attention_dropout", dropout)) if v is not None}
     _, start_info, _ = load_start(the_task, model, preset, tok.get_vocab_size(), random_init,
@@ -343,69 +333,115 @@ def finetune(task: str, out: Path, model: Path | None = None, tokenizer: Path | 
               **({"model_overrides": overrides} if overrides else {}),
               "max_length": max_length,
               "scheme": the_task.scheme, "max_train": max_train, "max_eval": max_eval,
-              **asdict(settings)}
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+              **settings_record(training, optim)}
+    if info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
     featurize = Featurizer(the_task, tok, special, max_length)
     train_examples = subset(the_task.splits["train"], max_train)
     train_features = featurize(train_examples)
-    runs = []
-    for seed in seeds:
-        runs.append(_run_seed(the_task, seed, out / f"seed-{seed}", config, settings, model,
-                              preset, tok, special, featurize, train_features, max_eval,
-                              save_model, pick_device(device), precision, progress))
+    shared = _Seeds(the_task, config, training, optim, run, info, model, preset, tok, special,
+                    featurize, train_features, max_eval, save_model, checkpoint_every)
+    runs = [shared.run(seed, out / f"seed-{seed}") for seed in seeds]
     result = {"task": {"name": the_task.name, "type": the_task.type,
                        "sizes": {**the_task.sizes(), "train_used": len(train_examples)},
                        "notes": the_task.notes},
               "model": start_info, "config": config, "runs": runs, "summary": summarise(runs)}
-    write_json_atomic(out / "results.json", result)
-    (out / "results.md").write_text(results_table(result), encoding="utf-8")
-    print((out / "results.md").read_text(encoding="utf-8").split("Resolved settings")[0])
+    if info.is_main:
+        write_json_atomic(out / "results.json", result)
+        (out / "results.md").write_text(results_table(result), encoding="utf-8")
+        print((out / "results.md").read_text(encoding="utf-8").split("Resolved settings")[0])
     return result
 
 
-def _run_seed(task: Task, seed: int, seed_dir: Path, config: dict, settings: TrainSettings,
-              model_path: Path | None, preset: str, tok: Tokenizer, special: dict[str, int],
-              featurize: Featurizer, train_features: list, max_eval: int | None,
-              save_model: bool, device: torch.device, precision: str, progress: bool) -> dict:
-    done = seed_dir / "result.json"
-    if done.is_file():
-        previous = json.loads(done.read_text("utf-8"))
-        if previous.get("config") == config:
-            print(f"seed {seed}: finished earlier, reusing {done}", file=sys.stderr)
-            return previous["result"]
-    seed_dir.mkdir(parents=True, exist_ok=True)
-    seed_everything(seed)
-    model, _, mlm_state = load_start(task, model_path, preset, tok.get_vocab_size(),
-                                     config["random_init"], config.get("model_overrides"))
-    model.to(device)
-    mlm = None
-    if settings.aux_mlm:
-        mlm = MLMHead(model.config).to(device)
-        if mlm_state:
-            mlm.load_state_dict(mlm_state)
-    t0 = time.perf_counter()
-    (seed_dir / "metrics.jsonl").unlink(missing_ok=True)  # a rerun logs afresh
-    stats = train(model, task.type, train_features, settings, seed, special["pad"], device,
-                  special, mlm, _progress_printer(progress, seed), precision=precision,
-                  log_dir=seed_dir)
-    result: dict = {"seed": seed, "train_seconds": round(time.perf_counter() - t0, 2),
-                    "precision": resolve_precision(precision, device), **stats}
-    for split in ("dev", "test"):
-        examples = subset(task.splits.get(split, []), max_eval)
-        if not examples:
-            continue
-        scores, submission = _evaluate_split(model, task, split, examples, featurize,
-                                             special["pad"], device, 64, seed_dir, precision)
-        if scores is not None:
-            result[split] = scores
-        if submission is not None:
-            kind = "predictions" if task.name in USER_TASKS else "submission"
-            result[f"{split}_{kind}"] = str(submission)
-    if save_model:
-        save_fine_tuned(model, task, tok, config["max_length"], seed_dir / "model")
-    write_json_atomic(done, {"config": config, "result": result})
-    return result
+def settings_record(training: TaskTraining, optim: OptimSettings) -> dict:
+    """The settings a result is reused by, flat: the task training's and the optimiser's
+    (its name under "optimizer")."""
+    record = {**asdict(training), **asdict(optim)}
+    record["optimizer"] = record.pop("name")
+    record["betas"] = list(record["betas"])
+    return record
+
+
+def fingerprint(config: dict, seed: int) -> str:
+    """A seed's checkpoints belong to these settings and this seed only."""
+    text = json.dumps({"config": config, "seed": seed}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+class _Seeds:
+    """What every seed of a fine-tuning run shares, and `run(seed)`."""
+
+    def __init__(self, task: Task, config: dict, training: TaskTraining, optim: OptimSettings,
+                 run: RunSettings, info: DistInfo, model_path: Path | None, preset: str,
+                 tok: Tokenizer, special: dict[str, int], featurize: Featurizer,
+                 train_features: list, max_eval: int | None, save_model: bool,
+                 checkpoint_every: int):
+        self.task, self.config, self.training, self.optim = task, config, training, optim
+        self.run_settings, self.info, self.model_path, self.preset = run, info, model_path, \
+            preset
+        self.tok, self.special, self.featurize = tok, special, featurize
+        self.train_features, self.max_eval, self.save_model = train_features, max_eval, \
+            save_model
+        self.checkpoint_every = checkpoint_every
+
+    def run(self, seed: int, seed_dir: Path) -> dict:
+        task, config, info = self.task, self.config, self.info
+        done = seed_dir / "result.json"
+        if done.is_file():
+            previous = json.loads(done.read_text("utf-8"))
+            if previous.get("config") == config:
+                if info.is_main:
+                    print(f"seed {seed}: finished earlier, reusing {done}", file=sys.stderr)
+                return previous["result"]
+        if info.is_main:
+            seed_dir.mkdir(parents=True, exist_ok=True)
+        seed_everything(seed)
+        model, _, mlm_state = load_start(task, self.model_path, self.preset,
+                                         self.tok.get_vocab_size(), config["random_init"],
+                                         config.get("model_overrides"))
+        mlm = None
+        if self.training.aux_mlm:
+            mlm = MLMHead(model.config)
+            if mlm_state:
+                mlm.load_state_dict(mlm_state)
+        objective = TaskObjective(model, task.type, self.training, self.special, mlm)
+        t0 = time.perf_counter()
+        stats = train_on_features(objective, self.train_features, task.type, self.special["pad"],
+                                  self.training, self.optim, self.run_settings, info, seed,
+                                  seed_dir, fingerprint(config, seed), self.checkpoint_every,
+                                  f"{task.name} seed {seed}", config["max_length"])
+        device, precision = info.device, self.run_settings.precision
+        result: dict = {"seed": seed, "train_seconds": round(time.perf_counter() - t0, 2),
+                        "precision": resolve_precision(precision, device),
+                        "steps": stats["steps"], "final_loss": stats["final_loss"],
+                        "skipped_steps": stats["skipped_steps"]}
+        # Every rank evaluates (no rank waits on another's evaluation); rank 0 writes.
+        for split in ("dev", "test"):
+            examples = subset(task.splits.get(split, []), self.max_eval)
+            if not examples:
+                continue
+            scores, submission = _evaluate_split(model, task, split, examples, self.featurize,
+                                                 self.special["pad"], device, 64, seed_dir,
+                                                 precision, write=info.is_main)
+            if scores is not None:
+                result[split] = scores
+            if submission is not None:
+                kind = "predictions" if task.name in USER_TASKS else "submission"
+                result[f"{split}_{kind}"] = str(submission)
+        if info.is_main:
+            if self.save_model:
+                save_fine_tuned(model, task, self.tok, config["max_length"], seed_dir / "model")
+            write_json_atomic(done, {"config": config, "result": result})
+            remove_checkpoints(seed_dir)  # the seed is done: its model and result are kept
+        return result
+
+
+def remove_checkpoints(run_dir: Path) -> None:
+    import shutil
+
+    from motian.train.checkpoint import CHECKPOINTS
+
+    shutil.rmtree(run_dir / CHECKPOINTS, ignore_errors=True)
 
 
 def save_fine_tuned(model: nn.Module, task: Task, tok: Tokenizer, max_length: int,

@@ -16,6 +16,7 @@ from typing import Literal
 
 from motian.data.shards import write_json_atomic
 from motian.errors import UserError
+from motian.train.settings import OptimSettings, RunSettings
 
 
 def prepare(inputs: list[str], out: Path, vocab_size: int = 8000, workers: int = 0,
@@ -110,7 +111,9 @@ FULL_BUDGET = 20.0  # minutes at which the demo fine-tunes on FULL_TRAIN example
 FULL_TRAIN = 6000
 # Fine-tuning settings of the demo (and of benchmarks/downstream.py): one epoch, batch 32,
 # lr 1e-3 (a 4-layer, 128-wide model; docs/finetune.md).
-FINETUNE = {"epochs": 1.0, "batch_size": 32, "lr": 1e-3}
+# The demo's fine-tuning (and distillation) settings: one epoch at batch 32, AdamW at 1e-3 (a
+# tiny model needs a far higher rate than BERT-base's 5e-5).
+FINETUNE_EPOCHS, FINETUNE_BATCH, FINETUNE_OPTIM = 1.0, 32, OptimSettings(lr=1e-3)
 # The demo recipe pretrains with MLM only, which never trains [CLS]: its classifiers read the
 # mean of the tokens instead (+2.2 points on reviews-sentiment, 3 seeds; docs/finetune.md).
 DEMO_POOLING = "mean"
@@ -149,7 +152,7 @@ def demo(out: Path = Path("runs/demo"), budget: float = FULL_BUDGET, workers: in
     run = out / "pretrain"
     print(f"[pretrain] {recipe} for {budget / 2:g} minutes -> {run}", flush=True)
     report["pretrain"] = pretrain(recipe=recipe, data=out / "encoded", out=run, resume=resume,
-                                  budget_minutes=budget / 2, progress=progress)
+                                  budget_minutes=budget / 2, run=RunSettings(progress=progress))
     arms = _finetune_all(out, run / "final", budget, seeds or [1], control, progress)
     if distill:
         arms["distill"] = _distill_and_export(out, arms, budget, seeds or [1], progress)
@@ -169,6 +172,7 @@ def _finetune_all(out: Path, model: Path, budget: float, seeds: list[int], contr
                   progress: bool) -> dict[str, Path]:
     """Fine-tune every demo task from `model` (and from random init); {arm/task: run dir}."""
     from motian.finetuning import finetune
+    from motian.task_training import TaskTraining
 
     max_train, max_eval = finetune_sizes(budget)
     arms: dict[str, Path] = {}
@@ -179,7 +183,9 @@ def _finetune_all(out: Path, model: Path, budget: float, seeds: list[int], contr
                   flush=True)
             finetune(task, directory, model=model, seeds=seeds, max_train=max_train,
                      max_eval=max_eval, random_init=random_init, save_model=not random_init,
-                     pooling=DEMO_POOLING, progress=progress, **FINETUNE)
+                     pooling=DEMO_POOLING, optim=FINETUNE_OPTIM,
+                     training=TaskTraining(epochs=FINETUNE_EPOCHS, batch_size=FINETUNE_BATCH),
+                     run=RunSettings(progress=progress))
             arms[f"{arm}/{task}"] = directory
     return arms
 
@@ -195,7 +201,8 @@ def _distill_and_export(out: Path, arms: dict[str, Path], budget: float, seeds: 
     teacher = arms["pretrained/reviews-sentiment"] / f"seed-{seeds[0]}" / "model"
     print(f"[distil] {teacher} -> {out / 'distill'}", flush=True)
     distill(teacher, out / "distill", seeds=seeds, max_train=max_train, max_eval=max_eval,
-            progress=progress, **FINETUNE)
+            epochs=FINETUNE_EPOCHS, batch_size=FINETUNE_BATCH, optim=FINETUNE_OPTIM,
+            run=RunSettings(progress=progress))
     student = out / "distill" / f"seed-{seeds[0]}" / "model"
     print(f"[export] {student} -> {out / 'export'}", flush=True)
     try:

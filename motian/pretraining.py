@@ -4,25 +4,51 @@
     torchrun --nproc_per_node 2 -m motian.cli pretrain --recipe demo ...   # several processes
     motian pretrain ... --resume                                            # after a kill
 
-The recipe (a name in configs/ or a YAML path) fixes what is trained; the options below either
-change the run's length or only how it runs (device, precision, micro-batch, compile, ...).
+The recipe (a shipped name or a YAML path) fixes what is trained; the options either change the
+run's length or only how it runs (device, precision, micro-batch, compile, ...).
+
+Pretraining is the one loop (`motian.train.fit.fit`) with three pieces made here from the
+recipe: the `Pretrainer` objective (MLM + pair task, or causal LM, with the task weighting and
+the common held-out evaluation), `PretrainBatches` (packed, masked rows of the training
+documents, one loader per stage) and the `FitConfig` (stages, schedule, checkpoints). This file
+also writes what belongs to a pretraining run: recipe.yaml, run.json, the tokenizer copy,
+final/ and summary.json.
 """
 
 from __future__ import annotations
 
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Literal
 
+import torch
+
+from motian.data.loader import LoaderConfig
+from motian.data.masking import MaskingConfig
+from motian.data.splits import SplitLoader, causal_batches
 from motian.errors import UserError
+from motian.train import distributed as dist_utils
+from motian.train.checkpoint import latest_checkpoint
+from motian.train.distributed import DistInfo
+from motian.train.fit import FitConfig, fit, resolve_precision
+from motian.train.metrics import MetricsLogger, run_metadata
+from motian.train.objectives import (
+    Pretrainer,
+    TaskWeighting,
+    build_model,
+    init_weights_from,
+    task_names,
+)
+from motian.train.recipe import EvalSpec, Recipe, to_dict
+from motian.train.settings import RunSettings, Stage
+
+LOG_EVERY = 10  # optimizer steps between metric records
 
 
 def pretrain(recipe: str = "demo", data: Path = Path("runs/demo/encoded"),
              out: Path = Path("runs/pretrain"), resume: bool = False,
              init_from: Path | None = None, steps: int | None = None,
-             budget_minutes: float | None = None, device: str = "auto",
-             precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto",
-             micro_batch: int = 0, compile: bool = False, checkpoint_activations: bool = False,
-             threads: int = 0, dist_timeout: float = 300.0, progress: bool = True) -> dict:
+             budget_minutes: float | None = None, run: RunSettings = RunSettings()) -> dict:
     """Pretrain a model on encoded shards with a recipe; writes checkpoints, metrics and the
     final model under --out.
 
@@ -36,29 +62,16 @@ def pretrain(recipe: str = "demo", data: Path = Path("runs/demo/encoded"),
         steps: total optimizer steps (overrides the recipe).
         budget_minutes: train for this many minutes instead of a step count; the learning-rate
             schedule follows the clock.
-        device: auto, cpu, cuda or cuda:N.
-        precision: auto (bf16 on a capable GPU, else fp32), fp32, bf16, or fp16 (CUDA only,
-            with a loss scaler).
-        micro_batch: rows per forward pass per process; gradient accumulation is derived from
-            the stage's global batch. 0 = no accumulation.
-        compile: torch.compile the model.
-        checkpoint_activations: recompute activations in backward (less memory, more time).
-        threads: torch CPU threads per process; 0 = torch's default.
-        dist_timeout: seconds a rank waits for the others before reporting them dead.
-        progress: show the progress bar.
+        run: how the run executes (device, precision, micro-batch, ...): never the result.
     """
-    from motian.train.loop import fit
-    from motian.train.recipe import RunSettings, load_recipe, with_overrides
+    from motian.train.recipe import load_recipe, with_overrides
 
     if not Path(data).is_dir():
         raise UserError(f"--data {data}: not a directory; run `motian prepare` (or `motian "
                         "encode`) first and point --data at its encoded output")
     spec = with_overrides(load_recipe(recipe), steps=steps, budget_minutes=budget_minutes)
-    settings = RunSettings(device=device, precision=precision, micro_batch=micro_batch,
-                           compile=compile, checkpoint_activations=checkpoint_activations,
-                           threads=threads, dist_timeout_s=dist_timeout)
-    summary = fit(spec, settings, Path(data), Path(out), resume=resume, init_from=init_from,
-                  progress_bar=progress)
+    summary = pretrain_recipe(spec, run, Path(data), Path(out), resume=resume,
+                              init_from=init_from)
     if summary["rank"] != 0:
         return summary
     if summary.get("eval"):
@@ -67,4 +80,143 @@ def pretrain(recipe: str = "demo", data: Path = Path("runs/demo/encoded"),
               f"({e['tokens']:,} tokens)")
     print(f"final model: {summary['final']}\ncheckpoint:  {summary['checkpoint']}\n"
           f"metrics:     {summary['metrics']} (tensorboard --logdir {Path(out) / 'tensorboard'})")
+    return summary
+
+
+# --------------------------------------------------------------------------- the pieces
+
+
+class PretrainBatches:
+    """The `BatchSource` of pretraining: a `SplitLoader` over the training documents per stage
+    (packing at the stage's length happens on the fly from the same shards)."""
+
+    def __init__(self, data: Path, recipe: Recipe):
+        self.data, self.recipe, self.loader = Path(data), recipe, None
+
+    def start(self, stage: int, spec: Stage, micro: int, info: DistInfo,
+              state: dict | None) -> Iterator[dict]:
+        d = self.recipe.data
+        config = LoaderConfig(seq_len=spec.seq_len, batch_size=micro, seed=d.seed,
+                              cross_document_attention=d.cross_document_attention,
+                              rank=info.rank, world_size=info.world_size,
+                              pair_task=d.pair_task, click_files=tuple(d.click_files),
+                              masking=d.masking_config())
+        self.loader = SplitLoader(self.data, config, self.recipe.eval.holdout_every,
+                                  held_out=False)
+        if state is not None:
+            self.loader.load_state_dict(state)
+        if self.recipe.objective.kind == "causal":
+            return causal_batches(self.loader)
+        return iter(self.loader)
+
+    def state_dict(self) -> dict:
+        return self.loader.state_dict() if self.loader is not None else {}
+
+
+def eval_batches(data: Path, spec: EvalSpec, causal: bool
+                 ) -> tuple[list[dict[str, torch.Tensor]], int]:
+    """The common evaluation set: `spec.rows` packed rows of held-out documents with BERT token
+    masking at 15% (80/10/10), a fixed seed, the same for every recipe. Also returns the
+    vocabulary size of the data."""
+    config = LoaderConfig(seq_len=spec.seq_len, batch_size=spec.batch, seed=spec.seed,
+                          masking=MaskingConfig(strategy="token", rate=0.15))
+    loader = SplitLoader(data, config, spec.holdout_every, held_out=True)
+    n = min(max(spec.rows // spec.batch, 1), loader.steps_per_epoch)
+    batches = iter(loader) if not causal else causal_batches(loader)
+    return [next(batches) for _ in range(n)], len(loader.vocab)
+
+
+def fit_config(recipe: Recipe) -> FitConfig:
+    """The recipe's loop settings: its stages on the "stages" schedule, its checkpoints."""
+    return FitConfig(optim=recipe.optim, stages=recipe.stages, steps=recipe.steps,
+                     budget_minutes=recipe.budget_minutes, schedule="stages", seed=recipe.seed,
+                     eval_every=recipe.eval.every, checkpoint_every=recipe.checkpoint_every,
+                     keep_last=recipe.keep_last, max_bad_steps=recipe.max_bad_steps,
+                     log_every=LOG_EVERY, label=f"pretrain {recipe.name}",
+                     fingerprint=recipe.fingerprint())
+
+
+def build_objective(recipe: Recipe, data: Path, run: RunSettings) -> Pretrainer:
+    """The model the recipe describes (the same initial weights on every rank and every run)
+    inside its objective, with the common evaluation set."""
+    causal = recipe.objective.kind == "causal"
+    evalset, vocab_size = eval_batches(data, recipe.eval, causal)
+    torch.manual_seed(recipe.seed)
+    config = recipe.model.build(vocab_size).replace(
+        checkpoint_activations=run.checkpoint_activations)
+    if not causal and config.causal:
+        raise UserError(f"recipe {recipe.name}: a causal model needs objective.kind: causal")
+    model = build_model(config, recipe.objective, recipe.data.pair_task)
+    weighting = TaskWeighting(task_names(recipe.objective, recipe.data.pair_task),
+                              recipe.objective)
+    return Pretrainer(model, weighting, evalset)
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def pretrain_recipe(recipe: Recipe, run: RunSettings, data: Path, run_dir: Path,
+                    resume: bool = False, init_from: Path | None = None) -> dict:
+    """Pretrain `recipe` on the encoded shards in `data`, writing checkpoints, metrics and the
+    final model under `run_dir`. Runs alone or as one rank of torchrun. Returns a summary."""
+    with dist_utils.process_group(run.device, run.dist_timeout_s) as info:
+        return _pretrain(recipe, run, Path(data), Path(run_dir), info, resume, init_from)
+
+
+def _pretrain(recipe: Recipe, run: RunSettings, data: Path, run_dir: Path, info: DistInfo,
+              resume: bool, init_from: Path | None) -> dict:
+    if run.threads:
+        torch.set_num_threads(run.threads)
+    precision = resolve_precision(run.precision, info.device)
+    existing = latest_checkpoint(run_dir)
+    if existing is not None and not resume:
+        raise UserError(f"{run_dir} already holds checkpoints ({existing.name}); pass --resume "
+                        "to continue that run, or choose another --out")
+    objective = build_objective(recipe, data, run)
+    if existing is None and init_from is not None:
+        init_weights_from(objective.model, Path(init_from), verbose=info.is_main)
+    logger = _start_logging(recipe, run, run_dir, info, precision, data) \
+        if info.is_main else None
+    try:
+        summary = fit(objective, PretrainBatches(data, recipe), fit_config(recipe), run,
+                      run_dir, info, resume=resume, logger=logger)
+    finally:
+        if logger is not None:
+            logger.close()
+    return _finish(run_dir, objective, summary, info)
+
+
+def _start_logging(recipe: Recipe, run: RunSettings, run_dir: Path, info: DistInfo,
+                   precision: str, data: Path) -> MetricsLogger:
+    from motian.data.shards import write_json_atomic
+    from motian.data.tokenizer import encoded_tokenizer
+    from motian.train.recipe import save_recipe
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_recipe(recipe, run_dir / "recipe.yaml")
+    meta = run_metadata(to_dict(recipe), to_dict(run), info.world_size,
+                        {"precision": precision, "device": str(info.device),
+                         "recipe_fingerprint": recipe.fingerprint(),
+                         "data": str(Path(data).resolve())})
+    write_json_atomic(run_dir / "run.json", meta)
+    # The run carries the tokenizer its model reads, so `motian finetune --model run/final`
+    # (or any checkpoint under the run) needs no --tokenizer.
+    tokenizer = encoded_tokenizer(data)
+    if tokenizer is not None:
+        shutil.copyfile(tokenizer, run_dir / tokenizer.name)
+    return MetricsLogger(run_dir)
+
+
+def _finish(run_dir: Path, objective: Pretrainer, summary: dict, info: DistInfo) -> dict:
+    from motian.data.shards import write_json_atomic
+    from motian.model.io import save_pretrained
+
+    summary = {k: v for k, v in summary.items() if k not in ("last", "skipped_steps")}
+    summary.update({"final": str(run_dir / "final"), "metrics": str(run_dir / "metrics.jsonl")})
+    if info.is_main:
+        save_pretrained(objective.model, run_dir / "final")
+        for name in ("tokenizer.json", "vocab.txt"):  # the copy _start_logging made
+            if (run_dir / name).is_file():
+                shutil.copyfile(run_dir / name, run_dir / "final" / name)
+        write_json_atomic(run_dir / "summary.json", summary)
     return summary

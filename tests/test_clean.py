@@ -171,7 +171,10 @@ def test_workers_give_identical_output(tmp_path):
     one = clean([str(src)], tmp_path / "w1", workers=1, shard_docs=400, progress=False)
     two = clean([str(src)], tmp_path / "w2", workers=2, shard_docs=400, progress=False)
     assert one["documents"] == two["documents"] and one["examples"] == two["examples"]
-    for f in sorted(p.name for p in (tmp_path / "w1").glob("clean-*.jsonl")):
+    files = sorted(p.name for p in (tmp_path / "w1").glob("clean-*.jsonl"))
+    assert len(files) >= 2 and files == sorted(p.name for p in (tmp_path / "w2").glob(
+        "clean-*.jsonl"))
+    for f in files:
         assert (tmp_path / "w1" / f).read_bytes() == (tmp_path / "w2" / f).read_bytes()
 
 

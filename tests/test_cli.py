@@ -10,7 +10,7 @@ from typing import Literal
 
 import pytest
 
-from motian import cli
+from motian import api, cli
 from motian.errors import UserError
 
 
@@ -58,14 +58,14 @@ def test_help_comes_from_docstring():
 
 
 def test_user_error_exits_1_without_traceback(monkeypatch, capsys):
-    monkeypatch.setitem(cli.COMMANDS, "example", "tests.test_cli:example")
+    monkeypatch.setitem(api.VERBS, "example", "tests.test_cli:example")
     assert cli.main(["example", "--inputs", "a", "--out", "x", "--size", "-1"]) == 1
     err = capsys.readouterr().err
     assert "motian: error: size must be >= 0" in err and "Traceback" not in err
 
 
 def test_every_registered_verb_builds():
-    for verb in cli.COMMANDS:
+    for verb in api.VERBS:
         parser = cli.build_parser(only=verb)
         sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
         # an unavailable verb (import failed) has only -h; a real one has its options
@@ -75,5 +75,5 @@ def test_every_registered_verb_builds():
 def test_console_script_help():
     out = subprocess.run([sys.executable, "-m", "motian.cli", "--help"], capture_output=True,
                          text=True, check=True).stdout
-    for verb in cli.COMMANDS:
+    for verb in api.VERBS:
         assert verb in out

@@ -27,9 +27,11 @@ from motian.finetuning import evaluate, finetune, load_start, load_task, save_fi
 from motian.model import MaskedLM, from_pretrained, preset, save_pretrained
 from motian.model.transformer import capture_internals
 from motian.serving.predict import iter_predictions, load_predictor
-from motian.tasks.engine import build_head, seed_everything
+from motian.task_training import seed_everything
 from motian.tasks.features import Featurizer, collate
+from motian.tasks.heads import build_head
 from motian.tasks.types import Task
+from tests.settings_helpers import typed
 
 TINY = dict(hidden=64, layers=2, heads=4, ffn=128, max_positions=128)
 
@@ -51,8 +53,8 @@ def teacher(tmp_path_factory, tok_dir):
     vocab = load_tokenizer(tok_dir).get_vocab_size()
     ckpt = save_pretrained(MaskedLM(preset("tiny", vocab_size=vocab, **TINY)), out / "init")
     finetune("reviews-sentiment", out / "run", model=ckpt, tokenizer=tok_dir, seeds=[1],
-             epochs=3, batch_size=16, lr=2e-3, max_length=48, max_train=800, max_eval=200,
-             progress=False)
+             max_length=48, max_train=800, max_eval=200,
+             **typed(epochs=3, batch_size=16, lr=2e-3))
     return out / "run" / "seed-1" / "model"
 
 
@@ -65,9 +67,9 @@ def _batch(task, tok_dir, n=16, max_length=48):
 
 def test_distill_reviews_student_and_baseline(teacher, tmp_path, capsys):
     out = tmp_path / "student"
-    kwargs = dict(student_layers=1, student_hidden=32, alpha_hidden=1.0, alpha_attention=1.0,
-                  seeds=[1], epochs=2, batch_size=16, lr=1e-3, max_train=400, max_eval=200,
-                  progress=False)
+    kwargs = typed("distill", student_layers=1, student_hidden=32, alpha_hidden=1.0,
+                   alpha_attention=1.0, seeds=[1], epochs=2, batch_size=16, lr=1e-3,
+                   max_train=400, max_eval=200)
     result = distill(teacher, out, task="reviews-sentiment", **kwargs)
     assert "0 <- 1" in capsys.readouterr().err  # the layer map is printed
     assert result["config"]["layer_map"] == [1]
@@ -110,7 +112,7 @@ def test_distillation_loss_decreases(teacher, tok_dir, reviews):
     losses = []
     student.eval()  # no dropout: the same batch gives the same loss
     for _ in range(15):
-        loss = distiller(batch)
+        loss = distiller.loss(batch)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
@@ -154,7 +156,7 @@ def test_projection_only_when_sizes_differ_and_it_learns(teacher, tok_dir, revie
     narrow = Distiller(t_model, build_head(reviews, student_config(t_model.config, 1, 32)),
                        task_outputs("single"), weights, [1])
     assert [tuple(p.weight.shape) for p in narrow.projections] == [(64, 32)] * 2
-    narrow(_batch(reviews, tok_dir)).backward()
+    narrow.loss(_batch(reviews, tok_dir)).backward()
     assert all(p.weight.grad is not None and p.weight.grad.abs().sum() > 0
                for p in narrow.projections)
     assert all(p.grad is None for p in t_model.parameters())  # the teacher stays frozen
@@ -167,14 +169,15 @@ def test_a_copy_of_the_teacher_has_zero_distillation_losses(teacher, tok_dir, re
     student.eval()
     distiller = Distiller(t_model, student, task_outputs("single"),
                           LossWeights(1.0, 0.0, 1.0, 1.0, 3.0), [0, 1])
-    distiller(_batch(reviews, tok_dir))
+    distiller.loss(_batch(reviews, tok_dir))
     assert set(distiller.parts) == {"soft", "hidden", "attention"}
     assert all(abs(v) < 1e-6 for v in distiller.parts.values()), distiller.parts
     # ... and a different student does not.
     other = build_head(reviews, t_model.config)
     distiller = Distiller(t_model, other.eval(), task_outputs("single"),
                           LossWeights(1.0, 0.0, 1.0, 1.0, 3.0), [0, 1])
-    distiller(_batch(reviews, tok_dir))
+    distiller.loss(_batch(reviews, tok_dir))
+    assert set(distiller.parts) == {"soft", "hidden", "attention"}
     assert all(v > 1e-4 for v in distiller.parts.values()), distiller.parts
 
 
@@ -201,7 +204,7 @@ def test_token_classification_distils(tmp_path, tok_dir):
     teacher = save_fine_tuned(t_model, task, tok, 48, tmp_path / "teacher")
     result = distill(teacher, tmp_path / "out", student_layers=1, alpha_hidden=1.0, seeds=[1],
                      epochs=1, batch_size=16, max_train=64, max_eval=32, baseline=False,
-                     progress=False)
+                     **typed("distill"))
     assert "baseline" not in result and "f1" in result["student"]["runs"][0]["dev"]
     assert result["student"]["runs"][0]["last_terms"]["soft"] > 0
 
@@ -210,8 +213,8 @@ def test_distill_corpus_runs_resumes_and_feeds_finetune(tmp_path, pd98_encoded, 
     vocab = load_tokenizer(pd98_encoded).get_vocab_size()
     config = preset("tiny", vocab_size=vocab, **{**TINY, "hidden": 32, "heads": 2, "ffn": 64})
     teacher = save_pretrained(MaskedLM(config), tmp_path / "teacher")
-    kwargs = dict(student_layers=1, student_hidden=16, steps=6, batch_size=4, seq_len=32,
-                  checkpoint_every=3, alpha_attention=1.0, alpha_hard=0.5, progress=False)
+    kwargs = typed("distill_corpus", student_layers=1, student_hidden=16, steps=6, batch_size=4,
+                   seq_len=32, checkpoint_every=3, alpha_attention=1.0, alpha_hard=0.5)
     result = distill_corpus(teacher, pd98_encoded, tmp_path / "a", **kwargs)
     assert set(result["last_terms"]) == {"soft", "hard", "hidden", "attention"}
     assert result["final_loss"] < result["first_loss"]
@@ -220,6 +223,9 @@ def test_distill_corpus_runs_resumes_and_feeds_finetune(tmp_path, pd98_encoded, 
     import shutil
 
     shutil.rmtree(tmp_path / "a" / "model")
+    checkpoints = tmp_path / "a" / "checkpoints"
+    shutil.rmtree(checkpoints / "step-00000006")
+    (checkpoints / "latest").unlink()
     again = distill_corpus(teacher, pd98_encoded, tmp_path / "a", **kwargs)
     assert again["final_loss"] == pytest.approx(result["final_loss"], rel=1e-5)
     second = from_pretrained(tmp_path / "a" / "model").state_dict()
@@ -289,10 +295,10 @@ def test_span_and_choice_heads_distil(kind):
     copy = build_head(task, t_model.config)
     init_from_teacher(copy, t_model, [0, 1])
     same = Distiller(t_model, copy.eval(), task_outputs(kind), weights, [0, 1])
-    same(batch)
+    same.loss(batch)
     assert all(abs(same.parts[k]) < 1e-6 for k in ("soft", "hidden", "attention"))
     student = build_head(task, student_config(t_model.config, 1, 32))
     init_from_teacher(student, t_model, [1])
-    loss = Distiller(t_model, student, task_outputs(kind), weights, [1])(batch)
+    loss = Distiller(t_model, student, task_outputs(kind), weights, [1]).loss(batch)
     loss.backward()
     assert torch.isfinite(loss) and student.backbone.embeddings.word.weight.grad is not None

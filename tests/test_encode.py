@@ -138,6 +138,7 @@ def test_round_trip_tokens_to_text(work, reference):
             assert "".join(decoded.split()) == "".join(texts[d].lower().split())
             assert shard.flags[a] & (WORD_START | SENTENCE_START | PARAGRAPH_START) == 7
             d += 1
+    assert d == len(texts)  # every document was decoded and compared
     c = report["counts"]
     assert c["unk_tokens"] == 0 and 0.4 < c["word_starts"] / c["tokens"] < 0.9
     assert 0 < c["synonym_words"] < c["word_starts"]

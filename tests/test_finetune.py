@@ -11,16 +11,18 @@ from motian.cli import main
 from motian.finetuning import evaluate, finetune, load_start, load_task, sha256_file
 from motian.model import MaskedLM, from_pretrained, preset, save_pretrained
 from motian.model.heads import MLMHead
-from motian.tasks.engine import (
-    apply_unfreezing,
+from motian.task_training import (
     aux_mlm_loss,
-    build_head,
+    frozen_parameters,
     layer_groups,
     mask_for_mlm,
     optimizer_groups,
+    trainable_groups,
 )
 from motian.tasks.features import Featurizer, collate
+from motian.tasks.heads import build_head
 from motian.tasks.types import Example, Task
+from tests.settings_helpers import typed
 from tests.test_clue import jsonl
 from tests.test_tasks import char_tokenizer
 
@@ -45,7 +47,7 @@ def test_single_sentence_learns_writes_submission_and_evaluates(tmp_path, review
         [{"sentence": t, "label": "100"} for t in neg]
     test = [{"id": i, "sentence": t} for i, t in enumerate(pos[:3] + neg[:3])]
     d = clue_dir(tmp_path, "tnews", train, test)
-    result = finetune("tnews", tmp_path / "run", tokenizer=vocab, data=d, **FAST)
+    result = finetune("tnews", tmp_path / "run", tokenizer=vocab, data=d, **typed(**FAST))
     run = result["runs"][0]
     assert run["dev"]["accuracy"] >= 0.9
     lines = [json.loads(x) for x in open(run["test_submission"], encoding="utf-8")]
@@ -81,7 +83,7 @@ def test_pair_token_span_and_choice_learn(tmp_path, reviews, ner_sentences, voca
     for name, d, metric, floor in cases:
         settings = {**FAST, "epochs": 60} if name in ("cluener", "cmrc2018") else FAST
         result = finetune(name, tmp_path / f"run-{name}", tokenizer=vocab, data=d,
-                          save_model=False, **settings)
+                          save_model=False, **typed(**settings))
         assert result["runs"][0]["dev"][metric] >= floor, (name, result["runs"][0])
 
 
@@ -102,7 +104,7 @@ def test_seeds_checkpoint_hash_and_resume(tmp_path, reviews, vocab, capsys):
     d = clue_dir(tmp_path, "tnews", train, [])
     settings = {**FAST, "epochs": 1, "seeds": [1, 2]}
     out = tmp_path / "run"
-    result = finetune("tnews", out, model=ckpt, tokenizer=vocab, data=d, **settings)
+    result = finetune("tnews", out, model=ckpt, tokenizer=vocab, data=d, **typed(**settings))
     sha = sha256_file(ckpt / "model.safetensors")
     assert result["model"]["sha256"] == sha and result["config"]["model_sha256"] == sha
     assert [r["seed"] for r in result["runs"]] == [1, 2]
@@ -111,7 +113,7 @@ def test_seeds_checkpoint_hash_and_resume(tmp_path, reviews, vocab, capsys):
     table = (out / "results.md").read_text("utf-8")
     assert "| dev | accuracy |" in table and sha[:16] in table
     stamp = (out / "seed-1" / "result.json").stat().st_mtime_ns
-    again = finetune("tnews", out, model=ckpt, tokenizer=vocab, data=d, **settings)
+    again = finetune("tnews", out, model=ckpt, tokenizer=vocab, data=d, **typed(**settings))
     assert again["runs"] == result["runs"]
     assert (out / "seed-1" / "result.json").stat().st_mtime_ns == stamp
     assert "finished earlier" in capsys.readouterr().err
@@ -135,11 +137,14 @@ def test_layer_decay_and_unfreezing(tmp_path):
     assert next(g["lr_scale"] for g in groups if any(p is emb for p in g["params"])) == 0.125
     n_params = sum(p.numel() for g in groups for p in g["params"])
     assert n_params == sum(p.numel() for p in model.parameters())
-    assert apply_unfreezing(model, 0.0, 0.5) == 1
-    assert not emb.requires_grad and model.head.classifier.weight.requires_grad
+    n = len(layer_groups(model))
+    assert trainable_groups(n, 0.0, 0.5) == 1
+    frozen = {id(p) for p in frozen_parameters(model, 0.0, 0.5)}
+    assert id(emb) in frozen and id(model.head.classifier.weight) not in frozen
     # 4 groups: group k from the top opens at k/3 of the unfreezing phase (0.5 of training)
-    assert apply_unfreezing(model, 0.17, 0.5) == 2 and apply_unfreezing(model, 0.34, 0.5) == 3
-    assert apply_unfreezing(model, 0.5, 0.5) == len(layer_groups(model)) and emb.requires_grad
+    assert trainable_groups(n, 0.17, 0.5) == 2 and trainable_groups(n, 0.34, 0.5) == 3
+    assert trainable_groups(n, 0.5, 0.5) == n and not frozen_parameters(model, 0.5, 0.5)
+    assert trainable_groups(n, 0.0, 0.0) == n  # off
 
 
 def test_unfreezing_keeps_embeddings_until_the_end(tmp_path, reviews, vocab):
@@ -150,7 +155,7 @@ def test_unfreezing_keeps_embeddings_until_the_end(tmp_path, reviews, vocab):
     config = preset("tiny", vocab_size=512)
     ckpt = save_pretrained(MaskedLM(config), tmp_path / "ckpt")
     finetune("tnews", tmp_path / "run", model=ckpt, tokenizer=vocab, data=d,
-             **{**FAST, "epochs": 4, "batch_size": 2}, unfreeze=1.0)
+             **typed(**{**FAST, "epochs": 4, "batch_size": 2, "unfreeze": 1.0}))
     start = from_pretrained(ckpt)
     tuned = from_pretrained(tmp_path / "run" / "seed-1" / "model")
     # embeddings open only when progress reaches 1: they never train; the top block does
@@ -207,8 +212,8 @@ def test_finetune_finds_the_tokenizer_of_a_pretraining_run(tmp_path, pd98_encode
 
     from motian.errors import UserError
     from motian.finetuning import find_tokenizer
+    from motian.pretraining import pretrain_recipe
     from motian.train.checkpoint import latest_checkpoint
-    from motian.train.loop import fit
     from motian.train.metrics import read_metrics
     from motian.train.recipe import RunSettings, load_recipe
     from tests.pretrain_helpers import write_recipe
@@ -219,7 +224,7 @@ def test_finetune_finds_the_tokenizer_of_a_pretraining_run(tmp_path, pd98_encode
     recipe = load_recipe(write_recipe(tmp_path, steps=4, eval_every=0, checkpoint_every=2,
                                       pair_task="none"))
     run = tmp_path / "run"
-    fit(recipe, RunSettings(device="cpu", threads=1), data, run, progress_bar=False)
+    pretrain_recipe(recipe, RunSettings(device="cpu", threads=1, progress=False), data, run)
     # pretraining left the tokenizer it was fed in the run and in final/
     assert (run / "final" / "tokenizer.json").read_bytes() == trained_with.read_bytes()
     assert find_tokenizer(None, run / "final") == (run / "final").resolve()
@@ -249,6 +254,7 @@ def test_finetune_finds_the_tokenizer_of_a_pretraining_run(tmp_path, pd98_encode
     assert result["config"]["tokenizer"] == str((run / "final").resolve())
     assert result["config"]["optimizer"] == "lamb" and result["runs"][0]["precision"] == "fp32"
     records = read_metrics(out / "seed-1" / "metrics.jsonl", "finetune")
+    assert not (out / "seed-1" / "checkpoints").exists()  # a finished seed keeps no checkpoints
     assert [r["step"] for r in records] == [1, 2, 3]
     assert records[0]["lr"] > 0 and records[-1]["lr"] == 0  # linear decay to 0
     assert all(r["grad_norm"] > 0 and r["skipped"] == 0 for r in records)

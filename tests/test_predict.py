@@ -116,6 +116,7 @@ def test_label_names_come_from_the_checkpoint(tmp_path, review_tokenizer):
                                 "scheme": "BIO"})
     (result,) = run_both(directory, [{"text": "江泽民在北京"}])[1]
     assert set(result["tags"]) <= {"O", "B-PER", "I-PER", "B-LOC", "I-LOC", "B-ORG", "I-ORG"}
+    assert result["entities"]  # (seeded random weights: this text gets entities)
     for entity in result["entities"]:
         assert entity["type"] in ("PER", "LOC", "ORG")
         assert entity["text"] == "江泽民在北京"[entity["start"]:entity["end"]]
@@ -178,9 +179,10 @@ def test_serves_a_fine_tuned_model_as_evaluate_scores_it(tmp_path, review_tokeni
     predicts for the same examples."""
     from motian.finetuning import evaluate, finetune
     from motian.tasks.builtin import load_builtin
+    from tests.settings_helpers import typed
 
     finetune("reviews-sentiment", tmp_path / "ft", tokenizer=review_tokenizer, seeds=[1],
-             epochs=1, max_train=200, max_eval=60, lr=1e-3, progress=False)
+             max_train=200, max_eval=60, **typed(epochs=1, lr=1e-3))
     model = tmp_path / "ft" / "seed-1" / "model"
     evaluate(model, split="test", max_eval=60, out=tmp_path / "ev")
     (scored,) = (tmp_path / "ev").glob("*.jsonl")

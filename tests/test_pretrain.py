@@ -10,18 +10,19 @@ import torch
 
 from motian.errors import UserError
 from motian.model import MaskedLM, from_pretrained, preset, save_pretrained
-from motian.train.loop import fit, optimizer_step
+from motian.pretraining import pretrain_recipe
+from motian.train.fit import optimizer_step
 from motian.train.metrics import read_metrics
 from motian.train.objectives import Pretrainer, TaskWeighting
 from motian.train.recipe import ObjectiveSpec, RunSettings, load_recipe, with_overrides
 from tests.pretrain_helpers import write_recipe
 
-CPU = RunSettings(device="cpu", threads=1)
+CPU = RunSettings(device="cpu", threads=1, progress=False)
 
 
 def test_two_stage_run_writes_metrics_eval_checkpoints_and_metadata(pd98_encoded, tmp_path):
     recipe = load_recipe(write_recipe(tmp_path))
-    summary = fit(recipe, CPU, pd98_encoded, tmp_path / "run", progress_bar=False)
+    summary = pretrain_recipe(recipe, CPU, pd98_encoded, tmp_path / "run")
     run = tmp_path / "run"
     train = read_metrics(run / "metrics.jsonl", "train")
     assert [r["seq_len"] for r in train] == [32, 64]  # logged at step 10 (stage 1), 16 (stage 2)
@@ -45,7 +46,7 @@ def test_two_stage_run_writes_metrics_eval_checkpoints_and_metadata(pd98_encoded
 def test_training_lowers_the_held_out_loss(pd98_encoded, tmp_path):
     recipe = load_recipe(write_recipe(tmp_path, steps=40, eval_every=40, pair_task="none",
                                       optim="adamw"))
-    fit(recipe, CPU, pd98_encoded, tmp_path / "run", progress_bar=False)
+    pretrain_recipe(recipe, CPU, pd98_encoded, tmp_path / "run")
     evals = read_metrics(tmp_path / "run" / "metrics.jsonl", "eval")
     assert evals[-1]["loss"] < evals[0]["loss"] - 0.5
 
@@ -73,20 +74,18 @@ def test_nan_weights_stop_the_run_with_a_clear_message(pd98_encoded, tmp_path):
         bad.backbone.blocks[0].ffn.up.weight[0, 0] = float("nan")
     save_pretrained(bad, tmp_path / "bad")
     with pytest.raises(UserError, match="not finite .* for 3 steps in a row"):
-        fit(recipe, CPU, pd98_encoded, tmp_path / "run", init_from=tmp_path / "bad",
-            progress_bar=False)
+        pretrain_recipe(recipe, CPU, pd98_encoded, tmp_path / "run", init_from=tmp_path / "bad")
 
 
 def test_init_from_a_motian_model_reports_loaded_and_new_keys(pd98_encoded, tmp_path, capsys):
     recipe = load_recipe(write_recipe(tmp_path, steps=2, eval_every=0, checkpoint_every=0))
-    fit(with_overrides(recipe), CPU, pd98_encoded, tmp_path / "a", progress_bar=False)
+    pretrain_recipe(with_overrides(recipe), CPU, pd98_encoded, tmp_path / "a")
     source = tmp_path / "a" / "final"
     masked = MaskedLM(from_pretrained(source).config)  # the same backbone, no pair head
     masked.load_state_dict(from_pretrained(source).state_dict(), strict=False)
     save_pretrained(masked, tmp_path / "mlm")
     capsys.readouterr()
-    fit(recipe, CPU, pd98_encoded, tmp_path / "b", init_from=tmp_path / "mlm",
-        progress_bar=False)
+    pretrain_recipe(recipe, CPU, pd98_encoded, tmp_path / "b", init_from=tmp_path / "mlm")
     err = capsys.readouterr().err
     assert "loaded" in err and "newly initialised (not in the source)" in err
     assert "pair.classifier.weight" in err and "backbone.embeddings" not in err.split(
@@ -103,8 +102,7 @@ def test_init_from_a_hugging_face_bert_directory(pd98_encoded, tmp_path, capsys)
     recipe = load_recipe(write_recipe(tmp_path, steps=1, eval_every=0, checkpoint_every=0,
                                       pair_task="none"))
     capsys.readouterr()
-    fit(recipe, CPU, pd98_encoded, tmp_path / "run", init_from=tmp_path / "hf",
-        progress_bar=False)
+    pretrain_recipe(recipe, CPU, pd98_encoded, tmp_path / "run", init_from=tmp_path / "hf")
     err = capsys.readouterr().err
     assert "--init-from" in err and "loaded" in err
     assert "seq_relationship" in err  # BERT's NSP head has no place in MaskedLM: reported
@@ -112,31 +110,30 @@ def test_init_from_a_hugging_face_bert_directory(pd98_encoded, tmp_path, capsys)
 
 def test_bf16_autocast_on_cpu_trains_and_evaluates(pd98_encoded, tmp_path):
     recipe = load_recipe(write_recipe(tmp_path, steps=2, eval_every=2, pair_task="none"))
-    s32 = fit(recipe, CPU, pd98_encoded, tmp_path / "fp32", progress_bar=False)
-    s16 = fit(recipe, RunSettings(device="cpu", threads=1, precision="bf16"), pd98_encoded,
-              tmp_path / "bf16", progress_bar=False)
+    s32 = pretrain_recipe(recipe, CPU, pd98_encoded, tmp_path / "fp32")
+    s16 = pretrain_recipe(recipe, RunSettings(device="cpu", threads=1, precision="bf16", progress=False), pd98_encoded,
+              tmp_path / "bf16")
     assert s16["eval"]["loss"] == pytest.approx(s32["eval"]["loss"], rel=0.02)
     with pytest.raises(UserError, match="fp16 .* needs CUDA"):
-        fit(recipe, RunSettings(device="cpu", precision="fp16"), pd98_encoded,
-            tmp_path / "fp16", progress_bar=False)
+        pretrain_recipe(recipe, RunSettings(device="cpu", precision="fp16", progress=False), pd98_encoded,
+            tmp_path / "fp16")
 
 
 def test_existing_run_needs_resume_and_the_same_recipe(pd98_encoded, tmp_path):
     path = write_recipe(tmp_path, steps=4, eval_every=0, checkpoint_every=2)
-    fit(load_recipe(path), CPU, pd98_encoded, tmp_path / "run", progress_bar=False)
+    pretrain_recipe(load_recipe(path), CPU, pd98_encoded, tmp_path / "run")
     with pytest.raises(UserError, match="already holds checkpoints"):
-        fit(load_recipe(path), CPU, pd98_encoded, tmp_path / "run", progress_bar=False)
+        pretrain_recipe(load_recipe(path), CPU, pd98_encoded, tmp_path / "run")
     other = path.read_text().replace("lr: 0.01", "lr: 0.02")
     path.write_text(other)
     with pytest.raises(UserError, match="another recipe"):
-        fit(load_recipe(path), CPU, pd98_encoded, tmp_path / "run", resume=True,
-            progress_bar=False)
+        pretrain_recipe(load_recipe(path), CPU, pd98_encoded, tmp_path / "run", resume=True)
 
 
 def test_a_time_budget_ends_the_run_and_drives_the_schedule(pd98_encoded, tmp_path):
     recipe = with_overrides(load_recipe(write_recipe(tmp_path, eval_every=0,
                                                      checkpoint_every=0)), budget_minutes=0.02)
-    summary = fit(recipe, CPU, pd98_encoded, tmp_path / "run", progress_bar=False)
+    summary = pretrain_recipe(recipe, CPU, pd98_encoded, tmp_path / "run")
     assert summary["seconds"] >= 1.2 and summary["steps"] > 2
     train = read_metrics(tmp_path / "run" / "metrics.jsonl", "train")
     assert train[-1]["seq_len"] == 64  # the last quarter of the time ran stage 2

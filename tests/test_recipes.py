@@ -9,20 +9,27 @@ import pytest
 
 from motian.errors import UserError
 from motian.train.recipe import (
-    CONFIGS_DIR,
     Recipe,
     Stage,
     accumulation,
     load_recipe,
+    recipe_path,
     save_recipe,
+    shipped_configs,
+    shipped_recipes,
     with_overrides,
 )
 
-SHIPPED = sorted(p.stem for p in CONFIGS_DIR.glob("*.yaml"))
+SHIPPED = shipped_recipes()
 
 
 def test_the_four_recipes_the_issue_asks_for_are_shipped():
     assert {"demo", "motian-base", "motian-1b", "bert-base"} <= set(SHIPPED)
+    # the recipes are package data inside motian/, not a folder beside the checkout
+    import motian
+    package_dir = Path(motian.__file__).resolve().parent
+    assert Path(str(shipped_configs())).resolve() == package_dir / "configs"
+    assert SHIPPED == sorted(p.stem for p in (package_dir / "configs").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("name", SHIPPED)
@@ -66,7 +73,7 @@ def test_invalid_yaml_and_bad_model_field_are_user_errors(tmp_path):
     path.write_text("model: {preset: tiny, overrides: {hiden: 64}}\n", encoding="utf-8")
     with pytest.raises(UserError, match="unknown field.*hiden"):
         load_recipe(path)
-    with pytest.raises(UserError, match="no recipe 'nope'"):
+    with pytest.raises(UserError, match=r"no recipe 'nope'.*shipped recipes \(.*demo"):
         load_recipe("nope")
 
 
@@ -90,4 +97,4 @@ def test_length_overrides_do_not_change_the_fingerprint():
     r = load_recipe("demo")
     assert with_overrides(r, steps=5, budget_minutes=0.1).fingerprint() == r.fingerprint()
     assert with_overrides(r, steps=5).steps == 5
-    assert Path(CONFIGS_DIR / "demo.yaml").is_file()
+    assert recipe_path("demo").is_file() and r.name == "demo"

@@ -15,11 +15,12 @@ from motian.cli import main as cli_main
 from motian.distillation import distill
 from motian.errors import UserError
 from motian.finetuning import finetune
+from motian.pretraining import pretrain_recipe
 from motian.reporting.run import load_run, read_downstream, write_report
-from motian.train.loop import fit
 from motian.train.metrics import read_metrics
 from motian.train.recipe import RunSettings, load_recipe
 from tests.pretrain_helpers import write_recipe
+from tests.settings_helpers import typed
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -28,8 +29,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 def tiny_run(pd98_encoded, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("report")
     recipe = load_recipe(write_recipe(root, steps=20, eval_every=10, checkpoint_every=0))
-    fit(recipe, RunSettings(device="cpu", threads=1), pd98_encoded, root / "run",
-        progress_bar=False)
+    pretrain_recipe(recipe, RunSettings(device="cpu", threads=1, progress=False), pd98_encoded, root / "run")
     return root / "run"
 
 
@@ -40,9 +40,9 @@ def fine_tuned(tiny_run, pd98_encoded) -> dict[str, Path]:
     for arm, random_init in (("teacher", False), ("random init", True)):
         directory = tiny_run.parent / f"ft-{arm.replace(' ', '-')}"
         finetune("reviews-sentiment", directory, model=tiny_run / "final",
-                 tokenizer=pd98_encoded, seeds=[1, 2], epochs=1, max_train=48, max_eval=48,
-                 max_length=32, random_init=random_init, save_model=False, device="cpu",
-                 progress=False)
+                 tokenizer=pd98_encoded, seeds=[1, 2], max_train=48, max_eval=48,
+                 max_length=32, random_init=random_init, save_model=False,
+                 **typed(epochs=1, device="cpu"))
         out[arm] = directory
     return out
 
@@ -56,7 +56,9 @@ def _images(report: Path) -> list[Path]:
 def _assert_png(path: Path) -> None:
     assert path.is_file() and path.stat().st_size > 1000
     assert path.read_bytes()[:8] == PNG_MAGIC
-    image = pytest.importorskip("PIL.Image").open(path)
+    from PIL import Image  # pillow comes with matplotlib: a missing one fails, never skips
+
+    image = Image.open(path)
     image.verify()
     assert image.size[0] > 300 and image.size[1] > 200
 
@@ -92,10 +94,10 @@ def test_a_distillation_run_gives_teacher_student_and_baseline_bars(tiny_run, pd
                                                                     tmp_path):
     teacher = tmp_path / "ft"
     finetune("reviews-sentiment", teacher, model=tiny_run / "final", tokenizer=pd98_encoded,
-             seeds=[1], epochs=1, max_train=48, max_eval=48, max_length=32, device="cpu",
-             progress=False)
+             seeds=[1], max_train=48, max_eval=48, max_length=32,
+             **typed(epochs=1, device="cpu"))
     distill(teacher / "seed-1" / "model", tmp_path / "student", student_layers=1, seeds=[1, 2],
-            epochs=1, max_train=48, max_eval=48, device="cpu", progress=False)
+            epochs=1, max_train=48, max_eval=48, **typed("distill", device="cpu"))
     rows = read_downstream({"distill": tmp_path / "student"})
     result = json.loads((tmp_path / "student" / "results.json").read_text())
     test = {r.arm: r for r in rows if (r.split, r.metric) == ("test", "accuracy")}

@@ -11,6 +11,7 @@ from motian.cli import main
 from motian.errors import UserError
 from motian.finetuning import evaluate, finetune, load_task
 from motian.serving.predict import predict
+from tests.settings_helpers import typed
 from tests.test_clue import jsonl
 from tests.test_finetune import FAST
 
@@ -32,7 +33,7 @@ def test_text_classification_learns_and_predicts_label_names(tmp_path, reviews, 
     task = load_task("text-classification", d)
     assert task.labels == sorted(["好评", "差评"])  # sorted: the same files, the same indices
     assert task.sizes() == {"train": 24, "dev": 24, "test": 6}
-    result = finetune("text-classification", tmp_path / "run", tokenizer=vocab, data=d, **FAST)
+    result = finetune("text-classification", tmp_path / "run", tokenizer=vocab, data=d, **typed(**FAST))
     run = result["runs"][0]
     assert run["dev"]["accuracy"] >= 0.9
     lines = [json.loads(x) for x in open(run["test_predictions"], encoding="utf-8")]
@@ -55,7 +56,7 @@ def test_mean_pooling_is_kept_with_the_fine_tuned_model(tmp_path, reviews, vocab
     train = [{"text": t, "label": "好评"} for t in pos] + [{"text": t, "label": "差评"} for t in neg]
     d = task_dir(tmp_path, "mine", train, train[:2])
     result = finetune("text-classification", tmp_path / "run", tokenizer=vocab, data=d,
-                      pooling="mean", **FAST)
+                      pooling="mean", **typed(**FAST))
     run = result["runs"][0]
     assert run["dev"]["accuracy"] >= 0.9
     assert result["config"]["model_overrides"] == {"classifier_pooling": "mean"}
@@ -64,13 +65,13 @@ def test_mean_pooling_is_kept_with_the_fine_tuned_model(tmp_path, reviews, vocab
     assert saved["model"]["classifier_pooling"] == "mean"
     assert evaluate(model, split="dev", data=d)["scores"] == pytest.approx(run["dev"])
     result = finetune("text-classification", tmp_path / "run-dropout", tokenizer=vocab, data=d,
-                      dropout=0.3, save_model=True, **{**FAST, "epochs": 1})
+                      dropout=0.3, save_model=True, **typed(**{**FAST, "epochs": 1}))
     saved = json.loads((tmp_path / "run-dropout" / "seed-1" / "model" / "config.json")
                        .read_text("utf-8"))["model"]
     assert saved["dropout"] == saved["attention_dropout"] == 0.3
     with pytest.raises(UserError, match="dropout and attention_dropout must be in"):
         finetune("text-classification", tmp_path / "run-bad", tokenizer=vocab, data=d,
-                 dropout=1.5, **FAST)
+                 dropout=1.5, **typed(**FAST))
 
 
 def test_text_pair_and_ner_learn(tmp_path, reviews, ner_sentences, vocab):
@@ -85,7 +86,7 @@ def test_text_pair_and_ner_learn(tmp_path, reviews, ner_sentences, vocab):
               "f1", 0.6, {**FAST, "epochs": 60})]
     for name, d, metric, floor, settings in cases:
         result = finetune(name, tmp_path / f"run-{name}", tokenizer=vocab, data=d,
-                          save_model=False, **settings)
+                          save_model=False, **typed(**settings))
         run = result["runs"][0]
         assert run["dev"][metric] >= floor, (name, run)
         lines = [json.loads(x) for x in open(run["test_predictions"], encoding="utf-8")]
@@ -94,7 +95,7 @@ def test_text_pair_and_ner_learn(tmp_path, reviews, ner_sentences, vocab):
         {kind for e in ner_sentences for _, _, kind in e.entities})
     entities = json.loads(open(tmp_path / "run-ner" / "seed-1" /
                                "ner_test_predictions.jsonl", encoding="utf-8").readline())
-    assert all(len(x) == 3 for x in entities["entities"])
+    assert entities["entities"] and all(len(x) == 3 for x in entities["entities"])
 
 
 @pytest.mark.parametrize("name,train,dev,message", [

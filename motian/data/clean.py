@@ -52,7 +52,6 @@ import numpy as np
 from tqdm import tqdm
 
 from motian.data.dedup import DedupState, band_keys, lsh_bands, minhash
-from motian.data.shards import write_json_atomic
 from motian.data.sources import (
     DEFAULT_MAX_LINE_BYTES,
     Document,
@@ -62,6 +61,7 @@ from motian.data.sources import (
     reviews_paths,
 )
 from motian.errors import SkipLog, UserError
+from motian.io import write_json_atomic
 
 FORMAT_VERSION = 1
 MAX_EXAMPLES = 3

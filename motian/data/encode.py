@@ -53,11 +53,10 @@ from motian.data.shards import (
     SynonymTable,
     shard_name,
     vocab_hash,
-    write_json_atomic,
     write_shard,
 )
-from motian.data.sources import Document, iter_documents
-from motian.data.synonyms import build_synonym_table, file_sha256
+from motian.data.sources import Document, iter_documents, synonyms_path
+from motian.data.synonyms import build_synonym_table
 from motian.data.tokenizer import (
     CONTINUATION,
     input_sizes,
@@ -66,6 +65,7 @@ from motian.data.tokenizer import (
     vocab_tokens,
 )
 from motian.errors import SkipLog, UserError
+from motian.io import sha256_file, write_json_atomic
 
 # A sentence ends after a run of end marks and any closing quotes/brackets that follow them.
 SENTENCE_END = re.compile(r"(?:[。！？!?…]+|\.(?=\s))[”’」』）)\"']*")
@@ -258,10 +258,6 @@ def encode_chunk(index: int, texts: list[str]) -> dict:
 # ----------------------------------------------------------------------------- the run
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def _chunks(docs: Iterator[Document], shard_docs: int, shard_bytes: int
             ) -> Iterator[tuple[int, list[Document]]]:
     """Cut the document stream into shards: `shard_docs` documents, or fewer once they hold
@@ -320,10 +316,10 @@ def _settings(inputs: list[str], tok, digest: str, user_dict: Path | None,
         # normaliser settings (lower-casing...) change ids as much as the vocabulary does
         "tokenizer_sha256": hashlib.sha256(tok.to_str().encode("utf-8")).hexdigest(),
         "user_dict": str(user_dict) if user_dict else None,
-        "user_dict_sha256": _sha256(user_dict) if user_dict else None,
+        "user_dict_sha256": sha256_file(user_dict) if user_dict else None,
         # None: no synonyms recorded
         "synonym_min_chars": synonym_min_chars,
-        "cilin_sha256": file_sha256() if synonym_min_chars is not None else None,
+        "cilin_sha256": sha256_file(synonyms_path()) if synonym_min_chars is not None else None,
         "shard_docs": shard_docs, "shard_mb": shard_mb, "txt_mode": txt_mode,
         "text_field": text_field, "jieba": version("jieba"),
         "tokenizers": version("tokenizers"),

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from motian.errors import UserError
+from motian.io import write_json_atomic  # noqa: F401  (moved; old imports work)
 
 FORMAT_VERSION = 1
 WORD_START, SENTENCE_START, PARAGRAPH_START = 1, 2, 4
@@ -41,15 +42,6 @@ def vocab_hash(vocab_file: str | Path) -> str:
     """SHA-256 of a vocab.txt's tokens in order (what ids mean), insensitive to line endings."""
     tokens = Path(vocab_file).read_text(encoding="utf-8").splitlines()
     return hashlib.sha256("\n".join(tokens).encode("utf-8")).hexdigest()
-
-
-def write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, ensure_ascii=False, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def save_array_atomic(path: Path, array: np.ndarray) -> None:

@@ -15,7 +15,6 @@ as ``synonyms.npz`` (`motian.data.shards.SynonymTable`); `encode` stores each wo
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -42,12 +41,6 @@ def parse_cilin(path: Path | None = None) -> list[list[str]]:
             if code.endswith("=") and len(words) > 1:
                 groups.append(words)
     return groups
-
-
-def file_sha256(path: Path | None = None) -> str:
-    """Content hash of the Cilin file (recorded in the encode manifest)."""
-    path = Path(path) if path is not None else synonyms_path()
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def candidates_by_word(groups: list[list[str]]) -> dict[str, set[str]]:

@@ -34,9 +34,10 @@ from typing import Literal
 from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, processors, trainers
 from tokenizers.models import WordPiece
 
-from motian.data.shards import vocab_hash, write_json_atomic
+from motian.data.shards import vocab_hash
 from motian.data.sources import BUILTIN, iter_documents, resolve_inputs
 from motian.errors import SkipLog, UserError
+from motian.io import write_json_atomic
 
 SPECIAL_TOKENS = {"pad": "[PAD]", "unk": "[UNK]", "cls": "[CLS]", "sep": "[SEP]",
                   "mask": "[MASK]"}
@@ -157,6 +158,26 @@ def vocab_tokens(tok: Tokenizer) -> list[str]:
         raise UserError("the tokenizer's ids are not 0..n-1 without gaps; it cannot be written "
                         "as a BERT vocab.txt")
     return tokens
+
+
+def encoded_tokenizer(data: Path) -> Path | None:
+    """The tokenizer the shards in `data` were encoded with: the tokenizer.json their manifest
+    names when it is still there with the same vocabulary, else the vocab.txt that `encode`
+    copied beside the shards (the same vocabulary, BERT's pipeline); None if neither is."""
+    data = Path(data)
+    vocab = data / "vocab.txt"
+    try:
+        named = json.loads((data / "manifest.json").read_text("utf-8")).get("tokenizer")
+    except (OSError, json.JSONDecodeError):
+        named = None
+    if named:
+        path = Path(named)
+        path = path / "tokenizer.json" if path.is_dir() else path
+        if path.suffix == ".json" and path.is_file() and vocab.is_file():
+            tokens = vocab.read_text("utf-8").splitlines()
+            if Tokenizer.from_file(str(path)).get_vocab() == {t: i for i, t in enumerate(tokens)}:
+                return path
+    return vocab if vocab.is_file() else None
 
 
 def count_characters(texts: Iterable[str], tok: Tokenizer) -> Counter:

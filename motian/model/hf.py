@@ -25,6 +25,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from motian.errors import UserError
+from motian.model.artifact import copy_tokenizer, is_hf_bert
 from motian.model.config import ModelConfig
 from motian.model.heads import HEADS
 from motian.model.io import (
@@ -179,7 +180,7 @@ def import_bert(directory: str | Path, head: Head = "auto", strict: bool = False
     if not config_path.is_file():
         raise UserError(f"{directory}: no config.json; not a Hugging Face model directory")
     hf = json.loads(config_path.read_text(encoding="utf-8"))
-    if hf.get("model_type") != "bert":
+    if not is_hf_bert(directory):
         raise UserError(f"{config_path}: model_type={hf.get('model_type')!r}; import_bert reads "
                         "BERT checkpoints (model_type 'bert')")
     if head == "auto":
@@ -242,7 +243,7 @@ def export_hf(model: nn.Module, directory: str | Path,
     else:
         _export_remote(model, directory)
     if tokenizer is not None:
-        _copy_tokenizer(Path(tokenizer), directory)
+        copy_tokenizer(tokenizer, directory)
     return directory
 
 
@@ -339,15 +340,6 @@ def _export_remote(model: nn.Module, directory: Path) -> None:
         "tie_word_embeddings": False, "torch_dtype": "float32"})
 
 
-def _copy_tokenizer(source: Path, directory: Path) -> None:
-    names = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
-    files = [source] if source.is_file() else [source / n for n in names if (source / n).is_file()]
-    if not files:
-        raise UserError(f"{source}: no tokenizer files ({', '.join(names)}) found")
-    for f in files:
-        (directory / f.name).write_bytes(f.read_bytes())
-
-
 def _write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
@@ -374,7 +366,7 @@ def convert_hf(source: Path, out: Path, head: Head = "auto", strict: bool = Fals
     if not config_path.is_file():
         raise UserError(f"{source}: no config.json; expected a Hugging Face BERT or a motian "
                         "model directory")
-    if json.loads(config_path.read_text(encoding="utf-8")).get("model_type") == "bert":
+    if is_hf_bert(source):
         model, _ = import_bert(source, head=head, strict=strict)
         save_pretrained(model, out)
         print(f"motian: wrote motian {type(model).__name__} to {out}")

@@ -134,8 +134,10 @@ def from_pretrained(directory: str | Path, strict: bool = True,
         raise UserError(f"{directory}: not a motian model directory (no config.json)")
     meta = json.loads(config_path.read_text(encoding="utf-8"))
     if meta.get("format") != FORMAT:
+        from motian.model.artifact import is_hf_bert  # artifact builds on this module
+
         hint = (" (a Hugging Face BERT directory: use motian.model.hf.import_bert)"
-                if meta.get("model_type") == "bert" else "")
+                if is_hf_bert(directory) else "")
         raise UserError(f"{config_path}: not a motian model config{hint}")
     if meta.get("head") not in HEADS:
         raise UserError(f"{config_path}: unknown head {meta.get('head')!r}; known: "

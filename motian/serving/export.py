@@ -39,19 +39,25 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from motian.data.shards import write_json_atomic
 from motian.data.sources import iter_reviews
 from motian.data.tokenizer import load_tokenizer, special_token_ids
 from motian.errors import UserError
+from motian.io import write_json_atomic
+from motian.model.artifact import (
+    CONFIG,
+    TASK_CARD,
+    WEIGHTS,
+    TaskCard,
+    copy_tokenizer,
+    find_tokenizer,
+    resolve_model_dir,
+)
 from motian.model.io import from_pretrained
+from motian.serving.onnx import ONNX_FILE, onnx_session, run_session
 from motian.tasks.features import Featurizer, collate
 from motian.tasks.types import Example, Task, tag_names
 
-ONNX_FILE = "model.onnx"
 MANIFEST = "export.json"
-TASK_FILE = "task.json"
-TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json",
-                   "special_tokens_map.json")
 EXPORT_LENGTH = 16  # sequence length of the traced example; checks run at other lengths
 # (batch size, longest sequence) of the parity batches: one unpadded example, then batches
 # longer than the traced example, so a shape frozen at export time would show up as an error.
@@ -173,25 +179,6 @@ def _trace_example(model: nn.Module) -> dict[str, Tensor]:
     types = torch.zeros(shape, dtype=torch.long)
     types[..., 6:10] = 1 if model.config.type_vocab_size > 1 else 0
     return {"input_ids": ids * mask, "attention_mask": mask, "token_type_ids": types}
-
-
-def onnx_session(path: Path, threads: int = 0):
-    """An onnxruntime CPU session (`threads=0`: onnxruntime's default, one per core)."""
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        raise UserError("onnxruntime is not installed; pip install 'motian[onnx]'") from None
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.log_severity_level = 3  # errors only: the graph-optimiser notes are not for users
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
-def run_session(session, batch: dict[str, Tensor | np.ndarray]) -> dict[str, np.ndarray]:
-    """Feed the inputs the graph declares, as int64; outputs by name."""
-    feed = {i.name: np.asarray(batch[i.name], dtype=np.int64) for i in session.get_inputs()}
-    names = [o.name for o in session.get_outputs()]
-    return dict(zip(names, session.run(names, feed)))
 
 
 # --------------------------------------------------------------------------- parity check
@@ -320,25 +307,16 @@ def _zero_padding(model: nn.Module, outputs: dict[str, np.ndarray],
     return out
 
 
-def read_task(directory: Path) -> dict:
-    """The task.json `motian finetune` saves beside a fine-tuned model ({"type", "labels",
-    "scheme", "max_length", ...}); {} for a model that was not fine-tuned."""
-    path = Path(directory) / TASK_FILE
-    if not path.is_file():
-        return {}
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
-
-
-def output_labels(task: dict) -> list[str] | None:
+def output_labels(card: TaskCard | None) -> list[str] | None:
     """Names of a classifier's outputs: the task's class names, or for token tasks the tag
-    names derived from its entity types and scheme (O, B-PER, I-PER, ...)."""
-    if task.get("type") == "token":
-        return tag_names(list(task.get("labels") or []), task.get("scheme", "BIO"))
-    if task.get("type") in ("single", "pair") and task.get("labels"):
-        return list(task["labels"])
+    names derived from its entity types and scheme (O, B-PER, I-PER, ...); None for a model
+    without a task card (not fine-tuned) and for heads whose outputs are not classes."""
+    if card is None:
+        return None
+    if card.type == "token":
+        return tag_names(list(card.labels), card.scheme)
+    if card.type in ("single", "pair") and card.labels:
+        return list(card.labels)
     return None
 
 
@@ -353,26 +331,8 @@ def _name_hf_labels(directory: Path, labels: list[str]) -> None:
 # --------------------------------------------------------------------------- the verb
 
 
-def find_tokenizer(checkpoint: Path, tokenizer: Path | None) -> Path:
-    """The tokenizer given, else the one fine-tuning saved with the model (or `motian prepare`
-    next to it): the lookup `motian finetune` / `evaluate` use, so all verbs agree."""
-    from motian.finetuning import find_tokenizer as lookup  # the training engine: lazily
-
-    found = lookup(tokenizer, checkpoint)
-    load_tokenizer(found)  # fails early, naming the file, if it is not a tokenizer
-    return found
-
-
-def copy_tokenizer(source: Path, out: Path) -> None:
-    files = [source] if source.is_file() else [source / n for n in TOKENIZER_FILES
-                                               if (source / n).is_file()]
-    for f in files:
-        if f.resolve() != (out / f.name).resolve():
-            shutil.copyfile(f, out / f.name)
-
-
 def _copy_checkpoint(checkpoint: Path, out: Path) -> None:
-    for name in ("config.json", "model.safetensors", TASK_FILE):
+    for name in (CONFIG, WEIGHTS, TASK_CARD):
         if (checkpoint / name).is_file() and \
                 (checkpoint / name).resolve() != (out / name).resolve():
             shutil.copyfile(checkpoint / name, out / name)
@@ -390,18 +350,21 @@ def export(checkpoint: Path, out: Path, format: Literal["onnx", "hf", "both"] = 
     `tolerance`.
 
     Args:
-        checkpoint: motian model directory (config.json + model.safetensors), any head.
+        checkpoint: motian model directory (config.json + model.safetensors), any head; a
+            checkpoint or a training run directory (its latest checkpoint) also works.
         out: directory to write.
         format: onnx, hf (out/hf) or both.
         opset: ONNX opset version (17 has LayerNormalization as one op).
         check: compare the export with PyTorch on real inputs (--no-check skips it).
         tolerance: largest accepted absolute difference of any output (fp32).
         tokenizer: the model's tokenizer (directory, tokenizer.json or vocab.txt); default:
-            the one in the checkpoint directory.
+            the one in the checkpoint directory, else the one its pretraining run used.
     """
-    checkpoint, out = Path(checkpoint), Path(out)
+    checkpoint, out = resolve_model_dir(checkpoint), Path(out)
     model = from_pretrained(checkpoint).eval()
+    card = TaskCard.read_optional(checkpoint)
     tokenizer_dir = find_tokenizer(checkpoint, tokenizer)
+    load_tokenizer(tokenizer_dir)  # fails early, naming the file, if it is not a tokenizer
     batches = check_batches(model, tokenizer_dir) if check else []
     out.mkdir(parents=True, exist_ok=True)
     _copy_checkpoint(checkpoint, out)
@@ -414,7 +377,7 @@ def export(checkpoint: Path, out: Path, format: Literal["onnx", "hf", "both"] = 
         manifest["onnx"] = _export_onnx_checked(model, out, opset, batches, tolerance)
     if format in ("hf", "both"):
         manifest["hf"] = _export_hf_checked(model, out / "hf", tokenizer_dir, batches,
-                                            tolerance, output_labels(read_task(checkpoint)))
+                                            tolerance, output_labels(card))
     write_json_atomic(out / MANIFEST, manifest)
     return manifest
 

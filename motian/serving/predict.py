@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from itertools import islice
 from pathlib import Path
 from typing import Literal, TextIO
@@ -37,18 +37,12 @@ from torch import Tensor
 
 from motian.data.tokenizer import load_tokenizer, special_token_ids
 from motian.errors import UserError
+from motian.model.artifact import CONFIG, TaskCard, find_tokenizer, resolve_model_dir
 from motian.model.config import ModelConfig
 from motian.model.io import FORMAT, from_pretrained
-from motian.serving.export import (
-    ONNX_FILE,
-    find_tokenizer,
-    input_names,
-    onnx_session,
-    output_labels,
-    read_task,
-    run_session,
-)
+from motian.serving.export import input_names, output_labels
 from motian.serving.export import torch_outputs as run_torch
+from motian.serving.onnx import ONNX_FILE, onnx_session, run_session
 from motian.tasks.features import Featurizer, best_span, collate, decode_tokens
 from motian.tasks.types import Example, Task
 
@@ -72,18 +66,16 @@ class Predictor:
     run: Callable[[dict[str, Tensor]], dict[str, np.ndarray]]
     max_length: int
     input_names: tuple[str, ...]
-    task: dict  # task.json of a fine-tuned model ({} otherwise)
+    task: dict  # the task card (task.json) of a fine-tuned model as a dict; {} otherwise
 
 
 def load_predictor(model: Path, backend: Backend = "torch", tokenizer: Path | None = None,
                    max_length: int | None = None, threads: int = 0) -> Predictor:
-    """Load `model` (a `motian export` directory, or any motian checkpoint for torch).
-    `max_length` defaults to the length the model was fine-tuned at (task.json), else 128."""
-    model = Path(model)
-    meta_path = model / "config.json"
-    if not meta_path.is_file():
-        raise UserError(f"{model}: no config.json; give a directory written by `motian export` "
-                        "(or a motian checkpoint with --backend torch)")
+    """Load `model` (a `motian export` directory, or for torch any motian model directory,
+    checkpoint or training run). `max_length` defaults to the length the model was fine-tuned
+    at (its task card), else 128."""
+    model = resolve_model_dir(model)
+    meta_path = model / CONFIG
     meta = json.loads(meta_path.read_text(encoding="utf-8"))
     tok = load_tokenizer(find_tokenizer(model, tokenizer))
     if backend == "onnx":
@@ -103,10 +95,11 @@ def load_predictor(model: Path, backend: Backend = "torch", tokenizer: Path | No
             torch.set_num_threads(threads)
         config, names = torch_model.config, input_names(torch_model)
         run = lambda batch: run_torch(torch_model, batch)  # noqa: E731
-    task = read_task(model)
-    max_length = max_length or task.get("max_length") or 128
-    return Predictor(meta["head"], config, tok, special_token_ids(tok), output_labels(task),
-                     run, min(max_length, config.max_positions), names, task)
+    card = TaskCard.read_optional(model)
+    max_length = max_length or (card and card.max_length) or 128
+    return Predictor(meta["head"], config, tok, special_token_ids(tok), output_labels(card),
+                     run, min(max_length, config.max_positions), names,
+                     asdict(card) if card else {})
 
 
 # --------------------------------------------------------------------------- input

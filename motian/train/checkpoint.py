@@ -19,6 +19,10 @@ fsynced, and only then is it renamed to `step-...` (a rename is atomic on POSIX 
 to `.trash-...` first, so a half-deleted directory never carries a checkpoint name). A name
 `step-...` therefore always means a complete checkpoint. Every `.pt` file is read with
 `torch.load(weights_only=True)`, so loading runs no pickled code. One process (rank 0) writes.
+
+The layout's names and the readers that find checkpoints (`latest_checkpoint`,
+`complete_checkpoints`) live in `motian.model.artifact`, so a verb that only reads a model needs
+no training code; they are re-exported here.
 """
 
 from __future__ import annotations
@@ -26,7 +30,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import re
 import shutil
 import sys
 from pathlib import Path
@@ -36,32 +39,27 @@ import torch
 from torch import nn
 
 from motian.errors import UserError
-from motian.model.io import load_weights, read_state_dict, save_pretrained
+from motian.io import fsync_dir as _fsync_dir
+from motian.io import write_text_atomic
+from motian.model.artifact import (  # the layout is read by every verb; re-exported here
+    CHECKPOINTS,
+    LATEST,
+    NAME,  # noqa: F401  (re-exported)
+    REQUIRED,
+    checkpoint_name,
+    complete_checkpoints,
+    latest_checkpoint,
+)
+from motian.model.artifact import is_complete_checkpoint as _is_complete
+from motian.model.io import load_weights, read_state_dict, save_pretrained, unwrap_model
 
-CHECKPOINTS = "checkpoints"
-LATEST = "latest"
-REQUIRED = ("config.json", "model.safetensors", "optimizer.pt", "state.json")
-NAME = re.compile(r"step-(\d{8,})")
-
-
-def checkpoint_name(step: int) -> str:
-    return f"step-{step:08d}"
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The user's model inside DDP (`.module`) and torch.compile (`._orig_mod`) wrappers."""
-    while True:
-        if hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        elif isinstance(model, nn.parallel.DistributedDataParallel):
-            model = model.module
-        else:
-            return model
+EXTRA = "objective.safetensors"  # an objective's trained tensors outside the model
 
 
 def save_checkpoint(run_dir: Path, step: int, model: nn.Module,
                     optimizer: torch.optim.Optimizer, state: dict, scaler=None,
-                    keep_last: int = 3, rng_states: list[dict] | None = None) -> Path:
+                    keep_last: int = 3, rng_states: list[dict] | None = None,
+                    extra: dict[str, torch.Tensor] | None = None) -> Path:
     """Write checkpoint `step` under `run_dir`/checkpoints atomically and return its path.
 
     `state` must be JSON-serialisable (step, loader position, progress, ...); "step" is set to
@@ -78,6 +76,11 @@ def save_checkpoint(run_dir: Path, step: int, model: nn.Module,
     tmp = directory / f".tmp-{final.name}-{os.getpid()}"
     save_pretrained(unwrap_model(model), tmp)
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    if extra:  # trained tensors outside the model (task weights, projections): safetensors
+        from safetensors.torch import save_file
+
+        save_file({k: v.detach().cpu().contiguous() for k, v in extra.items()},
+                  str(tmp / EXTRA))
     if scaler is not None:
         torch.save(scaler.state_dict(), tmp / "scaler.pt")
     torch.save({"ranks": rng_states or [capture_rng_state()]}, tmp / "rng.pt")
@@ -89,37 +92,14 @@ def save_checkpoint(run_dir: Path, step: int, model: nn.Module,
         _retire(final)
     os.rename(tmp, final)
     _fsync_dir(directory)
-    _write_text_atomic(directory / LATEST, final.name + "\n")
+    write_text_atomic(directory / LATEST, final.name + "\n")
     _prune(directory, keep_last, keep=final)
     return final
 
 
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The checkpoint `latest` names, if complete; otherwise the complete one with the highest
-    step (a kill between the rename and the `latest` update); None when there is none.
-    Temporary and half-deleted directories are never returned."""
-    directory = Path(run_dir) / CHECKPOINTS
-    try:
-        named = (directory / LATEST).read_text(encoding="utf-8").strip()
-    except OSError:
-        named = ""
-    if named and NAME.fullmatch(named) and _is_complete(directory / named):
-        return directory / named
-    found = complete_checkpoints(run_dir)
-    return found[-1] if found else None
-
-
-def complete_checkpoints(run_dir: Path) -> list[Path]:
-    """Complete checkpoints under `run_dir`, oldest step first."""
-    directory = Path(run_dir) / CHECKPOINTS
-    if not directory.is_dir():
-        return []
-    found = [p for p in directory.iterdir() if NAME.fullmatch(p.name) and _is_complete(p)]
-    return sorted(found, key=lambda p: int(NAME.fullmatch(p.name).group(1)))
-
-
 def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
-                    scaler=None, restore_rng: bool = True) -> dict:
+                    scaler=None, restore_rng: bool = True, extra: nn.Module | None = None
+                    ) -> dict:
     """Load a checkpoint directory (or a run directory: its latest checkpoint) into `model`,
     `optimizer` and `scaler` when given, restore the RNG states of this rank, and return
     state.json's dict. Weights load strictly: resuming into a different architecture is an
@@ -141,9 +121,30 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
         else:
             print(f"motian: note: {path} has no loss-scaler state (saved without fp16); the "
                   "scaler starts from its initial scale", file=sys.stderr)
+    if extra is not None:
+        _load_extra(path, extra)
     if restore_rng:
         _restore_rank_rng(path / "rng.pt")
     return json.loads((path / "state.json").read_text(encoding="utf-8"))
+
+
+def _load_extra(path: Path, module: nn.Module) -> None:
+    """Copy the checkpoint's extra tensors into `module`'s parameters of the same names; every
+    trained parameter outside the model must be there (the fit loop saves them all)."""
+    wanted = dict(module.extra_state()) if hasattr(module, "extra_state") else {}
+    saved = read_state_dict(path / EXTRA) if (path / EXTRA).is_file() else {}
+    missing = sorted(set(wanted) - set(saved))
+    if missing:
+        raise UserError(f"{path}: the checkpoint lacks the objective's trained tensors "
+                        f"{', '.join(missing[:4])}; it was made by another objective. Resume "
+                        "with the settings it was made with, or start a new run")
+    params = dict(module.named_parameters())
+    with torch.no_grad():
+        for name in wanted:
+            if params[name].shape != saved[name].shape:
+                raise UserError(f"{path / EXTRA}: {name} has shape {tuple(saved[name].shape)}, "
+                                f"this run's has {tuple(params[name].shape)}")
+            params[name].copy_(saved[name])
 
 
 # --- RNG states in a form `torch.load(weights_only=True)` accepts: tensors, ints, floats ---
@@ -190,6 +191,8 @@ def _restore_rank_rng(path: Path) -> None:
 # --- files ---
 
 def _resolve(path: Path) -> Path:
+    """A complete training checkpoint (optimizer state included, which a model directory from
+    `motian.model.artifact.resolve_model_dir` need not have): `path` or a run's latest one."""
     if (path / "state.json").is_file():
         if not _is_complete(path):
             missing = [f for f in REQUIRED if not (path / f).is_file()]
@@ -218,17 +221,13 @@ def _json_or_error(state: dict) -> str:
                         "tensors with .item() / .tolist()") from None
 
 
-def _is_complete(path: Path) -> bool:
-    return path.is_dir() and all((path / f).is_file() for f in REQUIRED)
-
-
 def _remove_leftovers(directory: Path) -> None:
     """Delete temporary and retired directories left by a save that was killed."""
     for p in directory.iterdir():
         if p.name.startswith((".tmp-", ".trash-")):
             shutil.rmtree(p, ignore_errors=True)
-        elif p.name.startswith(f".{LATEST}.tmp-"):
-            p.unlink(missing_ok=True)
+        elif p.name == f"{LATEST}.tmp" or p.name.startswith(f".{LATEST}.tmp-"):
+            p.unlink(missing_ok=True)  # (.latest.tmp-PID: the name before motian.io)
 
 
 def _retire(path: Path) -> None:
@@ -247,28 +246,7 @@ def _prune(directory: Path, keep_last: int, keep: Path) -> None:
             _retire(old)
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
 def _fsync_file(path: Path) -> None:
     with open(path, "rb") as f:
         os.fsync(f.fileno())
 
-
-def _fsync_dir(path: Path) -> None:
-    """Make a rename or new entry in `path` durable (POSIX; Windows cannot open directories)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -28,6 +28,7 @@ import torch.distributed as dist
 from torch import nn
 
 from motian.errors import UserError
+from motian.runtime import pick_device  # one device choice for every verb
 
 
 @dataclass(frozen=True)
@@ -44,23 +45,6 @@ class DistInfo:
     @property
     def distributed(self) -> bool:
         return self.world_size > 1
-
-
-def pick_device(device: str, local_rank: int = 0) -> torch.device:
-    """"auto" -> this rank's CUDA device when there is one, else the CPU."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise UserError(f"device {device!r} asked for, but torch sees no CUDA device "
-                            f"(torch {torch.__version__}); use --device cpu")
-        if device == "cuda":
-            if local_rank >= torch.cuda.device_count():
-                raise UserError(f"local rank {local_rank} has no GPU: this node has "
-                                f"{torch.cuda.device_count()}; start at most that many "
-                                "processes per node")
-            device = f"cuda:{local_rank}"
-    return torch.device(device)
 
 
 def setup(device: str = "auto", timeout_s: float = 300.0) -> DistInfo:
@@ -92,6 +76,19 @@ def teardown(finished: bool = True) -> None:
         if finished:
             dist.barrier()
         dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def process_group(device: str = "auto", timeout_s: float = 300.0) -> Iterator[DistInfo]:
+    """`setup` on entry; on exit leave the group together after a finished run, at once after
+    a failure (see `teardown`)."""
+    info = setup(device, timeout_s)
+    try:
+        yield info
+    except BaseException:
+        teardown(finished=False)
+        raise
+    teardown()
 
 
 def wrap_model(module: nn.Module, info: DistInfo) -> nn.Module:

@@ -26,6 +26,8 @@ from torch import Tensor, nn
 
 from motian.errors import UserError
 from motian.model import CausalLM, LoadReport, MaskedLM, ModelConfig, PreTrainingModel
+from motian.train.distributed import DistInfo, all_reduce_sum
+from motian.train.fit import Objective
 from motian.train.recipe import ObjectiveSpec
 
 
@@ -80,15 +82,37 @@ class TaskWeighting(nn.Module):
         return {t: math.exp(-float(s)) for t, s in zip(self.tasks, self.log_vars.detach())}
 
 
-class Pretrainer(nn.Module):
-    """model + task weighting. `forward(batch, scale)` returns (total loss for backward,
-    statistics for logging). `scale` = {"tokens": masked (or predicted) tokens in the global
-    batch / world size, "rows": micro-steps per optimizer step}: see the module docstring."""
+class Pretrainer(Objective):
+    """The pretraining objective: model + task weighting. `forward(batch, tokens_per_rank,
+    micro_steps)` returns (total loss for backward, statistics for logging): see the module
+    docstring. `evalset` is the common held-out evaluation (`evaluate`)."""
 
-    def __init__(self, model: nn.Module, weighting: TaskWeighting):
+    def __init__(self, model: nn.Module, weighting: TaskWeighting,
+                 evalset: list[dict[str, Tensor]] | None = None):
         super().__init__()
         self.model = model
         self.weighting = weighting
+        self.evalset = evalset or []
+
+    def units(self, batch: dict[str, Tensor]) -> float:
+        return float(predicted_tokens(batch))
+
+    def summarise(self, sums: dict[str, float]) -> dict[str, float]:
+        values = {}
+        for task in ("mlm", "pair", "lm"):
+            count = sums.get(f"{task}_tokens", sums.get(f"{task}_rows", 0.0))
+            if count:
+                values[f"loss_{task}"] = sums[f"{task}_loss_sum"] / count
+                values[f"acc_{task}"] = sums[f"{task}_correct"] / count
+        return values
+
+    def log_extra(self) -> dict[str, float]:
+        return {f"weight_{task}": w for task, w in self.weighting.weights().items()}
+
+    def evaluate(self, info: DistInfo, autocast) -> dict | None:
+        if not self.evalset:
+            return None
+        return evaluate_lm(self.model, self.evalset, info, autocast)
 
     def forward(self, batch: dict[str, Tensor], tokens_per_rank: float,
                 micro_steps: int) -> tuple[Tensor, dict[str, Tensor]]:
@@ -123,6 +147,36 @@ class Pretrainer(nn.Module):
         return self.weighting({"lm": token_loss / tokens_per_rank}, 1.0 / micro_steps), stats
 
 
+@torch.no_grad()
+def evaluate_lm(model: nn.Module, batches: list[dict], info: DistInfo,
+                autocast) -> dict[str, float]:
+    """Held-out masked-token (or next-token) loss and accuracy, each rank taking every
+    world_size-th batch; sums are all-reduced so every rank gets the same numbers."""
+    was_training = model.training
+    model.eval()
+    sums = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, tokens
+    for batch in batches[info.rank::info.world_size]:
+        batch = {k: v.to(info.device) for k, v in batch.items()}
+        with autocast:
+            if "labels" in batch:  # causal
+                logits = model(batch["input_ids"], batch["attention_mask"]).logits[:, :-1]
+                labels = batch["labels"][:, 1:]
+                logits, labels = logits.flatten(0, 1), labels.reshape(-1)
+                keep = labels != -100
+                logits, labels = logits[keep], labels[keep]
+            else:
+                logits = model(**{k: v for k, v in batch.items() if k != "mlm_labels"}).logits
+                labels = batch["mlm_labels"]
+        logits = logits.float()
+        sums[0] += float(nn.functional.cross_entropy(logits, labels, reduction="sum"))
+        sums[1] += float((logits.argmax(-1) == labels).sum())
+        sums[2] += labels.numel()
+    all_reduce_sum(sums, info)
+    model.train(was_training)
+    n = max(float(sums[2]), 1.0)
+    return {"loss": float(sums[0]) / n, "accuracy": float(sums[1]) / n, "tokens": int(sums[2])}
+
+
 def predicted_tokens(batch: dict[str, Tensor]) -> int:
     """How many tokens of `batch` carry a loss (masked tokens, or next-token targets)."""
     if "mlm_labels" in batch:
@@ -135,6 +189,7 @@ def init_weights_from(model: nn.Module, source: Path, verbose: bool = True) -> L
     Face BERT directory): copy every tensor whose name and shape match, and print what was
     loaded and what keeps its fresh initialisation, so continued pretraining never silently
     starts from random weights."""
+    from motian.model.artifact import is_hf_bert
     from motian.model.io import FORMAT, load_weights, read_state_dict
 
     source = Path(source)
@@ -146,7 +201,7 @@ def init_weights_from(model: nn.Module, source: Path, verbose: bool = True) -> L
     if meta.get("format") == FORMAT:
         state = read_state_dict(source / "model.safetensors")
         unused: list[str] = []
-    elif meta.get("model_type") == "bert":
+    elif is_hf_bert(source):
         from motian.model.hf import bert_to_motian, read_hf_weights
 
         state, unused = bert_to_motian(read_hf_weights(source), type(model).__name__,

@@ -4,8 +4,9 @@ A `Recipe` (model, data, objective, optimiser, stages, evaluation) decides the r
 `RunSettings` (device, precision, micro-batch, compile, activation recomputation, threads)
 decides only speed and memory, so changing it must not change the result beyond floating-point
 noise (the split follows cramming's `arch/data/train` vs `impl`). Recipes live as YAML files in
-`configs/` and load with `load_recipe("demo")` or a path; `save_recipe` writes the fully
-resolved form next to every run so it can be reproduced.
+`motian/configs/` (package data, listed by `shipped_recipes`) and load with `load_recipe("demo")`
+or a path; `save_recipe` writes the fully resolved form next to every run so it can be
+reproduced.
 
 Gradient accumulation is never configured: it is derived per stage as
 ``global_batch / (micro_batch * world_size)`` by `accumulation`, which refuses a split that does
@@ -17,6 +18,8 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
+from importlib.resources import files
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -25,12 +28,22 @@ import yaml
 from motian.data.masking import MaskingConfig
 from motian.errors import UserError
 from motian.model.config import ModelConfig, preset
-from motian.train.settings import OptimSettings, Precision, RunSettings, Stage
+from motian.train.settings import OptimSettings, Precision, RunSettings, Stage, accumulation
 
 OptimSpec = OptimSettings  # the recipe's `optim:` section (older name)
-__all__ = ["OptimSettings", "OptimSpec", "Precision", "RunSettings", "Stage"]
+__all__ = ["OptimSettings", "OptimSpec", "Precision", "RunSettings", "Stage", "accumulation"]
 
-CONFIGS_DIR = Path(__file__).resolve().parents[2] / "configs"
+
+def shipped_configs() -> Traversable:
+    """The folder of shipped recipe YAML files (package data `motian/configs/`, so it is found
+    from an editable checkout, a wheel or a `pip install --target` copy alike)."""
+    return files("motian") / "configs"
+
+
+def shipped_recipes() -> list[str]:
+    """The names of the shipped recipes (`demo`, `bert-base`, ...), sorted."""
+    return sorted(entry.name.removesuffix(".yaml") for entry in shipped_configs().iterdir()
+                  if entry.is_file() and entry.name.endswith(".yaml"))
 
 
 @dataclass(frozen=True)
@@ -128,21 +141,6 @@ class Recipe:
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def accumulation(stage: Stage, micro_batch: int, world_size: int) -> tuple[int, int]:
-    """(micro-batch rows per process, micro-steps per optimizer step) for `stage`."""
-    if stage.global_batch % world_size:
-        raise UserError(f"global batch {stage.global_batch} of stage {stage.name or stage.seq_len}"
-                        f" is not divisible by {world_size} processes; choose a global batch "
-                        f"that is a multiple of {world_size}")
-    share = stage.global_batch // world_size
-    micro = micro_batch or share
-    if share % micro:
-        raise UserError(f"stage {stage.name or stage.seq_len}: each of {world_size} processes "
-                        f"gets {share} rows per step, which micro-batch {micro} does not divide; "
-                        f"use a micro-batch that divides {share}")
-    return micro, share // micro
-
-
 # --------------------------------------------------------------------------- YAML
 
 
@@ -183,16 +181,17 @@ def _build(cls: type, data: Any, where: str) -> Any:
         raise UserError(f"{where}: {e}") from None
 
 
-def recipe_path(name_or_path: str | Path) -> Path:
-    """A recipe name (`demo` -> configs/demo.yaml) or a path to a YAML file."""
+def recipe_path(name_or_path: str | Path) -> Path | Traversable:
+    """A recipe name (`demo` -> motian/configs/demo.yaml, a package resource) or a path to a
+    YAML file. A shipped recipe comes back as a `Traversable` (a `Path` for an ordinary install);
+    read it with `.read_text()`."""
     path = Path(name_or_path)
     if path.suffix in (".yaml", ".yml") or path.exists():
         return path
-    candidate = CONFIGS_DIR / f"{name_or_path}.yaml"
+    candidate = shipped_configs() / f"{name_or_path}.yaml"
     if not candidate.is_file():
-        shipped = sorted(p.stem for p in CONFIGS_DIR.glob("*.yaml"))
         raise UserError(f"no recipe {name_or_path!r}: not a file, and not one of the shipped "
-                        f"recipes ({', '.join(shipped)})")
+                        f"recipes ({', '.join(shipped_recipes())})")
     return candidate
 
 
@@ -207,7 +206,7 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
         mark = getattr(e, "problem_mark", None)
         line = f":{mark.line + 1}" if mark else ""
         raise UserError(f"{path}{line}: not valid YAML ({getattr(e, 'problem', e)})") from None
-    data.setdefault("name", path.stem)
+    data.setdefault("name", Path(path.name).stem)
     recipe = _build(Recipe, data, str(path))
     recipe.model.build()  # fail now, naming the file, rather than after data loading
     recipe.data.masking_config()

@@ -17,6 +17,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from motian.errors import UserError
+
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 
 
@@ -24,7 +26,7 @@ Precision = Literal["auto", "fp32", "bf16", "fp16"]
 class OptimSettings:
     """The optimiser and the shape of the learning-rate schedule."""
 
-    name: Literal["lamb", "adamw"] = field(default="lamb", metadata={
+    name: Literal["lamb", "adamw"] = field(default="adamw", metadata={
         "cli": "optimizer", "help": "lamb (layer-wise trust ratio) or adamw"})
     lr: float = field(default=1e-3, metadata={"help": "peak learning rate"})
     weight_decay: float = field(default=0.01, metadata={"help": "decoupled weight decay"})
@@ -71,3 +73,18 @@ class RunSettings:
         "cli": "dist_timeout", "help": "seconds a rank waits for the others before reporting "
                                        "them dead"})
     progress: bool = field(default=True, metadata={"help": "show the progress bar"})
+
+
+def accumulation(stage: Stage, micro_batch: int, world_size: int) -> tuple[int, int]:
+    """(micro-batch rows per process, micro-steps per optimizer step) for `stage`."""
+    if stage.global_batch % world_size:
+        raise UserError(f"global batch {stage.global_batch} of stage {stage.name or stage.seq_len}"
+                        f" is not divisible by {world_size} processes; choose a global batch "
+                        f"that is a multiple of {world_size}")
+    share = stage.global_batch // world_size
+    micro = micro_batch or share
+    if share % micro:
+        raise UserError(f"stage {stage.name or stage.seq_len}: each of {world_size} processes "
+                        f"gets {share} rows per step, which micro-batch {micro} does not divide; "
+                        f"use a micro-batch that divides {share}")
+    return micro, share // micro

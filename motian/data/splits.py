@@ -1,0 +1,71 @@
+"""The pretraining split of encoded shards: training documents vs the fixed held-out slice.
+
+`SplitLoader` is a `PackedLoader` over the training documents or only the held-out ones (every
+`holdout_every`-th document), so every recipe is evaluated on the same text and never trains on
+it; `causal_batches` turns its packed rows into next-token batches.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from motian.data.loader import LoaderConfig, PackedLoader
+from motian.data.pairs import SentenceIndex
+from motian.errors import UserError
+
+
+class SplitLoader(PackedLoader):
+    """`PackedLoader` over the training documents or only the held-out ones.
+
+    Document d (numbered across shards in dataset order, empty ones included) is held out when
+    ``d % holdout_every == holdout_every - 1``: a fixed, evenly spread slice that does not
+    depend on the recipe, so every recipe is evaluated on the same text and never trains on it
+    (in packed rows and in sentence-order pairs alike)."""
+
+    def __init__(self, data: Path, config: LoaderConfig, holdout_every: int, held_out: bool):
+        self._split = (holdout_every, held_out)  # read by _index_documents during __init__
+        super().__init__(data, None, config)
+        if self._sentences is not None:
+            s, keep = self._sentences, self._keep(self._sentences.doc)
+            self._sentences = SentenceIndex(s.shard[keep], s.doc[keep], s.start[keep],
+                                            s.end[keep], s.offset[keep], s.doc_len[keep],
+                                            s.n_docs)
+            self._plan_cache = None
+            if self.steps_per_epoch == 0:
+                raise UserError(f"{data}: too few sentence pairs outside the held-out documents "
+                                "for one global batch; use more data or a smaller batch")
+
+    def _keep(self, doc_ids: np.ndarray) -> np.ndarray:
+        every, held_out = self._split
+        if every <= 0:
+            return np.full(len(doc_ids), not held_out)
+        return (doc_ids % every == every - 1) == held_out
+
+    def _index_documents(self) -> None:
+        super()._index_documents()
+        ids, base = [], 0
+        for shard in self.shards:
+            docs = np.asarray(shard.docs, dtype=np.int64)
+            ids.append(base + np.flatnonzero(np.diff(docs) > 0))  # the docs the parent kept
+            base += len(docs) - 1
+        keep = self._keep(np.concatenate(ids) if ids else np.zeros(0, np.int64))
+        if not keep.any():
+            side = "held-out" if self._split[1] else "training"
+            raise UserError(f"{self.dataset.directory}: no {side} documents (holdout_every="
+                            f"{self._split[0]}, {len(keep)} documents); use more data or "
+                            "change eval.holdout_every")
+        self.doc_shard, self.doc_start, self.doc_len = (
+            self.doc_shard[keep], self.doc_start[keep], self.doc_len[keep])
+
+
+def causal_batches(loader: PackedLoader):
+    """Next-token batches from the same packed rows: the unmasked tokens are inputs and labels
+    (the model shifts), padding ignored."""
+    for arrays, _ in loader.iter_numpy():
+        tokens = torch.from_numpy(arrays["tokens"])
+        mask = torch.from_numpy(arrays["attention_mask"])
+        yield {"input_ids": tokens, "attention_mask": mask,
+               "labels": tokens.masked_fill(mask == 0, -100)}

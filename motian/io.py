@@ -1,0 +1,52 @@
+"""File helpers every layer shares: content hashes and atomic writes.
+
+An atomic write goes to a temporary name beside the target (`name.tmp`), is fsynced, renamed
+over the target (a rename is atomic on POSIX filesystems) and the directory is fsynced, so a
+reader sees the old file or the new one, never half of one, and a kill at any moment leaves
+at most a `.tmp` file behind. This module imports nothing from motian: everything may use it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+
+def sha256_file(path: str | Path) -> str:
+    """SHA-256 of a file's bytes as hex, read in 1 MiB blocks (checkpoints are gigabytes)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Replace `path` with `text` (UTF-8) atomically and durably."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def write_json_atomic(path: str | Path, data: dict) -> None:
+    """`data` as indented UTF-8 JSON (Chinese kept readable), written atomically."""
+    write_text_atomic(path, json.dumps(data, ensure_ascii=False, indent=2))
+
+
+def fsync_dir(path: str | Path) -> None:
+    """Make a rename or new entry in `path` durable (POSIX; Windows cannot open directories)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,506 @@
+"""`fit`: the one training loop. Pretraining, fine-tuning and both distillations run here.
+
+What differs between them is an *objective* (an `Objective`: the loss and the statistics of a
+micro-batch, optionally an evaluation) and a *batch source* (a `BatchSource`: the micro-batches of
+each stage, with a position that can be saved). Everything else is the loop's, written once:
+
+    while not done:
+        stage  <- from the run's progress (a later stage switches length and batch, same data)
+        lr     <- schedule(progress, stage)                   set on every parameter group
+        draw the step's micro-batches; all-reduce how many loss units (tokens, rows) they hold
+        for each micro-batch: reseed dropout, forward under autocast, scale, backward
+                              (gradients accumulate; DDP all-reduces on the last one only)
+        unscale (fp16), clip, skip the step if the gradient is not finite, step the optimizer
+        log (progress bar, JSONL, TensorBoard), evaluate, checkpoint (atomic) when due
+
+**Exactness.** Everything random is a pure function of the position in the run: the batch
+source's order and masks of (seed, epoch, row), dropout of (seed, step, first global row of the
+micro-batch), reseeded before every micro-batch. So a resumed run continues bit for bit, and a
+2-process run draws the same dropout masks as 1 process with the same micro-batch.
+
+**Loss units.** An objective's loss for a micro-batch is ``sum of its unit losses / units per
+rank``, units being what the loss averages over (masked tokens, rows, tagged tokens). The
+count over the whole global batch is known before the first backward (the micro-batches are
+drawn first and the count all-reduced), so the gradient is the same however the global batch is
+split into micro-batches and processes; a per-micro-batch mean would not give that.
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import math
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Protocol
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from motian.errors import UserError
+from motian.train import distributed as dist_utils
+from motian.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from motian.train.distributed import DistInfo
+from motian.train.metrics import MetricsLogger
+from motian.train.optim import build_optimizer, param_groups
+from motian.train.schedule import Progress, lr_multiplier, set_lr
+from motian.train.settings import OptimSettings, RunSettings, Stage, accumulation
+
+# --------------------------------------------------------------------------- the protocols
+
+
+class Objective(nn.Module, abc.ABC):
+    """What is trained and how a batch becomes a loss. Subclasses set `self.model` (the model
+    that checkpoints and final/ hold) and implement `forward` and `units`.
+
+    Every other trained parameter of the objective (learned task weights, distillation
+    projections, an auxiliary head) is saved with each checkpoint beside the model and restored
+    on resume; frozen parameters (a teacher) are neither optimised nor saved."""
+
+    model: nn.Module
+
+    @abc.abstractmethod
+    def forward(self, batch: dict[str, Tensor], units_per_rank: float,
+                micro_steps: int) -> tuple[Tensor, dict[str, Tensor]]:
+        """(loss to backpropagate, statistics summed over the micro-batch). The loss is this
+        micro-batch's share of the step: unit losses summed / `units_per_rank` (see the module
+        docstring); `micro_steps` scales per-step terms (a regulariser) to be added once."""
+
+    @abc.abstractmethod
+    def units(self, batch: dict[str, Tensor]) -> float:
+        """How many loss units (tokens, rows) `batch` holds."""
+
+    def summarise(self, sums: dict[str, float]) -> dict[str, float]:
+        """Logged values from statistics summed over a logging window and every rank. The
+        default: `loss` = loss_sum / units, and X = X_sum / units for every other X_sum."""
+        n = max(sums.get("units", 0.0), 1e-12)
+        return {k.removesuffix("_sum"): v / n for k, v in sums.items() if k.endswith("_sum")}
+
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        """Optimizer parameter groups (decay / no decay) over the trained parameters."""
+        return param_groups(self, weight_decay)
+
+    def before_step(self, fraction: float) -> None:
+        """Called before each step with the run's progress (gradual unfreezing uses it)."""
+
+    def after_backward(self) -> None:
+        """Called after the step's last backward, before clipping (freezing drops grads)."""
+
+    def evaluate(self, info: DistInfo, autocast) -> dict | None:
+        """A held-out evaluation, run every `eval_every` steps and at the end; None = none."""
+        return None
+
+    def extra_state(self) -> dict[str, Tensor]:
+        """Trained tensors outside `model` (saved with each checkpoint)."""
+        model_ids = {id(p) for p in self.model.parameters()}
+        return {name: p.detach() for name, p in self.named_parameters()
+                if p.requires_grad and id(p) not in model_ids}
+
+    def log_extra(self) -> dict[str, float]:
+        """Values logged with every record besides the statistics (e.g. task weights)."""
+        return {}
+
+
+class BatchSource(Protocol):
+    """The micro-batches of each stage, as a position that can be saved and restored."""
+
+    def start(self, stage: int, spec: Stage, micro: int, info: DistInfo,
+              state: dict | None) -> Iterator[dict[str, Tensor]]:
+        """An endless iterator over this rank's micro-batches of `stage` (rows of length
+        `spec.seq_len`, `micro` rows each), continuing from `state` when given."""
+        ...
+
+    def state_dict(self) -> dict:
+        """The position within the current stage (JSON-serialisable)."""
+        ...
+
+
+@dataclass(frozen=True)
+class FitConfig:
+    """What decides the result besides the objective and the data. `fingerprint` names the
+    experiment: a checkpoint made under another fingerprint is refused on resume."""
+
+    optim: OptimSettings
+    stages: tuple[Stage, ...] = (Stage(),)
+    steps: int | None = 1000  # optimizer steps over all stages (None: budget only)
+    budget_minutes: float = 0.0  # > 0: the schedule is keyed to wall-clock time
+    # "stages": peak x one decay over the run x each stage's own warm-up (pretraining);
+    # "warmup-decay": warm-up over the first fraction, then decay to the end (fine-tuning).
+    schedule: Literal["stages", "warmup-decay"] = "stages"
+    seed: int = 0  # dropout (and whatever the caller seeds with it)
+    eval_every: int = 0  # steps between evaluations (and at the start and the end); 0 = end
+    checkpoint_every: int = 500  # steps; 0 = only at the end
+    keep_last: int = 3
+    max_bad_steps: int = 20  # stop after this many non-finite steps in a row
+    log_every: int = 10
+    label: str = "train"  # the progress bar's name for this run
+    log_kind: str = "train"  # the "kind" of its records in metrics.jsonl
+    fingerprint: str = ""
+
+    def stage_bounds(self) -> list[tuple[float, float]]:
+        bounds, start = [], 0.0
+        for s in self.stages:
+            bounds.append((start, start + s.fraction))
+            start += s.fraction
+        return bounds
+
+
+# --------------------------------------------------------------------------- schedule
+
+
+def stage_at(config: FitConfig, fraction: float) -> int:
+    bounds = config.stage_bounds()
+    for i, (_, end) in enumerate(bounds):
+        if fraction < end - 1e-12:
+            return i
+    return len(bounds) - 1
+
+
+def learning_rate(config: FitConfig, fraction: float, stage: int) -> float:
+    """The learning rate of the step that brings the run to `fraction`.
+
+    "stages": peak x one decay over the whole run x this stage's warm-up (stage 1's warm-up is
+    the run's; a later stage re-warms after its change of length and batch). "warmup-decay":
+    peak x warm-up over the first `stages[0].warmup`, then the decay to the end."""
+    o = config.optim
+    if config.schedule == "warmup-decay":
+        return o.lr * lr_multiplier(fraction, config.stages[0].warmup, o.decay, o.min_ratio)
+    start, end = config.stage_bounds()[stage]
+    in_stage = (fraction - start) / max(end - start, 1e-12)
+    decay = lr_multiplier(fraction, 0.0, o.decay, o.min_ratio)
+    warm = lr_multiplier(in_stage, config.stages[stage].warmup, "constant")
+    return o.lr * decay * warm
+
+
+# --------------------------------------------------------------------------- precision
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    if precision == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return "bf16"
+        return "fp32"  # on CPU bf16 is far slower than fp32 on most cores
+    if precision == "fp16" and device.type != "cuda":
+        raise UserError("fp16 with a loss scaler needs CUDA; use --precision fp32 (or bf16) on CPU")
+    return precision
+
+
+def autocast_context(precision: str, device: torch.device):
+    """bf16/fp16 autocast on CUDA (bf16 also on CPU, for tests); fp32 runs without one."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device.type, dtype=dtype)
+
+
+# --------------------------------------------------------------------------- one step
+
+
+def dropout_seed(seed: int, step: int, first_row: int) -> int:
+    return int(np.random.SeedSequence([seed, step, first_row]).generate_state(1)[0])
+
+
+def accumulate(step_model: nn.Module, objective: Objective, micro_batches: list[dict],
+               seeds: list[int], info: DistInfo, autocast, scaler) -> dict[str, float]:
+    """Forward and backward over the micro-batches of one optimizer step (gradients accumulate;
+    DDP synchronises only on the last). Returns statistics summed over the micro-batches."""
+    n_units = torch.tensor([float(sum(objective.units(b) for b in micro_batches))])
+    dist_utils.all_reduce_sum(n_units, info)
+    units_per_rank = max(float(n_units) / info.world_size, 1e-12)
+    totals: dict[str, float] = {}
+    for k, (batch, seed) in enumerate(zip(micro_batches, seeds)):
+        torch.manual_seed(seed)
+        batch = {name: t.to(info.device, non_blocking=True) for name, t in batch.items()}
+        last = k == len(micro_batches) - 1
+        sync = contextlib.nullcontext() if last or not hasattr(step_model, "no_sync") \
+            else step_model.no_sync()
+        with sync:
+            with autocast:
+                loss, stats = step_model(batch, units_per_rank, len(micro_batches))
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+        for name, value in stats.items():
+            totals[name] = totals.get(name, 0.0) + float(value)
+        totals["input_tokens"] = totals.get("input_tokens", 0.0) + float(
+            batch["attention_mask"].sum())
+    return totals
+
+
+def optimizer_step(trained: nn.Module, optimizer: torch.optim.Optimizer, clip_norm: float,
+                   scaler=None) -> tuple[float, bool]:
+    """Unscale, clip, and step unless the gradient is not finite. Returns (norm, skipped).
+    A skipped step leaves weights and optimizer moments untouched."""
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    params = [p for p in trained.parameters() if p.grad is not None]
+    norm = torch.nn.utils.clip_grad_norm_(params, clip_norm if clip_norm > 0 else math.inf)
+    skipped = not bool(torch.isfinite(norm))
+    if scaler is not None:
+        scaler.step(optimizer)  # skips by itself on inf/NaN and lowers the scale
+        scaler.update()
+    elif not skipped:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(norm), skipped
+
+
+# --------------------------------------------------------------------------- the run
+
+
+@dataclass
+class RunState:
+    """What the loop carries from step to step (and saves in state.json)."""
+
+    step: int = 0
+    stage: int = -1
+    bad_steps: int = 0  # non-finite steps in a row
+    skipped_total: int = 0
+    tokens_seen: int = 0
+    data: dict | None = None
+    last_eval: dict = field(default_factory=dict)
+    last_values: dict = field(default_factory=dict)
+
+
+@dataclass
+class _Parts:
+    objective: Objective
+    step_model: nn.Module  # the objective, wrapped in DDP / torch.compile as asked
+    optimizer: torch.optim.Optimizer
+    scaler: object | None
+    autocast: object
+    progress: Progress
+    micro_plan: list[tuple[int, int]]
+
+
+def fit(objective: Objective, source: BatchSource, config: FitConfig, run: RunSettings,
+        run_dir: Path | None, info: DistInfo, resume: bool = False,
+        logger: MetricsLogger | None = None) -> dict:
+    """Train `objective` on `source` under `config`; returns a summary (steps, tokens_seen,
+    seconds, eval, skipped_steps, last: the last logged values, checkpoint).
+
+    `run_dir` holds checkpoints/ (none when None). With checkpoints there and not `resume`,
+    the run is refused rather than overwritten; with `resume`, it continues exactly from the
+    latest one. `logger` (rank 0's) receives the records. The caller builds the objective with
+    the same seed on every rank and saves the final model: this function owns only the loop."""
+    if run.threads:
+        torch.set_num_threads(run.threads)
+    precision = resolve_precision(run.precision, info.device)
+    existing = latest_checkpoint(run_dir) if run_dir is not None else None
+    if existing is not None and not resume:
+        raise UserError(f"{run_dir} already holds checkpoints ({existing.name}); pass --resume "
+                        "to continue that run, or choose another --out")
+    objective.to(info.device)
+    micro_plan = [accumulation(s, run.micro_batch, info.world_size) for s in config.stages]
+    o = config.optim
+    optimizer = build_optimizer(objective, o.name, o.lr, o.weight_decay, tuple(o.betas), o.eps,
+                                groups=objective.param_groups(o.weight_decay))
+    scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
+    budget = config.budget_minutes * 60 if config.budget_minutes > 0 else None
+    progress = Progress(None if budget else config.steps, budget)
+    step_model = dist_utils.wrap_model(objective, info)
+    if run.compile:
+        step_model = torch.compile(step_model)
+    parts = _Parts(objective, step_model, optimizer, scaler,
+                   autocast_context(precision, info.device), progress, micro_plan)
+    state = RunState()
+    if existing is not None:
+        _restore(parts, existing, config, state, info)
+    elif resume and info.is_main and run_dir is not None:
+        print(f"motian: no checkpoint under {run_dir}; starting a new run", file=sys.stderr)
+    return _loop(config, run, source, run_dir, info, parts, state, logger)
+
+
+def _restore(parts: _Parts, path: Path, config: FitConfig, state: RunState,
+             info: DistInfo) -> None:
+    saved = load_checkpoint(path, parts.objective.model, parts.optimizer, parts.scaler,
+                            extra=parts.objective)
+    if saved.get("fingerprint") != config.fingerprint:
+        raise UserError(f"{path}: this checkpoint was trained with another recipe or other "
+                        f"settings (fingerprint {saved.get('fingerprint')} vs "
+                        f"{config.fingerprint}); resume with the ones it was made with, or start "
+                        "a new run in another directory (--init-from takes its weights)")
+    parts.progress.load_state_dict(saved["progress"])
+    state.step, state.stage = int(saved["step"]), int(saved["stage"])
+    state.bad_steps, state.tokens_seen = int(saved["bad_steps"]), int(saved["tokens_seen"])
+    state.skipped_total = int(saved.get("skipped_total", 0))
+    state.data, state.last_eval = saved["data"], saved.get("last_eval", {})
+    state.last_values = saved.get("last_values", {})
+    if info.is_main:
+        print(f"motian: resumed from {path} (step {state.step})", file=sys.stderr)
+
+
+def _loop(config: FitConfig, run: RunSettings, source: BatchSource, run_dir: Path | None,
+          info: DistInfo, parts: _Parts, state: RunState, logger: MetricsLogger | None) -> dict:
+    progress, main, objective = parts.progress, info.is_main, parts.objective
+    bar = _progress_bar(config, progress) if main and run.progress else None
+    window: dict[str, float] = {}
+    last_norm, batches, t_window = 0.0, None, time.monotonic()
+    if state.step == 0 and config.eval_every:
+        state.last_eval = _evaluate(parts, info, logger, state.step)  # the untrained baseline
+    progress.restart_clock()
+    objective.train()
+    while not progress.done():
+        stage = stage_at(config, progress.fraction())
+        micro, accum = parts.micro_plan[stage]
+        if batches is None or stage != state.stage:
+            batches = _start_stage(config, source, stage, micro, info, state, main)
+        lr = learning_rate(config, progress.fraction(ahead=1), stage)
+        set_lr(parts.optimizer, lr)
+        objective.before_step(progress.fraction())
+        micro_batches = [next(batches) for _ in range(accum)]
+        seeds = [dropout_seed(config.seed, state.step, (k * info.world_size + info.rank) * micro)
+                 for k in range(accum)]
+        with dist_utils.collective(info, "the gradient all-reduce", state.step):
+            stats = accumulate(parts.step_model, objective, micro_batches, seeds, info,
+                               parts.autocast, parts.scaler)
+            objective.after_backward()
+            last_norm, skipped = optimizer_step(objective, parts.optimizer,
+                                                config.optim.clip_norm, parts.scaler)
+        state.step += 1
+        n_in = stats.pop("input_tokens")
+        state.tokens_seen += int(n_in) * info.world_size
+        state.bad_steps = state.bad_steps + 1 if skipped else 0
+        state.skipped_total += skipped
+        if skipped:
+            _report_skip(config, state, last_norm, bar, main)
+        for k, v in stats.items():
+            window[k] = window.get(k, 0.0) + v
+        window["input_tokens"] = window.get("input_tokens", 0.0) + n_in
+        window["skipped"] = window.get("skipped", 0.0) + skipped
+        progress.update()
+        _sync_clock(progress, info)
+        if bar is not None:
+            _advance_bar(bar, progress)
+        done = progress.done()
+        if state.step % config.log_every == 0 or done:
+            values = _log_values(parts, window, info, lr, last_norm, stage, config, t_window,
+                                 state)
+            state.last_values = values
+            window, t_window = {}, time.monotonic()
+            if logger is not None:
+                logger.log(config.log_kind, state.step, values)
+            if bar is not None:
+                bar.set_postfix_str(_postfix(values), refresh=False)
+        if (config.eval_every and state.step % config.eval_every == 0) or done:
+            result = _evaluate(parts, info, logger, state.step)
+            state.last_eval = result if result is not None else state.last_eval
+        if run_dir is not None and (
+                (config.checkpoint_every and state.step % config.checkpoint_every == 0) or done):
+            state.data = source.state_dict()
+            _checkpoint(run_dir, config, parts, state, main)
+        progress.restart_clock()  # evaluation and checkpoints do not count against a budget
+    if bar is not None:
+        bar.close()
+    return {"steps": state.step, "tokens_seen": state.tokens_seen,
+            "seconds": progress.elapsed, "eval": state.last_eval,
+            "skipped_steps": state.skipped_total, "last": state.last_values,
+            "checkpoint": str(latest_checkpoint(run_dir) or "") if run_dir else "",
+            "rank": info.rank}
+
+
+def _start_stage(config: FitConfig, source: BatchSource, stage: int, micro: int,
+                 info: DistInfo, state: RunState, main: bool) -> Iterator[dict]:
+    """The batches of `stage`: continuing a resumed position, or from the start (a new stage
+    warm-starts the model, not the data order)."""
+    s = config.stages[stage]
+    resumed = state.data if stage == state.stage else None
+    if resumed is None and state.stage >= 0 and main:
+        tqdm.write(f"motian: stage {stage + 1}/{len(config.stages)} at step {state.step}: "
+                   f"seq_len {s.seq_len}, global batch {s.global_batch}, warm-up "
+                   f"{s.warmup:.0%} of the stage; same data, weights carried over")
+    state.stage = stage
+    return source.start(stage, s, micro, info, resumed)
+
+
+def _report_skip(config: FitConfig, state: RunState, norm: float, bar, main: bool) -> None:
+    if state.bad_steps >= config.max_bad_steps:
+        raise UserError(
+            f"step {state.step}: the gradient was not finite (norm {norm}) for "
+            f"{state.bad_steps} steps in a row, so training stopped (max_bad_steps="
+            f"{config.max_bad_steps}). Usual causes: a learning rate too high for this model "
+            "(try half), fp16 overflow (use bf16 or fp32), or weights already NaN (--init-from a "
+            "bad checkpoint). Resume from the last good checkpoint with --resume after fixing it.")
+    if main:
+        (bar.write if bar is not None else print)(
+            f"motian: step {state.step}: non-finite gradient (norm {norm}); step skipped "
+            f"({state.bad_steps} in a row)")
+
+
+def _sync_clock(progress: Progress, info: DistInfo) -> None:
+    """Under a time budget every rank must stop at the same step: adopt the slowest clock."""
+    if info.distributed and progress.budget_seconds is not None:
+        t = torch.tensor([progress.elapsed], dtype=torch.float64)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        progress.elapsed = float(t)
+
+
+def _log_values(parts: _Parts, window: dict[str, float], info: DistInfo, lr: float,
+                norm: float, stage: int, config: FitConfig, t_window: float,
+                state: RunState) -> dict:
+    keys = sorted(window)
+    sums = dist_utils.all_reduce_sum(torch.tensor([window[k] for k in keys],
+                                                  dtype=torch.float64), info)
+    w = dict(zip(keys, sums.tolist()))
+    values: dict[str, float] = {"stage": stage + 1, "seq_len": config.stages[stage].seq_len,
+                                "lr": lr, "grad_norm": norm}
+    values.update(parts.objective.summarise(w))
+    values.update(parts.objective.log_extra())
+    if parts.scaler is not None:
+        values["loss_scale"] = float(parts.scaler.get_scale())
+    values["skipped"] = w.get("skipped", 0.0) / info.world_size
+    values["tokens_seen"] = state.tokens_seen
+    values["tokens_per_s"] = w.get("input_tokens", 0.0) / max(time.monotonic() - t_window, 1e-9)
+    values["elapsed_s"] = parts.progress.elapsed
+    return values
+
+
+def _postfix(values: dict) -> str:
+    parts = [f"{k}={values[k]:.3f}" for k in values if k == "loss" or k.startswith("loss_")]
+    if "acc_mlm" in values:
+        parts.append(f"acc={values['acc_mlm']:.1%}")
+    parts += [f"lr={values['lr']:.2e}", f"gnorm={values['grad_norm']:.2f}",
+              f"tok/s={values['tokens_per_s']:,.0f}"]
+    if "loss_scale" in values:
+        parts.append(f"scale={values['loss_scale']:g}")
+    return " ".join(parts)
+
+
+def _progress_bar(config: FitConfig, progress: Progress):
+    if progress.budget_seconds is not None:
+        bar = tqdm(total=int(progress.budget_seconds), unit="s", desc=config.label,
+                   dynamic_ncols=True)
+        bar.update(int(progress.elapsed))
+        return bar
+    return tqdm(total=progress.total_steps, initial=progress.steps, unit="step",
+                desc=config.label, dynamic_ncols=True)
+
+
+def _advance_bar(bar, progress: Progress) -> None:
+    target = int(progress.elapsed) if progress.budget_seconds is not None else progress.steps
+    bar.update(max(target - bar.n, 0))
+
+
+def _evaluate(parts: _Parts, info: DistInfo, logger: MetricsLogger | None,
+              step: int) -> dict | None:
+    with dist_utils.collective(info, "held-out evaluation", step):
+        result = parts.objective.evaluate(info, parts.autocast)
+    if result is not None and logger is not None:
+        logger.log("eval", step, result)
+    return result
+
+
+def _checkpoint(run_dir: Path, config: FitConfig, parts: _Parts, state: RunState,
+                main: bool) -> None:
+    if not main:
+        return
+    saved = {"fingerprint": config.fingerprint, "stage": state.stage, "data": state.data,
+             "progress": parts.progress.state_dict(), "bad_steps": state.bad_steps,
+             "skipped_total": state.skipped_total, "tokens_seen": state.tokens_seen,
+             "last_eval": state.last_eval, "last_values": state.last_values}
+    save_checkpoint(run_dir, state.step, parts.objective.model, parts.optimizer, saved,
+                    parts.scaler, keep_last=config.keep_last,
+                    extra=parts.objective.extra_state())

@@ -34,7 +34,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from motian.finetuning import find_tokenizer, finetune, subset  # noqa: E402
+from motian.finetuning import finetune, subset  # noqa: E402
+from motian.model.artifact import find_tokenizer  # noqa: E402
 from motian.pipeline import FINETUNE_BATCH, FINETUNE_EPOCHS, FINETUNE_OPTIM  # noqa: E402
 from motian.reporting.tables import comparison_table  # noqa: E402
 from motian.task_training import TaskTraining  # noqa: E402
@@ -231,7 +232,7 @@ def run(args: argparse.Namespace) -> str:
     lines = ["", f"### Downstream: random init vs pretrained ({time.strftime('%Y-%m-%d')})", "",
              f"Command: `python {shlex.join(sys.argv)}`", "",
              f"Checkpoint: {args.init} (sha256 {sha}); tokenizer "
-             f"{find_tokenizer(None, args.init)}", ""]
+             f"{find_tokenizer(args.init)}", ""]
     if args.corpus:
         lines += [f"Contamination check: {contamination(args.corpus)}.", ""]
     lines += [comparison_table(rows), ""]

@@ -27,7 +27,8 @@ import torch
 from downstream import tfidf_accuracy  # the same baseline as benchmarks/downstream.py
 
 from motian.data.tokenizer import load_tokenizer, special_token_ids
-from motian.finetuning import find_tokenizer, load_start, subset
+from motian.finetuning import load_start, subset
+from motian.model.artifact import find_tokenizer
 from motian.model.heads import masked_mean
 from motian.tasks.builtin import reviews_sentiment
 from motian.tasks.features import Featurizer, collate
@@ -74,7 +75,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     task = reviews_sentiment()
     train, test = subset(task.splits["train"], args.max_train), task.splits["test"]
-    tok = load_tokenizer(find_tokenizer(None, args.init))
+    tok = load_tokenizer(find_tokenizer(args.init))
     special = special_token_ids(tok)
     featurize = Featurizer(task, tok, special, args.max_length)
     f_train, f_test = featurize(train), featurize(test)

@@ -2,8 +2,8 @@
 smaller student (fewer layers and/or a smaller hidden size).
 
 Task-specific (`distill`): the teacher is a model written by `motian finetune`; the student has
-the same head and learns, over the same fine-tuning loop (`motian.tasks.engine.train`, with a
-distillation loss in place of the task loss), from up to four signals, each weighted:
+the same head and learns, through the one training loop (`motian.train.fit`, with the
+`Distiller` objective in place of the task loss), from up to four signals, each weighted:
 
 * soft targets: KL(teacher || student) of the logits at temperature T, times T^2 so its
   gradient keeps its scale as T changes (Hinton et al. 2015);
@@ -47,29 +47,25 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from motian.data.loader import LoaderConfig, PackedLoader
-from motian.data.shards import write_json_atomic
 from motian.data.tokenizer import load_tokenizer, special_token_ids
 from motian.errors import UserError
 from motian.finetuning import (
     DEFAULT_SEEDS,
-    _backbone_state,
     _evaluate_split,
-    _motian_dir,
     fingerprint,
     load_task,
     remove_checkpoints,
     save_fine_tuned,
     settings_record,
-    sha256_file,
     subset,
 )
+from motian.io import sha256_file, write_json_atomic
+from motian.model.artifact import TaskCard, load_backbone_state, load_task_model
 from motian.model.config import ModelConfig
 from motian.model.heads import MaskedLM, masked_lm_logits, mlm_loss
 from motian.model.io import (
     count_parameters,
-    from_pretrained,
     load_weights,
-    read_state_dict,
     save_pretrained,
 )
 from motian.model.transformer import capture_internals
@@ -345,20 +341,13 @@ def task_outputs(task_type: str) -> Outputs:
 # --------------------------------------------------------------------------- task distillation
 
 
-def load_teacher(teacher: Path, task: str | None) -> tuple[nn.Module, dict]:
-    """The fine-tuned teacher model and its task.json, checked against `task`."""
-    teacher = Path(teacher)
-    meta_file = teacher / "task.json"
-    if not meta_file.is_file():
-        seeds = sorted(teacher.glob("seed-*/model/task.json"))
-        hint = f" (e.g. {seeds[0].parent})" if seeds else ""
-        raise UserError(f"{teacher}: no task.json; give a model directory written by `motian "
-                        f"finetune`, out/seed-N/model{hint}")
-    meta = json.loads(meta_file.read_text("utf-8"))
-    if task is not None and task != meta["name"]:
-        raise UserError(f"{teacher}: the teacher was fine-tuned on {meta['name']!r}, not "
+def load_teacher(teacher: Path, task: str | None) -> tuple[nn.Module, TaskCard]:
+    """The fine-tuned teacher model and its task card, checked against `task`."""
+    model, card = load_task_model(teacher)
+    if task is not None and task != card.name:
+        raise UserError(f"{teacher}: the teacher was fine-tuned on {card.name!r}, not "
                         f"{task!r}; distil on the teacher's task or give another teacher")
-    return from_pretrained(teacher), meta
+    return model, card
 
 
 def distill(teacher: Path, out: Path, task: str | None = None, student_layers: int = 0,
@@ -418,11 +407,9 @@ def _distill(teacher, out, task, student_layers, student_hidden, student_heads, 
              init, layer_map, temperature, alpha_soft, alpha_hard, alpha_hidden,
              alpha_attention, baseline, data, seeds, epochs, batch_size, warmup, max_train,
              max_eval, checkpoint_every, optim, run, info) -> dict:
-    t_model, meta = load_teacher(teacher, task)
-    the_task = load_task(meta["name"], data, meta.get("scheme", "BIO"))
-    if the_task.labels != meta["labels"]:
-        raise UserError(f"{teacher}: trained with labels {meta['labels']} but the task now has "
-                        f"{the_task.labels}")
+    t_model, card = load_teacher(teacher, task)
+    the_task = load_task(card.name, data, card.scheme)
+    card.check_labels(the_task.labels, teacher)
     t_cfg = t_model.config
     s_cfg = student_config(t_cfg, student_layers or max(1, t_cfg.layers // 2), student_hidden,
                            student_heads, student_ffn)
@@ -435,14 +422,14 @@ def _distill(teacher, out, task, student_layers, student_hidden, student_heads, 
     config = {"teacher": str(teacher), "teacher_sha256": sha256_file(
         Path(teacher) / "model.safetensors"), "task": the_task.name, "student": s_cfg.to_dict(),
         "init": init, "layer_map": mapping, "weights": asdict(weights),
-        "max_length": meta["max_length"], "max_train": max_train, "max_eval": max_eval,
+        "max_length": card.max_length, "max_train": max_train, "max_eval": max_eval,
         "epochs": epochs, "batch_size": batch_size, "warmup": warmup,
         **{k: v for k, v in settings_record(settings, optim).items()
            if k in ("optimizer", "lr", "weight_decay", "clip_norm", "betas", "eps", "decay",
                     "min_ratio")}}
     tok = load_tokenizer(Path(teacher) / "tokenizer.json")
     special = special_token_ids(tok)
-    runner = _Run(the_task, tok, special, Featurizer(the_task, tok, special, meta["max_length"]),
+    runner = _Run(the_task, tok, special, Featurizer(the_task, tok, special, card.max_length),
                   max_eval, info, t_model.to(info.device), s_cfg, init, mapping, settings,
                   optim, run, checkpoint_every)
     examples = subset(the_task.splits["train"], max_train)
@@ -453,13 +440,13 @@ def _distill(teacher, out, task, student_layers, student_hidden, student_heads, 
         arms["baseline"] = (out / "baseline", LossWeights(soft=0.0, hard=1.0))
     result = {"task": {"name": the_task.name, "type": the_task.type,
                        "train_used": len(examples)},
-              "teacher": _describe(t_model, meta["max_length"], sha256=config["teacher_sha256"],
+              "teacher": _describe(t_model, card.max_length, sha256=config["teacher_sha256"],
                                    path=str(teacher), scores=runner.teacher_scores(out)),
               "config": config}
     for name, (directory, w) in arms.items():
         runs = [runner.seed(seed, directory / f"seed-{seed}", {**config, "weights": asdict(w)},
                             w, features) for seed in (seeds or DEFAULT_SEEDS)]
-        result[name] = {**_describe(build_head(the_task, s_cfg), meta["max_length"]),
+        result[name] = {**_describe(build_head(the_task, s_cfg), card.max_length),
                         "runs": runs, "summary": summarise(runs)}
     result["compute_ratio"] = result["student"]["flops_per_token"] / result["teacher"][
         "flops_per_token"]
@@ -578,23 +565,14 @@ def results_page(result: dict) -> str:
 def load_mlm_teacher(path: Path) -> MaskedLM:
     """A pretrained masked LM: a motian checkpoint or training run (its MLM head included), or
     a Hugging Face BERT directory."""
-    path = Path(path)
-    config_file = path / "config.json"
-    if config_file.is_file() and json.loads(config_file.read_text("utf-8")).get(
-            "model_type") == "bert":
-        from motian.model.hf import import_bert
-
-        return import_bert(path, head="MaskedLM")[0]
-    directory = _motian_dir(path)
-    meta = json.loads((directory / "config.json").read_text("utf-8"))
-    weights = directory / "model.safetensors"
-    state = _backbone_state(read_state_dict(weights), str(weights))
-    if not any(k.startswith("mlm.") for k in state):
-        raise UserError(f"{weights}: no masked-LM head; task-agnostic distillation needs a "
+    b = load_backbone_state(path)
+    source = str(b.weights or path)
+    if not any(k.startswith("mlm.") for k in b.state):
+        raise UserError(f"{source}: no masked-LM head; task-agnostic distillation needs a "
                         "pretrained model (motian pretrain output), not a fine-tuned one")
-    model = MaskedLM(ModelConfig.from_dict(meta["model"]))
-    load_weights(model, {k: v for k, v in state.items() if k.startswith(("backbone.", "mlm."))},
-                 str(weights), strict=True)
+    model = MaskedLM(b.config)
+    load_weights(model, {k: v for k, v in b.state.items()
+                         if k.startswith(("backbone.", "mlm."))}, source, strict=True)
     return model
 
 

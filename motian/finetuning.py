@@ -22,13 +22,15 @@ import torch
 from tokenizers import Tokenizer
 from torch import nn
 
-from motian.data.shards import write_json_atomic
 from motian.data.tokenizer import load_tokenizer, special_token_ids
 from motian.errors import UserError
+from motian.io import sha256_file, write_json_atomic
+from motian.model.artifact import TaskCard, find_tokenizer, load_backbone_state
 from motian.model.config import preset as model_preset
 from motian.model.heads import MLMHead
-from motian.model.io import from_pretrained, load_weights, read_state_dict, save_pretrained
+from motian.model.io import from_pretrained, load_weights, save_pretrained
 from motian.reporting.tables import results_table, summarise
+from motian.runtime import pick_device
 from motian.task_training import (
     TaskObjective,
     TaskTraining,
@@ -89,38 +91,6 @@ def score(task: Task, examples: list[Example], predictions: list) -> dict[str, f
 # --------------------------------------------------------------------------- models
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _motian_dir(path: Path) -> Path:
-    """A motian model directory: `path` itself, or the latest checkpoint of a training run."""
-    if (path / "config.json").is_file():
-        return path
-    from motian.train.checkpoint import latest_checkpoint
-
-    latest = latest_checkpoint(path)
-    if latest is None:
-        raise UserError(f"{path}: not a model directory (no config.json) and no complete "
-                        "checkpoint under it; give a motian checkpoint, a training run or a "
-                        "Hugging Face BERT directory")
-    return latest
-
-
-def _backbone_state(state: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
-    """Keys re-rooted at `backbone.` / `mlm.`, whatever wrapper saved them (a pretraining
-    wrapper may add a prefix such as `model.`)."""
-    prefixes = {k[:k.index("backbone.")] for k in state if "backbone." in k}
-    if not prefixes:
-        raise UserError(f"{source}: no backbone weights found in the checkpoint")
-    prefix = min(prefixes, key=len)
-    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-
-
 def load_start(task: Task, model: Path | None, preset: str, vocab_size: int,
                random_init: bool = False, overrides: dict | None = None
                ) -> tuple[nn.Module, dict, dict[str, torch.Tensor]]:
@@ -133,25 +103,8 @@ def load_start(task: Task, model: Path | None, preset: str, vocab_size: int,
         config = replace(config, **(overrides or {}))
         return build_head(task, config), {"source": f"random init ({preset})"}, {}
     model = Path(model)
-    config_file = model / "config.json"
-    if config_file.is_file() and json.loads(config_file.read_text("utf-8")).get(
-            "model_type") == "bert":
-        from motian.model.hf import import_bert
-
-        lm, _ = import_bert(model, head="MaskedLM")
-        weights = next((model / n for n in ("model.safetensors", "pytorch_model.bin")
-                        if (model / n).is_file()), None)
-        state, config = lm.state_dict(), lm.config
-        info = {"source": f"Hugging Face BERT {model}"}
-    else:
-        directory = _motian_dir(model)
-        meta = json.loads((directory / "config.json").read_text("utf-8"))
-        from motian.model.config import ModelConfig
-
-        config = ModelConfig.from_dict(meta["model"])
-        weights = directory / "model.safetensors"
-        state = _backbone_state(read_state_dict(weights), str(weights))
-        info = {"source": f"motian checkpoint {directory}"}
+    state, config, weights, description = load_backbone_state(model)
+    info = {"source": description}
     if vocab_size > config.vocab_size:
         raise UserError(f"{model}: the tokenizer has {vocab_size} tokens but the model only "
                         f"{config.vocab_size}; use the tokenizer the model was trained with")
@@ -168,53 +121,6 @@ def load_start(task: Task, model: Path | None, preset: str, vocab_size: int,
         info["sha256"] = sha256_file(weights)
     mlm = {k[4:]: v for k, v in state.items() if k.startswith("mlm.")}
     return head, info, mlm
-
-
-TOKENIZER_FILES = ("tokenizer.json", "vocab.txt")
-
-
-def _holds_tokenizer(directory: Path) -> bool:
-    return any((directory / name).is_file() for name in TOKENIZER_FILES)
-
-
-def find_tokenizer(tokenizer: Path | None, model: Path | None) -> Path:
-    """`tokenizer` if given, else the tokenizer the model was trained with, looked up along its
-    provenance rather than guessed: the model directory itself (a pretraining run's final/, a
-    fine-tuned model, a Hugging Face directory), the pretraining run it belongs to (the run
-    directory above final/ or checkpoints/step-N, which `motian pretrain` gives a copy, else
-    the encoded data its run.json names), and last the `tokenizer/` folder `motian prepare`
-    writes beside the run (runs made before runs recorded their data)."""
-    if tokenizer is not None:
-        return Path(tokenizer)
-    if model is None:
-        raise UserError("no tokenizer: a randomly initialised model needs --tokenizer (a "
-                        "directory written by `motian tokenizer`, a tokenizer.json or a vocab.txt)")
-    here = Path(model).resolve()
-    if _holds_tokenizer(here):
-        return here
-    for run_dir in here.parents[:2]:
-        if (run_dir / "run.json").is_file():
-            if _holds_tokenizer(run_dir):
-                return run_dir
-            data = json.loads((run_dir / "run.json").read_text("utf-8")).get("data")
-            if data:
-                from motian.data.tokenizer import encoded_tokenizer
-
-                found = encoded_tokenizer(Path(data))
-                if found is not None:
-                    return found
-    for directory in here.parents[:3]:
-        if _holds_tokenizer(directory / "tokenizer"):
-            return directory / "tokenizer"
-    raise UserError(f"{model}: found no tokenizer in it, in its pretraining run or in the data "
-                    "that run recorded; pass --tokenizer (the out/tokenizer directory of `motian "
-                    "prepare`, a tokenizer.json or a vocab.txt)")
-
-
-def pick_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 # --------------------------------------------------------------------------- the verbs
@@ -320,7 +226,7 @@ def _finetune(task, out, model, tokenizer, data, preset, seeds, max_length, sche
     the_task = load_task(task, data, scheme)
     if not the_task.splits.get("train"):
         raise UserError(f"{task}: the training split is empty")
-    tok_path = find_tokenizer(tokenizer, model)
+    tok_path = find_tokenizer(model, tokenizer)
     tok = load_tokenizer(tok_path)
     special = special_token_ids(tok)
     overrides = {k: v for k, v in (("classifier_pooling", pooling), ("dropout", dropout),
@@ -449,9 +355,8 @@ def save_fine_tuned(model: nn.Module, task: Task, tok: Tokenizer, max_length: in
     """The model plus what `evaluate` needs to use it alone: tokenizer.json and task.json."""
     save_pretrained(model, directory)
     tok.save(str(directory / "tokenizer.json"))
-    write_json_atomic(directory / "task.json", {
-        "name": task.name, "type": task.type, "labels": task.labels, "scheme": task.scheme,
-        "clue": task.clue, "max_length": max_length})
+    TaskCard(name=task.name, type=task.type, labels=task.labels, scheme=task.scheme,
+             clue=task.clue, max_length=max_length).write(directory)
     return directory
 
 
@@ -471,14 +376,9 @@ def evaluate(model: Path, split: Literal["train", "dev", "test"] = "dev",
         device: auto, cpu or cuda.
     """
     model = Path(model)
-    meta_file = model / "task.json"
-    if not meta_file.is_file():
-        raise UserError(f"{model}: no task.json; give a directory written by `motian finetune`")
-    meta = json.loads(meta_file.read_text("utf-8"))
-    task = load_task(meta["name"], data, meta.get("scheme", "BIO"))
-    if task.labels != meta["labels"]:
-        raise UserError(f"{model}: trained with labels {meta['labels']} but the task now has "
-                        f"{task.labels}")
+    card = TaskCard.read(model)
+    task = load_task(card.name, data, card.scheme)
+    card.check_labels(task.labels, model)
     examples = subset(task.splits.get(split, []), max_eval)
     if not examples:
         raise UserError(f"{task.name}: no {split} split found")
@@ -486,7 +386,7 @@ def evaluate(model: Path, split: Literal["train", "dev", "test"] = "dev",
     special = special_token_ids(tok)
     dev = pick_device(device)
     net = from_pretrained(model).to(dev)
-    featurize = Featurizer(task, tok, special, meta["max_length"])
+    featurize = Featurizer(task, tok, special, card.max_length)
     predictions = predict(net, task, featurize(examples), examples, special["pad"], dev,
                           batch_size)
     result: dict = {"task": task.name, "split": split, "examples": len(examples),

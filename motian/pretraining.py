@@ -188,8 +188,8 @@ def _pretrain(recipe: Recipe, run: RunSettings, data: Path, run_dir: Path, info:
 
 def _start_logging(recipe: Recipe, run: RunSettings, run_dir: Path, info: DistInfo,
                    precision: str, data: Path) -> MetricsLogger:
-    from motian.data.shards import write_json_atomic
     from motian.data.tokenizer import encoded_tokenizer
+    from motian.io import write_json_atomic
     from motian.train.recipe import save_recipe
 
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -208,7 +208,7 @@ def _start_logging(recipe: Recipe, run: RunSettings, run_dir: Path, info: DistIn
 
 
 def _finish(run_dir: Path, objective: Pretrainer, summary: dict, info: DistInfo) -> dict:
-    from motian.data.shards import write_json_atomic
+    from motian.io import write_json_atomic
     from motian.model.io import save_pretrained
 
     summary = {k: v for k, v in summary.items() if k not in ("last", "skipped_steps")}

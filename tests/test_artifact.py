@@ -165,7 +165,7 @@ def test_find_tokenizer_follows_the_model_provenance(tmp_path, vocab):
 def test_serving_and_the_artifact_layer_import_no_training_code():
     code = ("import sys, motian.model.artifact, motian.serving.predict, motian.serving.export;"
             "print(' '.join(m for m in sys.modules if m.startswith(('motian.train', "
-            "'motian.finetuning', 'motian.distillation', 'motian.tasks.engine'))))")
+            "'motian.finetuning', 'motian.distillation', 'motian.task_training'))))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout.strip()
     assert out == ""

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from motian.cli import main
-from motian.finetuning import evaluate, finetune, load_start, load_task, sha256_file
+from motian.finetuning import evaluate, finetune, load_start, load_task
+from motian.io import sha256_file
 from motian.model import MaskedLM, from_pretrained, preset, save_pretrained
 from motian.model.heads import MLMHead
 from motian.task_training import (
@@ -211,7 +212,7 @@ def test_finetune_finds_the_tokenizer_of_a_pretraining_run(tmp_path, pd98_encode
     import shutil
 
     from motian.errors import UserError
-    from motian.finetuning import find_tokenizer
+    from motian.model.artifact import find_tokenizer
     from motian.pretraining import pretrain_recipe
     from motian.train.checkpoint import latest_checkpoint
     from motian.train.metrics import read_metrics
@@ -227,21 +228,21 @@ def test_finetune_finds_the_tokenizer_of_a_pretraining_run(tmp_path, pd98_encode
     pretrain_recipe(recipe, RunSettings(device="cpu", threads=1, progress=False), data, run)
     # pretraining left the tokenizer it was fed in the run and in final/
     assert (run / "final" / "tokenizer.json").read_bytes() == trained_with.read_bytes()
-    assert find_tokenizer(None, run / "final") == (run / "final").resolve()
+    assert find_tokenizer(run / "final") == (run / "final").resolve()
     checkpoint = latest_checkpoint(run)
-    assert find_tokenizer(None, checkpoint) == run.resolve()
+    assert find_tokenizer(checkpoint) == run.resolve()
     # without the copy, run.json's data leads to the encoded shards' own tokenizer ...
     (run / "tokenizer.json").unlink()
-    assert find_tokenizer(None, checkpoint) == trained_with
+    assert find_tokenizer(checkpoint) == trained_with
     # ... or, where their manifest names a tokenizer that is gone, to their vocab.txt
     manifest = json.loads((data / "manifest.json").read_text("utf-8"))
     (data / "manifest.json").write_text(json.dumps({**manifest, "tokenizer": "/gone"}), "utf-8")
-    assert find_tokenizer(None, checkpoint) == data.resolve() / "vocab.txt"
+    assert find_tokenizer(checkpoint) == data.resolve() / "vocab.txt"
     # a bare model directory: a clear error naming the option to pass
     lonely = tmp_path / "lonely"
     shutil.copytree(checkpoint, lonely)
     with pytest.raises(UserError, match="pass --tokenizer"):
-        find_tokenizer(None, lonely)
+        find_tokenizer(lonely)
 
     # the CLI call the demo makes, with LAMB for once; one metrics record per step
     out = tmp_path / "ft"

@@ -49,7 +49,7 @@ from motian.train.distributed import DistInfo
 from motian.train.metrics import MetricsLogger
 from motian.train.optim import build_optimizer, param_groups
 from motian.train.schedule import Progress, lr_multiplier, set_lr
-from motian.train.settings import OptimSettings, RunSettings, Stage, accumulation
+from motian.train.settings import OptimSettings, RunSettings, Stage, accumulation, stage_bounds
 
 # --------------------------------------------------------------------------- the protocols
 
@@ -143,11 +143,8 @@ class FitConfig:
     fingerprint: str = ""
 
     def stage_bounds(self) -> list[tuple[float, float]]:
-        bounds, start = [], 0.0
-        for s in self.stages:
-            bounds.append((start, start + s.fraction))
-            start += s.fraction
-        return bounds
+        """[(start, end)] of each stage as fractions of the whole run."""
+        return stage_bounds(self.stages)
 
 
 # --------------------------------------------------------------------------- schedule

@@ -28,7 +28,14 @@ import yaml
 from motian.data.masking import MaskingConfig
 from motian.errors import UserError
 from motian.model.config import ModelConfig, preset
-from motian.train.settings import OptimSettings, Precision, RunSettings, Stage, accumulation
+from motian.train.settings import (
+    OptimSettings,
+    Precision,
+    RunSettings,
+    Stage,
+    accumulation,
+    stage_bounds,
+)
 
 OptimSpec = OptimSettings  # the recipe's `optim:` section (older name)
 __all__ = ["OptimSettings", "OptimSpec", "Precision", "RunSettings", "Stage", "accumulation"]
@@ -127,11 +134,7 @@ class Recipe:
 
     def stage_bounds(self) -> list[tuple[float, float]]:
         """[(start, end)] of each stage as fractions of the whole run."""
-        bounds, start = [], 0.0
-        for s in self.stages:
-            bounds.append((start, start + s.fraction))
-            start += s.fraction
-        return bounds
+        return stage_bounds(self.stages)
 
     def fingerprint(self) -> str:
         """A hash of everything that decides the result (resume refuses another recipe)."""

@@ -53,6 +53,15 @@ class Stage:
     name: str = ""
 
 
+def stage_bounds(stages: tuple[Stage, ...]) -> list[tuple[float, float]]:
+    """[(start, end)] of each stage as fractions of the whole run."""
+    bounds, start = [], 0.0
+    for s in stages:
+        bounds.append((start, start + s.fraction))
+        start += s.fraction
+    return bounds
+
+
 @dataclass(frozen=True)
 class RunSettings:
     """How a run executes; none of it changes the result beyond floating-point noise."""

@@ -350,6 +350,7 @@ def load_teacher(teacher: Path, task: str | None) -> tuple[nn.Module, TaskCard]:
     return model, card
 
 
+@dist_utils.in_process_group
 def distill(teacher: Path, out: Path, task: str | None = None, student_layers: int = 0,
             student_hidden: int | None = None, student_heads: int | None = None,
             student_ffn: int | None = None, init: Init = "teacher-layers",
@@ -359,7 +360,7 @@ def distill(teacher: Path, out: Path, task: str | None = None, student_layers: i
             epochs: float = 3.0, batch_size: int = 32, warmup: float = 0.1,
             max_train: int | None = None, max_eval: int | None = None,
             checkpoint_every: int = 200, optim: OptimSettings = OptimSettings(lr=1e-4),
-            run: RunSettings = RunSettings()) -> dict:
+            run: RunSettings = RunSettings(), *, info: DistInfo) -> dict:
     """Distil a fine-tuned teacher into a smaller student; report teacher, student and the
     non-distilled baseline student with the compute ratio.
 
@@ -395,18 +396,7 @@ def distill(teacher: Path, out: Path, task: str | None = None, student_layers: i
         optim: the optimiser and its settings.
         run: how the run executes (device, precision, micro-batch, ...): never the result.
     """
-    with dist_utils.process_group(run.device, run.dist_timeout_s) as info:
-        return _distill(teacher, Path(out), task, student_layers, student_hidden, student_heads,
-                        student_ffn, init, layer_map, temperature, alpha_soft, alpha_hard,
-                        alpha_hidden, alpha_attention, baseline, data, seeds, epochs,
-                        batch_size, warmup, max_train, max_eval, checkpoint_every, optim, run,
-                        info)
-
-
-def _distill(teacher, out, task, student_layers, student_hidden, student_heads, student_ffn,
-             init, layer_map, temperature, alpha_soft, alpha_hard, alpha_hidden,
-             alpha_attention, baseline, data, seeds, epochs, batch_size, warmup, max_train,
-             max_eval, checkpoint_every, optim, run, info) -> dict:
+    out = Path(out)
     t_model, card = load_teacher(teacher, task)
     the_task = load_task(card.name, data, card.scheme)
     card.check_labels(the_task.labels, teacher)
@@ -586,6 +576,25 @@ def mlm_outputs(model: nn.Module, batch: dict[str, Tensor]):
     return mlm_loss(logits, batch["mlm_labels"]), [logits], batch["attention_mask"].bool()
 
 
+class CorpusBatches:
+    """The `BatchSource` of task-agnostic distillation: packed, masked rows of the shards."""
+
+    def __init__(self, data: Path, tokenizer: Path | None, seed: int):
+        self.data, self.tokenizer, self.seed, self.loader = data, tokenizer, seed, None
+
+    def start(self, stage: int, spec: Stage, micro: int, info: DistInfo, state: dict | None):
+        self.loader = PackedLoader(self.data, self.tokenizer, LoaderConfig(
+            seq_len=spec.seq_len, batch_size=micro, seed=self.seed, rank=info.rank,
+            world_size=info.world_size))
+        if state is not None:
+            self.loader.load_state_dict(state)
+        return iter(self.loader)
+
+    def state_dict(self) -> dict:
+        return self.loader.state_dict() if self.loader is not None else {}
+
+
+@dist_utils.in_process_group
 def distill_corpus(teacher_model: Path, data: Path, out: Path, tokenizer: Path | None = None,
                    student_layers: int = 0, student_hidden: int | None = None,
                    student_heads: int | None = None, student_ffn: int | None = None,
@@ -595,7 +604,7 @@ def distill_corpus(teacher_model: Path, data: Path, out: Path, tokenizer: Path |
                    batch_size: int = 32, seq_len: int = 128, warmup: float = 0.1,
                    seed: int = 0, checkpoint_every: int = 200,
                    optim: OptimSettings = OptimSettings(lr=5e-4),
-                   run: RunSettings = RunSettings()) -> dict:
+                   run: RunSettings = RunSettings(), *, info: DistInfo) -> dict:
     """Task-agnostic distillation: a student masked LM learns a pretrained teacher's MLM logits
     and hidden states on encoded shards; fine-tune the result with `motian finetune --model
     out/model`. An interrupted run resumes exactly from its latest checkpoint.
@@ -626,36 +635,8 @@ def distill_corpus(teacher_model: Path, data: Path, out: Path, tokenizer: Path |
         optim: the optimiser and its settings.
         run: how the run executes (device, precision, micro-batch, ...): never the result.
     """
-    with dist_utils.process_group(run.device, run.dist_timeout_s) as info:
-        return _distill_corpus(teacher_model, Path(data), Path(out), tokenizer, student_layers,
-                               student_hidden, student_heads, student_ffn, init, layer_map,
-                               LossWeights(alpha_soft, alpha_hard, alpha_hidden,
-                                           alpha_attention, temperature),
-                               steps, batch_size, seq_len, warmup, seed, checkpoint_every,
-                               optim, run, info)
-
-
-class CorpusBatches:
-    """The `BatchSource` of task-agnostic distillation: packed, masked rows of the shards."""
-
-    def __init__(self, data: Path, tokenizer: Path | None, seed: int):
-        self.data, self.tokenizer, self.seed, self.loader = data, tokenizer, seed, None
-
-    def start(self, stage: int, spec: Stage, micro: int, info: DistInfo, state: dict | None):
-        self.loader = PackedLoader(self.data, self.tokenizer, LoaderConfig(
-            seq_len=spec.seq_len, batch_size=micro, seed=self.seed, rank=info.rank,
-            world_size=info.world_size))
-        if state is not None:
-            self.loader.load_state_dict(state)
-        return iter(self.loader)
-
-    def state_dict(self) -> dict:
-        return self.loader.state_dict() if self.loader is not None else {}
-
-
-def _distill_corpus(teacher_model, data, out, tokenizer, student_layers, student_hidden,
-                    student_heads, student_ffn, init, layer_map, weights, steps, batch_size,
-                    seq_len, warmup, seed, checkpoint_every, optim, run, info) -> dict:
+    data, out = Path(data), Path(out)
+    weights = LossWeights(alpha_soft, alpha_hard, alpha_hidden, alpha_attention, temperature)
     teacher = load_mlm_teacher(teacher_model)
     s_cfg = student_config(teacher.config, student_layers or max(1, teacher.config.layers // 2),
                            student_hidden, student_heads, student_ffn)

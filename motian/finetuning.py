@@ -161,6 +161,7 @@ def _all_gold(task: Task, examples: list[Example]) -> bool:
     return probe.labelled("x")
 
 
+@dist_utils.in_process_group
 def finetune(task: str, out: Path, model: Path | None = None, tokenizer: Path | None = None,
              data: Path | None = None, preset: str = "tiny", seeds: list[int] | None = None,
              max_length: int = 128, scheme: Literal["BIO", "BIOES"] = "BIO",
@@ -169,7 +170,7 @@ def finetune(task: str, out: Path, model: Path | None = None, tokenizer: Path | 
              pooling: Literal["cls", "mean"] | None = None, dropout: float | None = None,
              checkpoint_every: int = 200, training: TaskTraining = TaskTraining(),
              optim: OptimSettings = OptimSettings(lr=5e-5),
-             run: RunSettings = RunSettings()) -> dict:
+             run: RunSettings = RunSettings(), *, info: DistInfo) -> dict:
     """Fine-tune a model on a task with several seeds; report dev/test mean ± std.
 
     Writes out/results.json, out/results.md and per seed out/seed-N/ (result.json,
@@ -213,16 +214,7 @@ def finetune(task: str, out: Path, model: Path | None = None, tokenizer: Path | 
         optim: the optimiser (adamw, or lamb for very large batches) and its settings.
         run: how the run executes (device, precision, micro-batch, ...): never the result.
     """
-    with dist_utils.process_group(run.device, run.dist_timeout_s) as info:
-        return _finetune(task, Path(out), model, tokenizer, data, preset,
-                         list(seeds or DEFAULT_SEEDS), max_length, scheme, max_train, max_eval,
-                         random_init, save_model, pooling, dropout, checkpoint_every, training,
-                         optim, run, info)
-
-
-def _finetune(task, out, model, tokenizer, data, preset, seeds, max_length, scheme, max_train,
-              max_eval, random_init, save_model, pooling, dropout, checkpoint_every,
-              training, optim, run, info) -> dict:
+    out, seeds = Path(out), list(seeds or DEFAULT_SEEDS)
     the_task = load_task(task, data, scheme)
     if not the_task.splits.get("train"):
         raise UserError(f"{task}: the training split is empty")

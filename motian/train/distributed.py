@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import functools
+import inspect
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -76,6 +78,27 @@ def teardown(finished: bool = True) -> None:
         if finished:
             dist.barrier()
         dist.destroy_process_group()
+
+
+def in_process_group(verb: Callable) -> Callable:
+    """Run `verb` inside the process group its `run: RunSettings` argument asks for, passing
+    the group as the keyword-only argument `info`. The wrapper has the verb's signature without
+    `info`, so the CLI and the Python API see the same parameters."""
+    signature = inspect.signature(verb)
+    public = signature.replace(parameters=[p for name, p in signature.parameters.items()
+                                           if name != "info"])
+
+    @functools.wraps(verb)
+    def wrapper(*args, **kwargs):
+        bound = public.bind(*args, **kwargs)
+        bound.apply_defaults()
+        run = bound.arguments["run"]
+        with process_group(run.device, run.dist_timeout_s) as info:
+            return verb(*bound.args, **bound.kwargs, info=info)
+
+    wrapper.__signature__ = public
+    wrapper.__annotations__ = {k: v for k, v in verb.__annotations__.items() if k != "info"}
+    return wrapper
 
 
 @contextlib.contextmanager

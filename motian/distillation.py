@@ -69,7 +69,7 @@ from motian.model.io import (
     save_pretrained,
 )
 from motian.model.transformer import capture_internals
-from motian.reporting.tables import fmt, summarise
+from motian.reporting.tables import distill_results_page, summarise, summary_text
 from motian.task_training import (
     TaskTraining,
     optimizer_groups,
@@ -78,7 +78,6 @@ from motian.task_training import (
 )
 from motian.tasks.features import Featurizer
 from motian.tasks.heads import batch_loss, build_head
-from motian.tasks.metrics import mean_std
 from motian.tasks.types import Task
 from motian.train import distributed as dist_utils
 from motian.train.distributed import DistInfo
@@ -87,8 +86,6 @@ from motian.train.metrics import MetricsLogger, read_metrics
 from motian.train.settings import OptimSettings, RunSettings, Stage
 
 Init = Literal["teacher-layers", "fresh"]
-PRIMARY = {"single": "accuracy", "pair": "accuracy", "choice": "accuracy", "token": "f1",
-           "span": "f1"}
 
 
 @dataclass
@@ -442,8 +439,9 @@ def distill(teacher: Path, out: Path, task: str | None = None, student_layers: i
         "flops_per_token"]
     if info.is_main:
         write_json_atomic(out / "results.json", result)
-        (out / "results.md").write_text(results_page(result), encoding="utf-8")
-        print((out / "results.md").read_text("utf-8").split("Resolved settings")[0])
+        page = distill_results_page(result)
+        (out / "results.md").write_text(page, encoding="utf-8")
+        print(summary_text(page))
     return result
 
 
@@ -520,33 +518,6 @@ class _Run:
             write_json_atomic(done, {"config": config, "result": result})
             remove_checkpoints(seed_dir)
         return result
-
-
-def results_page(result: dict) -> str:
-    """results.md: teacher, distilled student and baseline side by side per split."""
-    metric = PRIMARY[result["task"]["type"]]
-    t = result["teacher"]
-    lines = [f"# {result['task']['name']} — distillation results", "",
-             f"- teacher: {t['path']} (sha256 {t['sha256'][:16]}…)",
-             f"- student compute: {result['compute_ratio']:.3f} × the teacher's (encoder matmul "
-             f"FLOPs per token at length {t['flops_seq_len']})",
-             f"- layer map (student block <- teacher block): {result['config']['layer_map']}",
-             "", f"| model | layers × hidden | params | FLOPs/token | split | {metric} (×100) "
-             "| % of teacher | seeds |", "|---|---|---|---|---|---|---|---|"]
-    for split, scores in t["scores"].items():
-        top = scores[metric]
-        rows = [("teacher", t, [top])] + [(n, result[n], [r[split][metric] for r in
-                                                         result[n]["runs"] if split in r])
-                                          for n in ("student", "baseline") if n in result]
-        for name, d, values in rows:
-            mean, std = mean_std(values)
-            share = f"{mean / top * 100:.1f}" if top else "-"
-            lines.append(f"| {name} | {d['layers']} × {d['hidden']} | {d['params']:,} | "
-                         f"{d['flops_per_token'] / 1e6:.2f} M | {split} | {fmt(mean, std)} | "
-                         f"{share} | {len(values)} |")
-    lines += ["", "Resolved settings:", "", "```json",
-              json.dumps(result["config"], indent=2, ensure_ascii=False), "```", ""]
-    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------- task-agnostic
@@ -661,13 +632,8 @@ def distill_corpus(teacher_model: Path, data: Path, out: Path, tokenizer: Path |
                            steps=steps, schedule="warmup-decay", seed=seed,
                            checkpoint_every=checkpoint_every, log_every=1,
                            label="distill-corpus", fingerprint=fingerprint(config, seed))
-    logger = MetricsLogger(out) if info.is_main else None
-    try:
-        summary = fit(distiller, CorpusBatches(data, tokenizer, seed), fit_config, run, out,
-                      info, resume=True, logger=logger)
-    finally:
-        if logger is not None:
-            logger.close()
+    summary = fit(distiller, CorpusBatches(data, tokenizer, seed), fit_config, run, out, info,
+                  resume=True, open_logger=(lambda: MetricsLogger(out)) if info.is_main else None)
     train = read_metrics(out / "metrics.jsonl", "train") if info.is_main else []
     last = summary["last"]
     losses = {"first_loss": train[0]["loss"] if train else math.nan,

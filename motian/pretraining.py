@@ -31,6 +31,7 @@ from motian.train import distributed as dist_utils
 from motian.train.checkpoint import latest_checkpoint
 from motian.train.distributed import DistInfo
 from motian.train.fit import FitConfig, fit, resolve_precision
+from motian.train.lock import hold_run_dir
 from motian.train.metrics import MetricsLogger, run_metadata
 from motian.train.objectives import (
     Pretrainer,
@@ -159,7 +160,8 @@ def pretrain_recipe(recipe: Recipe, run: RunSettings, data: Path, run_dir: Path,
                     resume: bool = False, init_from: Path | None = None) -> dict:
     """Pretrain `recipe` on the encoded shards in `data`, writing checkpoints, metrics and the
     final model under `run_dir`. Runs alone or as one rank of torchrun. Returns a summary."""
-    with dist_utils.process_group(run.device, run.dist_timeout_s) as info:
+    with dist_utils.process_group(run.device, run.dist_timeout_s) as info, \
+            hold_run_dir(Path(run_dir), enabled=info.is_main):
         return _pretrain(recipe, run, Path(data), Path(run_dir), info, resume, init_from)
 
 
@@ -175,14 +177,12 @@ def _pretrain(recipe: Recipe, run: RunSettings, data: Path, run_dir: Path, info:
     objective = build_objective(recipe, data, run)
     if existing is None and init_from is not None:
         init_weights_from(objective.model, Path(init_from), verbose=info.is_main)
-    logger = _start_logging(recipe, run, run_dir, info, precision, data) \
+    # The run's files (recipe.yaml, run.json, the tokenizer copy) are written only once `fit`
+    # has validated a resume: a refused --resume leaves the run as it was.
+    open_logger = (lambda: _start_logging(recipe, run, run_dir, info, precision, data)) \
         if info.is_main else None
-    try:
-        summary = fit(objective, PretrainBatches(data, recipe), fit_config(recipe), run,
-                      run_dir, info, resume=resume, logger=logger)
-    finally:
-        if logger is not None:
-            logger.close()
+    summary = fit(objective, PretrainBatches(data, recipe), fit_config(recipe), run, run_dir,
+                  info, resume=resume, open_logger=open_logger)
     return _finish(run_dir, objective, summary, info)
 
 

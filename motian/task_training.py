@@ -36,7 +36,13 @@ from torch import Tensor, nn
 from motian.model.heads import MLMHead
 from motian.tasks.features import Feature, collate
 from motian.tasks.heads import batch_loss
-from motian.train.checkpoint import CHECKPOINTS, latest_checkpoint
+from motian.train.checkpoint import (
+    CHECKPOINTS,
+    CorruptCheckpoint,
+    checkpoint_dirs,
+    latest_checkpoint,
+    read_checkpoint_state,
+)
 from motian.train.distributed import DistInfo
 from motian.train.fit import FitConfig, Objective, fit
 from motian.train.metrics import MetricsLogger
@@ -269,7 +275,7 @@ def train_on_features(objective: Objective, features: list[Feature], task_type: 
     One metrics.jsonl record per step. Returns fit's summary with "final_loss"."""
     run_dir = Path(run_dir)
     latest = latest_checkpoint(run_dir)
-    if latest is not None and _fingerprint(latest) != fingerprint:
+    if latest is not None and _fingerprint(latest) not in (fingerprint, None):
         if info.is_main:
             print(f"motian: {run_dir}: checkpoints of other settings; starting this run over")
             import shutil
@@ -277,7 +283,8 @@ def train_on_features(objective: Objective, features: list[Feature], task_type: 
             shutil.rmtree(run_dir / CHECKPOINTS)
         _barrier(info)
         latest = None
-    if latest is None and info.is_main:
+    resume = bool(checkpoint_dirs(run_dir))
+    if not resume and info.is_main:
         (run_dir / "metrics.jsonl").unlink(missing_ok=True)  # a new run logs afresh
     steps = total_steps(len(features), settings.epochs, settings.batch_size)
     config = FitConfig(optim=optim, stages=(Stage(seq_len=max_length, global_batch=settings.batch_size,
@@ -285,23 +292,19 @@ def train_on_features(objective: Objective, features: list[Feature], task_type: 
                        steps=steps, schedule="warmup-decay", seed=seed,
                        checkpoint_every=checkpoint_every, keep_last=1, log_every=1,
                        label=label, log_kind="finetune", fingerprint=fingerprint)
-    logger = MetricsLogger(run_dir) if info.is_main else None
-    try:
-        summary = fit(objective, FeatureBatches(features, task_type, pad_id, seed), config,
-                      run, run_dir, info, resume=latest is not None, logger=logger)
-    finally:
-        if logger is not None:
-            logger.close()
+    summary = fit(objective, FeatureBatches(features, task_type, pad_id, seed), config, run,
+                  run_dir, info, resume=resume,
+                  open_logger=(lambda: MetricsLogger(run_dir)) if info.is_main else None)
     summary["final_loss"] = summary["last"].get("loss", math.nan)
     return summary
 
 
 def _fingerprint(checkpoint: Path) -> str | None:
-    import json
-
+    """The settings fingerprint of a checkpoint; None when it does not read back (then `fit`
+    falls back to an older one, or refuses)."""
     try:
-        return json.loads((checkpoint / "state.json").read_text("utf-8")).get("fingerprint")
-    except (OSError, ValueError):
+        return read_checkpoint_state(checkpoint).get("fingerprint")
+    except CorruptCheckpoint:
         return None
 
 

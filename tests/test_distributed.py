@@ -80,3 +80,22 @@ def test_a_world_size_that_cannot_split_the_batch_is_refused():
     with pytest.raises(UserError, match="not divisible by 3 processes"):
         check_world([8, 4], 0, DistInfo(rank=0, world_size=3))
     check_world([8, 4], 2, DistInfo(rank=0, world_size=2))
+
+
+def test_a_two_process_resume_keeps_every_ranks_random_state(pd98_encoded, tmp_path):
+    # Each rank's RNG state is gathered into the checkpoint, so resuming under torchrun has
+    # a state for every rank (it used to warn that rank 1's random numbers would differ).
+    recipe = write_recipe(tmp_path, steps=4, checkpoint_every=2, eval_every=0)
+    out = tmp_path / "run"
+    first = subprocess.run([*torchrun(2, tmp_path / "logs1"), *args(recipe, pd98_encoded, out)],
+                           env=env(), capture_output=True, text=True, timeout=240)
+    assert first.returncode == 0, first.stderr + first.stdout
+    import torch
+
+    rng = torch.load(out / "checkpoints" / "step-00000004" / "rng.pt", weights_only=True)
+    assert len(rng["ranks"]) == 2
+    again = subprocess.run([*torchrun(2, tmp_path / "logs2"), *args(recipe, pd98_encoded, out),
+                            "--resume"], env=env(), capture_output=True, text=True, timeout=240)
+    assert again.returncode == 0, again.stderr + again.stdout
+    assert "will differ" not in again.stderr + again.stdout
+    assert "resumed from" in again.stderr + again.stdout

@@ -16,7 +16,14 @@ from motian.distillation import distill
 from motian.errors import UserError
 from motian.finetuning import finetune
 from motian.pretraining import pretrain_recipe
-from motian.reporting.run import load_run, read_downstream, write_report
+from motian.reporting.run import (
+    draw_plots,
+    load_run,
+    read_downstream,
+    run_page,
+    write_report,
+)
+from motian.reporting.tables import distill_results_page, summary_text
 from motian.train.metrics import read_metrics
 from motian.train.recipe import RunSettings, load_recipe
 from tests.pretrain_helpers import write_recipe
@@ -158,6 +165,43 @@ def test_missing_metrics_and_bad_downstream_are_user_errors(tiny_run, tmp_path, 
         read_downstream({"teacher": broken})
     assert cli_main(["report", "--run", str(tiny_run), "--downstream", "no-equals-sign"]) == 1
     assert "expected LABEL=DIR" in capsys.readouterr().err
+
+
+def test_the_page_is_built_from_data_in_one_go(tiny_run, tmp_path):
+    # write_report = draw_plots + run_page over the same records; an appendix (the demo's
+    # data-preparation section) follows the run's sections, never patched in afterwards.
+    appendix = "## Data preparation: somewhere\n\nbuilt by the caller"
+    text = write_report(tiny_run, tmp_path, appendix=[appendix]).read_text(encoding="utf-8")
+    records = load_run(tiny_run)
+    images = {k: p.relative_to(tmp_path).as_posix()
+              for k, p in draw_plots(records, [], tmp_path / "plots").items()}
+    assert sorted(images) == ["eval", "loss_lr", "throughput"]
+    assert text == run_page(tiny_run, records, [], images, [appendix])
+    assert text.endswith("\n" + appendix) and text.index("## Held-out") < text.index(appendix)
+
+
+def test_distill_results_page_from_a_result_dict():
+    runs = [{"seed": s, "dev": {"accuracy": 0.7}, "test": {"accuracy": 0.6 + s / 100}}
+            for s in (1, 2)]
+    model = {"layers": 1, "hidden": 32, "params": 6000, "flops_per_token": 1.2e6, "runs": runs}
+    result = {"task": {"name": "reviews-sentiment", "type": "single"}, "compute_ratio": 0.5,
+              "teacher": {"path": "t", "sha256": "ab" * 32, "flops_seq_len": 64, "layers": 2,
+                          "hidden": 32, "params": 12000, "flops_per_token": 2.4e6,
+                          "scores": {"dev": {"accuracy": 0.8}, "test": {"accuracy": 0.75}}},
+              "student": model, "baseline": model, "config": {"layer_map": [1]}}
+    page = distill_results_page(result)
+    assert page.startswith("# reviews-sentiment — distillation results")
+    assert "| teacher | 2 × 32 | 12,000 | 2.40 M | test | 75.00 ± 0.00 | 100.0 | 1 |" in page
+    assert "| student | 1 × 32 | 6,000 | 1.20 M | test | 61.50 ± 0.71 | 82.0 | 2 |" in page
+    assert "Resolved settings" not in summary_text(page) and '"layer_map"' in page
+
+
+def test_only_the_verbs_above_import_the_report_layer():
+    # reporting is layer 5: data/, model/, train/ and tasks/ never import it (not even lazily)
+    root = Path(__file__).resolve().parents[1] / "motian"
+    for layer in ("data", "model", "train", "tasks"):
+        for path in (root / layer).rglob("*.py"):
+            assert "motian.reporting" not in path.read_text(encoding="utf-8"), path
 
 
 # ---------------------------------------------------------------- benchmarks/ablation.py arms

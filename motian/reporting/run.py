@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -374,47 +375,69 @@ def headline_lines(records: RunRecords) -> list[str]:
     return lines
 
 
+def draw_plots(records: RunRecords, rows: list[DownstreamRow], plots: Path) -> dict[str, Path]:
+    """Draw the plots `run_page` embeds into the directory `plots`: {name: PNG path}, only
+    those the records have data for ("loss_lr", "throughput", "eval", "downstream")."""
+    plots.mkdir(parents=True, exist_ok=True)
+    drawn = {}
+    if records.train:
+        drawn["loss_lr"] = plot_loss_lr(records.train, plots / "loss_lr.png")
+        drawn["throughput"] = plot_throughput(records.train, plots / "throughput.png")
+    if records.evals:
+        drawn["eval"] = plot_eval(records.evals, plots / "eval.png")
+    if rows:
+        drawn["downstream"] = plot_downstream(main_rows(rows), plots / "downstream.png")
+    return drawn
+
+
+def run_page(run_dir: Path, records: RunRecords, rows: list[DownstreamRow],
+             images: dict[str, str], appendix: Sequence[str] = ()) -> str:
+    """The run report as Markdown, built in one go from the run's records, the downstream rows
+    and the links (relative to the page) of the plots `draw_plots` drew; `appendix` holds
+    further sections, built by the caller from its own data, that follow the run's (the demo
+    puts its data-preparation section there)."""
+    lines = [f"# Pretraining report: {Path(run_dir).resolve().name}", "",
+             f"Run directory: `{run_dir}`", "", *headline_lines(records),
+             *recipe_lines(records.meta), "", "## Machine", "", *machine_lines(records.meta), ""]
+    if records.train:
+        lines += ["## Training", "", _image(images["loss_lr"], "loss per task and learning rate"),
+                  "", _image(images["throughput"], "throughput"), "",
+                  *train_table(records.train), ""]
+    if records.evals:
+        lines += ["## Held-out evaluation", "", _image(images["eval"],
+                                                       "held-out accuracy and loss"),
+                  "", *eval_table(records.evals), ""]
+    if rows:
+        lines += ["## Downstream", "", _image(images["downstream"], "downstream scores"), "",
+                  "The chart shows each task's main metric (test split when there is one).", "",
+                  *downstream_table(rows), "", "Sources: " + ", ".join(
+                      sorted({f"`{r.source}`" for r in rows})), ""]
+    return "\n".join([*lines, *appendix])
+
+
 def write_report(run_dir: Path, out: Path | None = None,
-                 downstream: dict[str, Path] | None = None) -> Path:
+                 downstream: dict[str, Path] | None = None,
+                 appendix: Sequence[str] = ()) -> Path:
     """Write ``report.md`` and its PNG plots for a pretraining run; returns the report's path.
 
     `out` is the report directory (default: the run directory); `downstream` maps an arm label
     ("teacher", "student", "random init", or "arm/task" for several tasks) to a `motian
-    finetune` / `motian distill` run directory or its results.json.
+    finetune` / `motian distill` run directory or its results.json; `appendix`: Markdown
+    sections placed after the run's (see `run_page`).
     """
     run_dir = Path(run_dir)
     records = load_run(run_dir)
     rows = read_downstream(downstream or {})
     out = Path(out) if out is not None else run_dir
-    plots = out / "plots"
-    plots.mkdir(parents=True, exist_ok=True)
-    lines = [f"# Pretraining report: {run_dir.resolve().name}", "", f"Run directory: `{run_dir}`",
-             "", *headline_lines(records), *recipe_lines(records.meta), "", "## Machine", "",
-             *machine_lines(records.meta), ""]
-    if records.train:
-        lines += ["## Training", "", _image(plot_loss_lr(records.train, plots / "loss_lr.png"),
-                                            out, "loss per task and learning rate"),
-                  "", _image(plot_throughput(records.train, plots / "throughput.png"), out,
-                             "throughput"), "", *train_table(records.train), ""]
-    if records.evals:
-        lines += ["## Held-out evaluation", "", _image(plot_eval(records.evals,
-                                                                 plots / "eval.png"), out,
-                                                       "held-out accuracy and loss"),
-                  "", *eval_table(records.evals), ""]
-    if rows:
-        lines += ["## Downstream", "", _image(plot_downstream(main_rows(rows),
-                                                              plots / "downstream.png"), out,
-                                              "downstream scores"), "",
-                  "The chart shows each task's main metric (test split when there is one).", "",
-                  *downstream_table(rows), "", "Sources: " + ", ".join(
-                      sorted({f"`{r.source}`" for r in rows})), ""]
+    plots = draw_plots(records, rows, out / "plots")
+    images = {name: png.relative_to(out).as_posix() for name, png in plots.items()}
     path = out / "report.md"
-    path.write_text("\n".join(lines), encoding="utf-8")
+    path.write_text(run_page(run_dir, records, rows, images, appendix), encoding="utf-8")
     return path
 
 
-def _image(path: Path, out: Path, alt: str) -> str:
-    return f"![{alt}]({path.relative_to(out).as_posix()})"
+def _image(link: str, alt: str) -> str:
+    return f"![{alt}]({link})"
 
 
 def report(run: Path, out: Path | None = None, downstream: list[str] | None = None) -> Path:

@@ -1,12 +1,17 @@
-"""Markdown results tables: one per fine-tuning run (every seed, mean ± std, dev and test
-labelled, the model's weight hash and the resolved settings) and a comparison table for
-benchmarks that put several runs side by side."""
+"""Markdown results pages and tables, each built from a run's result dict: the page of a
+fine-tuning run (every seed, mean ± std, dev and test labelled, the model's weight hash and the
+resolved settings), the page of a distillation run (teacher, distilled student and baseline side
+by side) and a comparison table for benchmarks that put several runs side by side."""
 
 from __future__ import annotations
 
 import json
 
 from motian.tasks.metrics import mean_std
+
+# The metric that stands for a task type in the distillation page.
+PRIMARY = {"single": "accuracy", "pair": "accuracy", "choice": "accuracy", "token": "f1",
+           "span": "f1"}
 
 
 def fmt(mean: float, std: float, scale: float = 100.0) -> str:
@@ -41,9 +46,43 @@ def results_table(result: dict) -> str:
             per_seed = ", ".join(f"{r[split][metric] * 100:.2f}" for r in runs
                                  if metric in r.get(split, {}))
             lines.append(f"| {split} | {metric} | {fmt(mean, std)} | {per_seed} |")
-    lines += ["", "Resolved settings:", "", "```json",
-              json.dumps(result["config"], indent=2, ensure_ascii=False), "```", ""]
-    return "\n".join(lines)
+    return "\n".join(lines + _settings_lines(result["config"]))
+
+
+def distill_results_page(result: dict) -> str:
+    """The results.md of `motian distill`: teacher, distilled student and baseline side by
+    side per split, from its results.json."""
+    metric = PRIMARY[result["task"]["type"]]
+    t = result["teacher"]
+    lines = [f"# {result['task']['name']} — distillation results", "",
+             f"- teacher: {t['path']} (sha256 {t['sha256'][:16]}…)",
+             f"- student compute: {result['compute_ratio']:.3f} × the teacher's (encoder matmul "
+             f"FLOPs per token at length {t['flops_seq_len']})",
+             f"- layer map (student block <- teacher block): {result['config']['layer_map']}",
+             "", f"| model | layers × hidden | params | FLOPs/token | split | {metric} (×100) "
+             "| % of teacher | seeds |", "|---|---|---|---|---|---|---|---|"]
+    for split, scores in t["scores"].items():
+        top = scores[metric]
+        rows = [("teacher", t, [top])] + [(n, result[n], [r[split][metric] for r in
+                                                         result[n]["runs"] if split in r])
+                                          for n in ("student", "baseline") if n in result]
+        for name, d, values in rows:
+            mean, std = mean_std(values)
+            share = f"{mean / top * 100:.1f}" if top else "-"
+            lines.append(f"| {name} | {d['layers']} × {d['hidden']} | {d['params']:,} | "
+                         f"{d['flops_per_token'] / 1e6:.2f} M | {split} | {fmt(mean, std)} | "
+                         f"{share} | {len(values)} |")
+    return "\n".join(lines + _settings_lines(result["config"]))
+
+
+def summary_text(page: str) -> str:
+    """A results page without its resolved settings: what the verbs print."""
+    return page.split("Resolved settings")[0]
+
+
+def _settings_lines(config: dict) -> list[str]:
+    return ["", "Resolved settings:", "", "```json",
+            json.dumps(config, indent=2, ensure_ascii=False), "```", ""]
 
 
 def comparison_table(rows: list[tuple[str, str, str, list[float]]]) -> str:

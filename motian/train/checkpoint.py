@@ -44,7 +44,7 @@ from motian.io import write_text_atomic
 from motian.model.artifact import (  # the layout is read by every verb; re-exported here
     CHECKPOINTS,
     LATEST,
-    NAME,  # noqa: F401  (re-exported)
+    NAME,
     REQUIRED,
     checkpoint_name,
     complete_checkpoints,
@@ -54,6 +54,30 @@ from motian.model.artifact import is_complete_checkpoint as _is_complete
 from motian.model.io import load_weights, read_state_dict, save_pretrained, unwrap_model
 
 EXTRA = "objective.safetensors"  # an objective's trained tensors outside the model
+
+
+class CorruptCheckpoint(UserError):
+    """A checkpoint file that does not read back (truncated, garbled, not what it claims)."""
+
+
+def checkpoint_dirs(run_dir: Path) -> list[Path]:
+    """Every step-N directory under `run_dir`/checkpoints, complete or not, oldest first."""
+    directory = Path(run_dir) / CHECKPOINTS
+    if not directory.is_dir():
+        return []
+    found = [p for p in directory.iterdir() if NAME.fullmatch(p.name)]
+    return sorted(found, key=lambda p: int(NAME.fullmatch(p.name).group(1)))
+
+
+def read_checkpoint_state(path: Path) -> dict:
+    """state.json of checkpoint `path`; `CorruptCheckpoint` when it does not read back."""
+    try:
+        state = json.loads((Path(path) / "state.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CorruptCheckpoint(f"{Path(path) / 'state.json'}: unreadable ({e})") from None
+    if not isinstance(state, dict) or "step" not in state:
+        raise CorruptCheckpoint(f"{Path(path) / 'state.json'}: not a checkpoint state")
+    return state
 
 
 def save_checkpoint(run_dir: Path, step: int, model: nn.Module,
@@ -105,7 +129,8 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     state.json's dict. Weights load strictly: resuming into a different architecture is an
     error, not a partial load (use --init-from for that)."""
     path = _resolve(Path(path))
-    load_weights(unwrap_model(model), read_state_dict(path / "model.safetensors"),
+    state = read_checkpoint_state(path)
+    load_weights(unwrap_model(model), _read_weights(path / "model.safetensors"),
                  str(path / "model.safetensors"), strict=True)
     if optimizer is not None:
         saved = _torch_load(path / "optimizer.pt")
@@ -125,14 +150,23 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
         _load_extra(path, extra)
     if restore_rng:
         _restore_rank_rng(path / "rng.pt")
-    return json.loads((path / "state.json").read_text(encoding="utf-8"))
+    return state
+
+
+def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return read_state_dict(path)
+    except UserError:
+        raise
+    except Exception as e:  # safetensors' own error for a truncated or garbled file
+        raise CorruptCheckpoint(f"{path}: unreadable ({e})") from None
 
 
 def _load_extra(path: Path, module: nn.Module) -> None:
     """Copy the checkpoint's extra tensors into `module`'s parameters of the same names; every
     trained parameter outside the model must be there (the fit loop saves them all)."""
     wanted = dict(module.extra_state()) if hasattr(module, "extra_state") else {}
-    saved = read_state_dict(path / EXTRA) if (path / EXTRA).is_file() else {}
+    saved = _read_weights(path / EXTRA) if (path / EXTRA).is_file() else {}
     missing = sorted(set(wanted) - set(saved))
     if missing:
         raise UserError(f"{path}: the checkpoint lacks the objective's trained tensors "
@@ -210,7 +244,8 @@ def _torch_load(path: Path):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a corrupt or foreign file: say which and why
-        raise UserError(f"{path}: cannot be read as a motian checkpoint file ({e})") from None
+        raise CorruptCheckpoint(f"{path}: cannot be read as a motian checkpoint file ({e})"
+                                ) from None
 
 
 def _json_or_error(state: dict) -> str:

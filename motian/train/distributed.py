@@ -31,6 +31,7 @@ from torch import nn
 
 from motian.errors import UserError
 from motian.runtime import pick_device  # one device choice for every verb
+from motian.train.lock import hold_run_dir
 
 
 @dataclass(frozen=True)
@@ -82,7 +83,8 @@ def teardown(finished: bool = True) -> None:
 
 def in_process_group(verb: Callable) -> Callable:
     """Run `verb` inside the process group its `run: RunSettings` argument asks for, passing
-    the group as the keyword-only argument `info`. The wrapper has the verb's signature without
+    the group as the keyword-only argument `info`, and owning its `out` folder for the run
+    (`motian.train.lock`: rank 0 holds the lock). The wrapper has the verb's signature without
     `info`, so the CLI and the Python API see the same parameters."""
     signature = inspect.signature(verb)
     public = signature.replace(parameters=[p for name, p in signature.parameters.items()
@@ -93,7 +95,9 @@ def in_process_group(verb: Callable) -> Callable:
         bound = public.bind(*args, **kwargs)
         bound.apply_defaults()
         run = bound.arguments["run"]
-        with process_group(run.device, run.dist_timeout_s) as info:
+        out = bound.arguments.get("out")
+        with process_group(run.device, run.dist_timeout_s) as info, \
+                hold_run_dir(out, enabled=out is not None and info.is_main):
             return verb(*bound.args, **bound.kwargs, info=info)
 
     wrapper.__signature__ = public

@@ -32,7 +32,7 @@ import contextlib
 import math
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Protocol
@@ -44,7 +44,17 @@ from tqdm import tqdm
 
 from motian.errors import UserError
 from motian.train import distributed as dist_utils
-from motian.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from motian.train.checkpoint import (
+    CHECKPOINTS,
+    CorruptCheckpoint,
+    capture_rng_state,
+    checkpoint_dirs,
+    complete_checkpoints,
+    latest_checkpoint,
+    load_checkpoint,
+    read_checkpoint_state,
+    save_checkpoint,
+)
 from motian.train.distributed import DistInfo
 from motian.train.metrics import MetricsLogger
 from motian.train.optim import build_optimizer, param_groups
@@ -275,20 +285,27 @@ class _Parts:
 
 def fit(objective: Objective, source: BatchSource, config: FitConfig, run: RunSettings,
         run_dir: Path | None, info: DistInfo, resume: bool = False,
-        logger: MetricsLogger | None = None) -> dict:
+        open_logger: Callable[[], MetricsLogger | None] | None = None) -> dict:
     """Train `objective` on `source` under `config`; returns a summary (steps, tokens_seen,
     seconds, eval, skipped_steps, last: the last logged values, checkpoint).
 
     `run_dir` holds checkpoints/ (none when None). With checkpoints there and not `resume`,
     the run is refused rather than overwritten; with `resume`, it continues exactly from the
-    latest one. `logger` (rank 0's) receives the records. The caller builds the objective with
-    the same seed on every rank and saves the final model: this function owns only the loop."""
+    newest checkpoint that reads back (unreadable ones are named and skipped; checkpoints
+    that exist but none reads back is an error, never a silent fresh start).
+
+    Nothing is written before everything a resume needs is validated: the checkpoint, its
+    settings fingerprint, the run length and the data position. Only then is `open_logger`
+    called (rank 0 passes it: it writes the caller's run files and returns the metrics logger,
+    which this function closes); records after the resumed step are dropped from the log so a
+    resumed run logs every step once. The caller builds the objective with the same seed on
+    every rank and saves the final model: this function owns only the loop."""
     if run.threads:
         torch.set_num_threads(run.threads)
     precision = resolve_precision(run.precision, info.device)
-    existing = latest_checkpoint(run_dir) if run_dir is not None else None
-    if existing is not None and not resume:
-        raise UserError(f"{run_dir} already holds checkpoints ({existing.name}); pass --resume "
+    found = complete_checkpoints(run_dir) if run_dir is not None else []
+    if found and not resume:
+        raise UserError(f"{run_dir} already holds checkpoints ({found[-1].name}); pass --resume "
                         "to continue that run, or choose another --out")
     objective.to(info.device)
     micro_plan = [accumulation(s, run.micro_batch, info.world_size) for s in config.stages]
@@ -304,23 +321,56 @@ def fit(objective: Objective, source: BatchSource, config: FitConfig, run: RunSe
     parts = _Parts(objective, step_model, optimizer, scaler,
                    autocast_context(precision, info.device), progress, micro_plan)
     state = RunState()
-    if existing is not None:
-        _restore(parts, existing, config, state, info)
-    elif resume and info.is_main and run_dir is not None:
+    if resume and run_dir is not None:
+        _restore_newest_readable(parts, run_dir, config, state, info)
+    # The first stage's batches now: a data position that does not fit this data is refused
+    # before any file is written.
+    first = stage_at(config, progress.fraction())
+    batches = _start_stage(config, source, first, micro_plan[first][0], info, state,
+                           info.is_main)
+    logger = open_logger() if open_logger is not None else None
+    try:
+        if logger is not None and state.step:
+            logger.drop_after(state.step)
+        return _loop(config, run, source, run_dir, info, parts, state, logger, batches)
+    finally:
+        if logger is not None:
+            logger.close()
+
+
+def _restore_newest_readable(parts: _Parts, run_dir: Path, config: FitConfig,
+                             state: RunState, info: DistInfo) -> None:
+    """Restore the newest checkpoint that reads back; name the unreadable ones skipped."""
+    found = complete_checkpoints(run_dir)
+    broken = [p for p in checkpoint_dirs(run_dir) if p not in found]
+    for path in reversed(found):
+        try:
+            _restore(parts, path, config, state, info)
+            return
+        except CorruptCheckpoint as err:
+            broken.append(path)
+            if info.is_main:
+                print(f"motian: skipping checkpoint {path}: {err}", file=sys.stderr)
+    if broken:
+        names = ", ".join(p.name for p in sorted(broken))
+        raise UserError(f"{run_dir}: no checkpoint could be read back ({names}); nothing was "
+                        f"changed. Remove {run_dir / CHECKPOINTS} to start over, or resume from "
+                        "a copy of the run that has a good one")
+    if info.is_main:
         print(f"motian: no checkpoint under {run_dir}; starting a new run", file=sys.stderr)
-    return _loop(config, run, source, run_dir, info, parts, state, logger)
 
 
 def _restore(parts: _Parts, path: Path, config: FitConfig, state: RunState,
              info: DistInfo) -> None:
-    saved = load_checkpoint(path, parts.objective.model, parts.optimizer, parts.scaler,
-                            extra=parts.objective)
+    saved = read_checkpoint_state(path)
     if saved.get("fingerprint") != config.fingerprint:
         raise UserError(f"{path}: this checkpoint was trained with another recipe or other "
                         f"settings (fingerprint {saved.get('fingerprint')} vs "
                         f"{config.fingerprint}); resume with the ones it was made with, or start "
                         "a new run in another directory (--init-from takes its weights)")
-    parts.progress.load_state_dict(saved["progress"])
+    parts.progress.load_state_dict(saved["progress"])  # refuses another run length
+    load_checkpoint(path, parts.objective.model, parts.optimizer, parts.scaler,
+                    extra=parts.objective)
     state.step, state.stage = int(saved["step"]), int(saved["stage"])
     state.bad_steps, state.tokens_seen = int(saved["bad_steps"]), int(saved["tokens_seen"])
     state.skipped_total = int(saved.get("skipped_total", 0))
@@ -331,11 +381,12 @@ def _restore(parts: _Parts, path: Path, config: FitConfig, state: RunState,
 
 
 def _loop(config: FitConfig, run: RunSettings, source: BatchSource, run_dir: Path | None,
-          info: DistInfo, parts: _Parts, state: RunState, logger: MetricsLogger | None) -> dict:
+          info: DistInfo, parts: _Parts, state: RunState, logger: MetricsLogger | None,
+          batches: Iterator[dict]) -> dict:
     progress, main, objective = parts.progress, info.is_main, parts.objective
     bar = _progress_bar(config, progress) if main and run.progress else None
     window: dict[str, float] = {}
-    last_norm, batches, t_window = 0.0, None, time.monotonic()
+    last_norm, t_window = 0.0, time.monotonic()
     if state.step == 0 and config.eval_every:
         state.last_eval = _evaluate(parts, info, logger, state.step)  # the untrained baseline
     progress.restart_clock()
@@ -343,7 +394,7 @@ def _loop(config: FitConfig, run: RunSettings, source: BatchSource, run_dir: Pat
     while not progress.done():
         stage = stage_at(config, progress.fraction())
         micro, accum = parts.micro_plan[stage]
-        if batches is None or stage != state.stage:
+        if stage != state.stage:
             batches = _start_stage(config, source, stage, micro, info, state, main)
         lr = learning_rate(config, progress.fraction(ahead=1), stage)
         set_lr(parts.optimizer, lr)
@@ -388,7 +439,7 @@ def _loop(config: FitConfig, run: RunSettings, source: BatchSource, run_dir: Pat
         if run_dir is not None and (
                 (config.checkpoint_every and state.step % config.checkpoint_every == 0) or done):
             state.data = source.state_dict()
-            _checkpoint(run_dir, config, parts, state, main)
+            _checkpoint(run_dir, config, parts, state, info)
         progress.restart_clock()  # evaluation and checkpoints do not count against a budget
     if bar is not None:
         bar.close()
@@ -491,13 +542,19 @@ def _evaluate(parts: _Parts, info: DistInfo, logger: MetricsLogger | None,
 
 
 def _checkpoint(run_dir: Path, config: FitConfig, parts: _Parts, state: RunState,
-                main: bool) -> None:
-    if not main:
+                info: DistInfo) -> None:
+    # Every rank's RNG state goes into the checkpoint (dropout is reseeded each micro-batch,
+    # but anything else drawing from the global generators continues exactly too).
+    rng = [capture_rng_state()]
+    if info.distributed:
+        rng = [None] * info.world_size
+        torch.distributed.all_gather_object(rng, capture_rng_state())
+    if not info.is_main:
         return
     saved = {"fingerprint": config.fingerprint, "stage": state.stage, "data": state.data,
              "progress": parts.progress.state_dict(), "bad_steps": state.bad_steps,
              "skipped_total": state.skipped_total, "tokens_seen": state.tokens_seen,
              "last_eval": state.last_eval, "last_values": state.last_values}
     save_checkpoint(run_dir, state.step, parts.objective.model, parts.optimizer, saved,
-                    parts.scaler, keep_last=config.keep_last,
+                    parts.scaler, keep_last=config.keep_last, rng_states=rng,
                     extra=parts.objective.extra_state())

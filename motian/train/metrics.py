@@ -46,6 +46,23 @@ class MetricsLogger:
                 if isinstance(value, int | float) and not isinstance(value, bool):
                     self._tb.add_scalar(f"{kind}/{name}", value, step)
 
+    def drop_after(self, step: int) -> None:
+        """Forget the records of steps after `step` (a run resumed from that step's checkpoint
+        logs them again), rewriting the file atomically. TensorBoard keeps its copies."""
+        self._file.close()
+        lines = self.path.read_text(encoding="utf-8").splitlines(keepends=True)
+        kept = []
+        for line in lines:
+            try:
+                if json.loads(line).get("step", 0) <= step:
+                    kept.append(line if line.endswith("\n") else line + "\n")
+            except json.JSONDecodeError:
+                continue  # a torn last line
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(kept), encoding="utf-8")
+        os.replace(tmp, self.path)
+        self._file = self.path.open("a", encoding="utf-8")
+
     def close(self) -> None:
         self._file.close()
         if self._tb is not None:

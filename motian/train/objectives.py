@@ -210,8 +210,12 @@ def init_weights_from(model: nn.Module, source: Path, verbose: bool = True) -> L
         raise UserError(f"{config_path}: neither a motian model nor a BERT config")
     report = load_weights(model, state, str(source), strict=False, quiet=True)
     report.unexpected = sorted(set(report.unexpected) | set(unused))
+    loaded = len(model.state_dict()) - len(report.missing) - len(report.mismatched)
+    if loaded == 0:
+        raise UserError(f"--init-from {source}: not one tensor of it fits this model (names or "
+                        "shapes all differ), so the run would start from random weights; give "
+                        "a checkpoint of the same family, or drop --init-from")
     if verbose:
-        loaded = len(model.state_dict()) - len(report.missing) - len(report.mismatched)
         print(f"motian: --init-from {source}: loaded {loaded} of {len(model.state_dict())} "
               "tensors", file=sys.stderr)
         for label, keys in (("newly initialised (not in the source)", report.missing),

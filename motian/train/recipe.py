@@ -223,10 +223,14 @@ def save_recipe(recipe: Recipe, path: Path) -> None:
 
 def with_overrides(recipe: Recipe, steps: int | None = None,
                    budget_minutes: float | None = None) -> Recipe:
-    """The recipe with the run length changed (the CLI's --steps / --budget-minutes)."""
+    """The recipe with the run length changed (the CLI's --steps / --budget-minutes). `steps`
+    alone replaces a recipe's time budget (a step count is what was asked for); with both, the
+    budget keys the run (as it does whenever a recipe has one)."""
     changes: dict = {}
     if steps is not None:
         changes["steps"] = steps
+        if budget_minutes is None:
+            changes["budget_minutes"] = 0.0
     if budget_minutes is not None:
         changes["budget_minutes"] = budget_minutes
     return replace(recipe, **changes)

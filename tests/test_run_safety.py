@@ -1,0 +1,154 @@
+"""A run folder and its checkpoints under misuse, with real processes: one run per folder (a
+lock naming its owner, a dead owner's lock taken over), a refused resume writes nothing, a
+corrupt newest checkpoint falls back to the previous one and none readable is an error,
+--steps replaces a recipe's time budget, --init-from that loads nothing is refused, a resumed
+run logs every step once, Ctrl-C tells how to continue."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from motian.errors import UserError
+from motian.train.checkpoint import complete_checkpoints, latest_checkpoint
+from motian.train.lock import LOCK
+from tests.pretrain_helpers import write_recipe
+
+
+def env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
+
+
+def pretrain(recipe: Path, data: Path, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "motian.cli", "pretrain", "--recipe", str(recipe), "--data",
+            str(data), "--out", str(out), "--device", "cpu", "--threads", "1", "--no-progress",
+            *extra]
+
+
+def run(cmd: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=300)
+
+
+def wait_for(condition, proc: subprocess.Popen, seconds: float = 120) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert condition(), "the run ended (or stalled) before the moment the test needs"
+
+
+def test_one_run_per_folder_and_a_dead_owners_lock_is_taken_over(pd98_encoded, tmp_path):
+    recipe = write_recipe(tmp_path, steps=100000, checkpoint_every=5, eval_every=0)
+    out = tmp_path / "run"
+    first = subprocess.Popen(pretrain(recipe, pd98_encoded, out), env=env(),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: latest_checkpoint(out) is not None, first)
+        second = run(pretrain(recipe, pd98_encoded, out, "--resume"))
+        assert second.returncode == 1
+        assert "in use by another motian run" in second.stderr
+        assert f"pid {first.pid}" in second.stderr and "Traceback" not in second.stderr
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait(timeout=30)
+    # The killed owner left its lock file behind; the next run takes it over and says so.
+    assert str(first.pid) in (out / LOCK).read_text("utf-8")
+    short = write_recipe(tmp_path, steps=100000, checkpoint_every=5, eval_every=0)
+    third = subprocess.Popen(pretrain(short, pd98_encoded, out, "--resume"), env=env(),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: str(third.pid) in (out / LOCK).read_text("utf-8"), third)
+    third.send_signal(signal.SIGKILL)
+    _, err = third.communicate(timeout=30)
+    assert "taking over the lock left by a run that is no longer running" in err
+    assert f"pid {first.pid}" in err
+
+
+def test_a_refused_resume_writes_nothing(pd98_encoded, tmp_path):
+    recipe = write_recipe(tmp_path, steps=8, checkpoint_every=4, eval_every=0)
+    out = tmp_path / "run"
+    assert run(pretrain(recipe, pd98_encoded, out)).returncode == 0
+    before = {p.name: p.read_bytes() for p in (out / "run.json", out / "tokenizer.json")}
+    # another micro-batch changes the loader's rows per step: the position cannot continue
+    refused = run(pretrain(recipe, pd98_encoded, out, "--resume", "--micro-batch", "2"))
+    assert refused.returncode == 1 and "would not continue the same data" in refused.stderr
+    assert {p.name: p.read_bytes() for p in (out / "run.json", out / "tokenizer.json")} \
+        == before
+
+
+def test_a_corrupt_newest_checkpoint_falls_back_and_none_readable_is_an_error(pd98_encoded,
+                                                                                tmp_path):
+    recipe = write_recipe(tmp_path, steps=12, checkpoint_every=4, eval_every=0)
+    out = tmp_path / "run"
+    assert run(pretrain(recipe, pd98_encoded, out)).returncode == 0
+    step4, step8, step12 = complete_checkpoints(out)
+    weights = step12 / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # truncated
+    (step8 / "state.json").write_text("{not json", "utf-8")
+    again = run(pretrain(recipe, pd98_encoded, out, "--resume"))
+    assert again.returncode == 0, again.stderr
+    assert f"skipping checkpoint {step12}" in again.stderr
+    assert f"skipping checkpoint {step8}" in again.stderr
+    assert f"resumed from {step4} (step 4)" in again.stderr
+    # every checkpoint unreadable: an error that changes nothing, never a fresh start
+    for step in complete_checkpoints(out):
+        (step / "state.json").write_text("", "utf-8")
+    listing = sorted(p.name for p in (out / "checkpoints").iterdir())
+    broken = run(pretrain(recipe, pd98_encoded, out, "--resume"))
+    assert broken.returncode == 1 and "no checkpoint could be read back" in broken.stderr
+    assert "Traceback" not in broken.stderr
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == listing
+
+
+def test_steps_replace_a_recipes_time_budget(pd98_encoded, tmp_path):
+    recipe = write_recipe(tmp_path, steps=100000, checkpoint_every=0, eval_every=0)
+    recipe.write_text(recipe.read_text("utf-8").replace("steps: 100000",
+                                                        "budget_minutes: 10"), "utf-8")
+    done = run(pretrain(recipe, pd98_encoded, tmp_path / "run", "--steps", "3"))
+    assert done.returncode == 0, done.stderr
+    assert json.loads((tmp_path / "run" / "summary.json").read_text("utf-8"))["steps"] == 3
+
+
+def test_init_from_that_loads_nothing_is_refused(pd98_encoded, tmp_path):
+    from motian.model import CausalLM, preset, save_pretrained
+    from motian.pretraining import pretrain_recipe
+    from motian.train.recipe import load_recipe
+    from motian.train.settings import RunSettings
+
+    # A decoder of another width: not one name and shape in common with the recipe's model.
+    other = save_pretrained(CausalLM(preset("tiny", vocab_size=97, hidden=48, heads=2,
+                                            ffn=96, causal=True)), tmp_path / "other")
+    recipe = load_recipe(write_recipe(tmp_path, steps=2, checkpoint_every=0, eval_every=0))
+    with pytest.raises(UserError, match="not one tensor of it fits"):
+        pretrain_recipe(recipe, RunSettings(device="cpu", threads=1, progress=False),
+                        pd98_encoded, tmp_path / "run", init_from=other)
+
+
+def test_a_resumed_run_logs_every_step_once_and_ctrl_c_says_how_to_go_on(pd98_encoded,
+                                                                          tmp_path):
+    recipe = write_recipe(tmp_path, steps=400, checkpoint_every=20, eval_every=0)
+    out = tmp_path / "run"
+    proc = subprocess.Popen(pretrain(recipe, pd98_encoded, out), env=env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    metrics = out / "metrics.jsonl"
+
+    def logged_past_a_checkpoint() -> bool:
+        cp = latest_checkpoint(out)
+        return cp is not None and metrics.is_file() and any(
+            json.loads(x)["step"] > int(cp.name[5:]) for x in
+            metrics.read_text("utf-8").splitlines()[:-1])
+
+    wait_for(logged_past_a_checkpoint, proc)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "run the same command with --resume" in err
+    again = run(pretrain(recipe, pd98_encoded, out, "--resume"))
+    assert again.returncode == 0, again.stderr
+    steps = [json.loads(x)["step"] for x in metrics.read_text("utf-8").splitlines()
+             if json.loads(x)["kind"] == "train"]
+    assert steps == list(range(10, 401, 10))

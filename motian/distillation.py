@@ -47,6 +47,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from motian.data.loader import LoaderConfig, PackedLoader
+from motian.data.shards import EncodedDataset
 from motian.data.tokenizer import load_tokenizer, special_token_ids
 from motian.errors import UserError
 from motian.finetuning import (
@@ -60,7 +61,14 @@ from motian.finetuning import (
     subset,
 )
 from motian.io import sha256_file, write_json_atomic
-from motian.model.artifact import TaskCard, load_backbone_state, load_task_model
+from motian.model.artifact import (
+    TaskCard,
+    check_vocab,
+    load_backbone_state,
+    load_task_model,
+    model_vocab_hash,
+    resolve_model_dir,
+)
 from motian.model.config import ModelConfig
 from motian.model.heads import MaskedLM, masked_lm_logits, mlm_loss
 from motian.model.io import (
@@ -532,6 +540,7 @@ def load_mlm_teacher(path: Path) -> MaskedLM:
         raise UserError(f"{source}: no masked-LM head; task-agnostic distillation needs a "
                         "pretrained model (motian pretrain output), not a fine-tuned one")
     model = MaskedLM(b.config)
+    model.vocab_hash = model_vocab_hash(b.weights.parent) if b.weights else None
     load_weights(model, {k: v for k, v in b.state.items()
                          if k.startswith(("backbone.", "mlm."))}, source, strict=True)
     return model
@@ -574,6 +583,7 @@ def distill_corpus(teacher_model: Path, data: Path, out: Path, tokenizer: Path |
                    alpha_hidden: float = 1.0, alpha_attention: float = 0.0, steps: int = 1000,
                    batch_size: int = 32, seq_len: int = 128, warmup: float = 0.1,
                    seed: int = 0, checkpoint_every: int = 200,
+                   allow_vocab_mismatch: bool = False,
                    optim: OptimSettings = OptimSettings(lr=5e-4),
                    run: RunSettings = RunSettings(), *, info: DistInfo) -> dict:
     """Task-agnostic distillation: a student masked LM learns a pretrained teacher's MLM logits
@@ -603,12 +613,17 @@ def distill_corpus(teacher_model: Path, data: Path, out: Path, tokenizer: Path |
         warmup: fraction of the steps spent warming up (then linear decay to 0).
         seed: data order, masking and initialisation seed.
         checkpoint_every: steps between checkpoints (0 = only at the end).
+        allow_vocab_mismatch: distil on shards encoded with another vocabulary than the
+            teacher's (refused by default: token ids would mean other tokens).
         optim: the optimiser and its settings.
         run: how the run executes (device, precision, micro-batch, ...): never the result.
     """
     data, out = Path(data), Path(out)
     weights = LossWeights(alpha_soft, alpha_hard, alpha_hidden, alpha_attention, temperature)
     teacher = load_mlm_teacher(teacher_model)
+    data_hash = EncodedDataset(data).manifest.get("vocab_hash")
+    check_vocab(model_vocab_hash(resolve_model_dir(Path(teacher_model))), data_hash,
+                teacher_model, f"the shards in {data}", allow_vocab_mismatch)
     s_cfg = student_config(teacher.config, student_layers or max(1, teacher.config.layers // 2),
                            student_hidden, student_heads, student_ffn)
     mapping = parse_layer_map(layer_map, teacher.config.layers, s_cfg.layers)
@@ -618,6 +633,7 @@ def distill_corpus(teacher_model: Path, data: Path, out: Path, tokenizer: Path |
                         f"{s_cfg.vocab_size}; use shards encoded with the teacher's tokenizer")
     seed_everything(seed)
     student = MaskedLM(s_cfg)
+    student.vocab_hash = data_hash
     if init == "teacher-layers":
         init_from_teacher(student, teacher, mapping)
     distiller = Distiller(teacher, student, mlm_outputs, weights, mapping)

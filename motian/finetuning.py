@@ -25,7 +25,15 @@ from torch import nn
 from motian.data.tokenizer import load_tokenizer, special_token_ids
 from motian.errors import UserError
 from motian.io import sha256_file, write_json_atomic
-from motian.model.artifact import TaskCard, find_tokenizer, load_backbone_state
+from motian.model.artifact import (
+    TaskCard,
+    check_vocab,
+    find_tokenizer,
+    load_backbone_state,
+    model_vocab_hash,
+    resolve_model_dir,
+    tokenizer_vocab_hash,
+)
 from motian.model.config import preset as model_preset
 from motian.model.heads import MLMHead
 from motian.model.io import from_pretrained, load_weights, save_pretrained
@@ -151,8 +159,8 @@ def _evaluate_split(model: nn.Module, task: Task, split: str, examples: list[Exa
         return scores, None
     if task.name in USER_TASKS:
         return scores, write_predictions(task, examples, predictions, out_dir, split)
-    if scores is None and task.clue:
-        return None, write_submission(task, examples, predictions, out_dir)
+    if scores is None and task.clue:  # CLUE's submission name only for the test split
+        return None, write_submission(task, examples, predictions, out_dir, split)
     return scores, None
 
 
@@ -168,7 +176,8 @@ def finetune(task: str, out: Path, model: Path | None = None, tokenizer: Path | 
              max_train: int | None = None, max_eval: int | None = None,
              random_init: bool = False, save_model: bool = True,
              pooling: Literal["cls", "mean"] | None = None, dropout: float | None = None,
-             checkpoint_every: int = 200, training: TaskTraining = TaskTraining(),
+             checkpoint_every: int = 200, allow_vocab_mismatch: bool = False,
+             training: TaskTraining = TaskTraining(),
              optim: OptimSettings = OptimSettings(lr=5e-5),
              run: RunSettings = RunSettings(), *, info: DistInfo) -> dict:
     """Fine-tune a model on a task with several seeds; report dev/test mean ± std.
@@ -208,6 +217,8 @@ def finetune(task: str, out: Path, model: Path | None = None, tokenizer: Path | 
             the model; a mean-pooled model exports to Hugging Face as remote code, not BERT.
         dropout: dropout on hidden states and attention weights while fine-tuning (default:
             the model's own; the demo recipe pretrains with 0, BERT with 0.1).
+        allow_vocab_mismatch: use a tokenizer with another vocabulary than the model was
+            trained with (refused by default: token ids would mean other tokens).
         checkpoint_every: optimizer steps between checkpoints of a seed (0 = only at its end);
             how it runs, not the result.
         training: epochs, batch size, warm-up and the fine-tuning techniques.
@@ -220,6 +231,10 @@ def finetune(task: str, out: Path, model: Path | None = None, tokenizer: Path | 
         raise UserError(f"{task}: the training split is empty")
     tok_path = find_tokenizer(model, tokenizer)
     tok = load_tokenizer(tok_path)
+    vocab_hash = tokenizer_vocab_hash(tok)
+    if model is not None:
+        check_vocab(model_vocab_hash(resolve_model_dir(Path(model))), vocab_hash, model, tok_path,
+                    allow_vocab_mismatch)
     special = special_token_ids(tok)
     overrides = {k: v for k, v in (("classifier_pooling", pooling), ("dropout", dropout),
                                    ("attention_dropout", dropout)) if v is not None}
@@ -302,6 +317,7 @@ class _Seeds:
             mlm = MLMHead(model.config)
             if mlm_state:
                 mlm.load_state_dict(mlm_state)
+        model.vocab_hash = tokenizer_vocab_hash(self.tok)  # saved with the fine-tuned model
         objective = TaskObjective(model, task.type, self.training, self.special, mlm)
         t0 = time.perf_counter()
         stats = train_on_features(objective, self.train_features, task.type, self.special["pad"],
@@ -361,8 +377,10 @@ def evaluate(model: Path, split: Literal["train", "dev", "test"] = "dev",
         model: a fine-tuned model directory (out/seed-N/model of `motian finetune`).
         split: which split of the task to evaluate.
         data: directory with the task's files (CLUE tasks and your own).
-        out: where predictions go (default: the model directory); CLUE tasks get CLUE's
-            submission file name, others <task>_<split>_predictions.jsonl.
+        out: where predictions go (default: the model directory); a CLUE task's test split
+            gets CLUE's submission file name (afqmc_predict.json, ...), its other splits
+            <task>_<split>_predictions.json (a dev run never replaces a test submission),
+            other tasks <task>_<split>_predictions.jsonl.
         max_eval: use only the first N examples.
         batch_size: examples per forward pass.
         device: auto, cpu or cuda.
@@ -389,7 +407,8 @@ def evaluate(model: Path, split: Literal["train", "dev", "test"] = "dev",
         print(f"{task.name} {split}: " + ", ".join(
             f"{k} {v * 100:.2f}" for k, v in result["scores"].items()))
     if task.clue:
-        result["predictions"] = str(write_submission(task, examples, predictions, target))
+        result["predictions"] = str(write_submission(task, examples, predictions, target,
+                                                     split))
     elif task.name in USER_TASKS:
         result["predictions"] = str(write_predictions(task, examples, predictions, target,
                                                       split))

@@ -25,8 +25,10 @@ import torch
 
 from motian.data.loader import LoaderConfig
 from motian.data.masking import MaskingConfig
+from motian.data.shards import EncodedDataset
 from motian.data.splits import SplitLoader, causal_batches
 from motian.errors import UserError
+from motian.model.artifact import check_vocab, model_vocab_hash, resolve_model_dir
 from motian.train import distributed as dist_utils
 from motian.train.checkpoint import latest_checkpoint
 from motian.train.distributed import DistInfo
@@ -49,7 +51,8 @@ LOG_EVERY = 10  # optimizer steps between metric records
 def pretrain(recipe: str = "demo", data: Path = Path("runs/demo/encoded"),
              out: Path = Path("runs/pretrain"), resume: bool = False,
              init_from: Path | None = None, steps: int | None = None,
-             budget_minutes: float | None = None, run: RunSettings = RunSettings()) -> dict:
+             budget_minutes: float | None = None, allow_vocab_mismatch: bool = False,
+             run: RunSettings = RunSettings()) -> dict:
     """Pretrain a model on encoded shards with a recipe; writes checkpoints, metrics and the
     final model under --out.
 
@@ -63,6 +66,8 @@ def pretrain(recipe: str = "demo", data: Path = Path("runs/demo/encoded"),
         steps: total optimizer steps (overrides the recipe).
         budget_minutes: train for this many minutes instead of a step count; the learning-rate
             schedule follows the clock.
+        allow_vocab_mismatch: let --init-from use a model trained with another vocabulary than
+            the shards' (refused by default: its token ids would mean other tokens).
         run: how the run executes (device, precision, micro-batch, ...): never the result.
     """
     from motian.train.recipe import load_recipe, with_overrides
@@ -72,7 +77,7 @@ def pretrain(recipe: str = "demo", data: Path = Path("runs/demo/encoded"),
                         "encode`) first and point --data at its encoded output")
     spec = with_overrides(load_recipe(recipe), steps=steps, budget_minutes=budget_minutes)
     summary = pretrain_recipe(spec, run, Path(data), Path(out), resume=resume,
-                              init_from=init_from)
+                              init_from=init_from, allow_vocab_mismatch=allow_vocab_mismatch)
     if summary["rank"] != 0:
         return summary
     if summary.get("eval"):
@@ -157,16 +162,18 @@ def build_objective(recipe: Recipe, data: Path, run: RunSettings) -> Pretrainer:
 
 
 def pretrain_recipe(recipe: Recipe, run: RunSettings, data: Path, run_dir: Path,
-                    resume: bool = False, init_from: Path | None = None) -> dict:
+                    resume: bool = False, init_from: Path | None = None,
+                    allow_vocab_mismatch: bool = False) -> dict:
     """Pretrain `recipe` on the encoded shards in `data`, writing checkpoints, metrics and the
     final model under `run_dir`. Runs alone or as one rank of torchrun. Returns a summary."""
     with dist_utils.process_group(run.device, run.dist_timeout_s) as info, \
             hold_run_dir(Path(run_dir), enabled=info.is_main):
-        return _pretrain(recipe, run, Path(data), Path(run_dir), info, resume, init_from)
+        return _pretrain(recipe, run, Path(data), Path(run_dir), info, resume, init_from,
+                         allow_vocab_mismatch)
 
 
 def _pretrain(recipe: Recipe, run: RunSettings, data: Path, run_dir: Path, info: DistInfo,
-              resume: bool, init_from: Path | None) -> dict:
+              resume: bool, init_from: Path | None, allow_vocab_mismatch: bool) -> dict:
     if run.threads:
         torch.set_num_threads(run.threads)
     precision = resolve_precision(run.precision, info.device)
@@ -175,7 +182,11 @@ def _pretrain(recipe: Recipe, run: RunSettings, data: Path, run_dir: Path, info:
         raise UserError(f"{run_dir} already holds checkpoints ({existing.name}); pass --resume "
                         "to continue that run, or choose another --out")
     objective = build_objective(recipe, data, run)
+    data_hash = EncodedDataset(data).manifest.get("vocab_hash")
+    objective.model.vocab_hash = data_hash  # saved with every checkpoint and final/
     if existing is None and init_from is not None:
+        check_vocab(model_vocab_hash(resolve_model_dir(Path(init_from))), data_hash,
+                    f"--init-from {init_from}", f"the shards in {data}", allow_vocab_mismatch)
         init_weights_from(objective.model, Path(init_from), verbose=info.is_main)
     # The run's files (recipe.yaml, run.json, the tokenizer copy) are written only once `fit`
     # has validated a resume: a refused --resume leaves the run as it was.

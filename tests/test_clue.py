@@ -175,3 +175,61 @@ def test_classification_submission_uses_clue_names(tmp_path):
     assert {s.submission for s in CLUE.values()} >= {"afqmc_predict.json", "c311_predict.json",
                                                      "cluewsc11_predict.json",
                                                      "ocnli_50k_predict.json"}
+
+
+def test_only_the_test_split_gets_the_submission_name(tmp_path):
+    """A dev split is written as <task>_dev_predictions.json: scoring dev next to a test
+    submission never replaces it."""
+    task = load_clue("afqmc", write_task(tmp_path, "afqmc", {
+        "train.json": AFQMC, "dev.json": AFQMC,
+        "test.json": [{"id": 7, "sentence1": "a", "sentence2": "b"}]}))
+    out = tmp_path / "sub"
+    test = write_submission(task, task.splits["test"], [1], out)
+    assert test.name == "afqmc_predict.json"
+    submitted = test.read_bytes()
+    dev = write_submission(task, task.splits["dev"], [0, 1], out, split="dev")
+    assert dev.name == "afqmc_dev_predictions.json" and test.read_bytes() == submitted
+    assert [json.loads(x)["label"] for x in dev.read_text("utf-8").splitlines()] == ["0", "1"]
+    assert sorted(p.name for p in out.iterdir()) == [dev.name, test.name]  # no temp files
+
+
+@pytest.mark.parametrize("name, files, expected", [
+    ("tnews", {"test1.1.json": [{"id": 0, "sentence": "x"}]}, "tnews11_predict.json"),
+    ("tnews", {"test.json": [{"id": 0, "sentence": "x"}]}, "tnews11_predict.json"),
+    ("tnews", {"test1.0.json": [{"id": 0, "sentence": "x"}]}, "tnews10_predict.json"),
+    ("c3", {"test1.1.json": C3}, "c311_predict.json"),
+    ("c3", {"test1.0.json": C3}, "c310_predict.json"),
+    ("cluewsc2020", {"test1.0.json": [{k: v for k, v in WSC[0].items() if k != "label"}]},
+     "cluewsc10_predict.json"),
+    ("chid", {"test1.0.json": CHID}, "chid10_predict.json"),
+])
+def test_versioned_submission_name_follows_the_file_read(tmp_path, name, files, expected):
+    """CLUE names tnews/cluewsc2020/c3/chid submissions by test-set version (11 for 1.1, 10 for
+    1.0); the name follows the test file actually read."""
+    train = {"tnews": {"train.json": TNEWS}, "c3": {"d-train.json": C3},
+             "cluewsc2020": {"train.json": WSC},
+             "chid": {"train.json": CHID,
+                      "train_answer.json": {"#idiom000001#": 0, "#idiom000002#": 2}}}[name]
+    task = load_clue(name, write_task(tmp_path, name, {**train, **files}))
+    examples = task.splits["test"]
+    path = write_submission(task, examples, [0] * len(examples), tmp_path / "sub")
+    assert path.name == expected
+
+
+def test_files_that_are_not_utf8_are_named_with_the_line(tmp_path):
+    d = tmp_path / "afqmc"
+    d.mkdir()
+    body = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in AFQMC)
+    (d / "train.json").write_bytes(body.encode("gbk"))  # a GBK file from a Windows editor
+    with pytest.raises(UserError, match=r"train.json:1: not UTF-8 .*iconv"):
+        load_clue("afqmc", d)
+    (d / "train.json").write_bytes(body.encode("utf-8") + b"\x89PNG\r\x1a\xff\xfe\n")
+    with pytest.raises(UserError, match=r"train.json:3: not UTF-8"):
+        load_clue("afqmc", d)
+    (d / "train.json").write_bytes(b"\xef\xbb\xbf" + body.encode("utf-8"))  # a BOM is fine
+    assert len(load_clue("afqmc", d).splits["train"]) == 2
+    c3 = write_task(tmp_path, "c3", {"d-train.json": C3})
+    (c3 / "d-train.json").write_bytes(json.dumps(C3, ensure_ascii=False, indent=1)
+                                      .encode("gbk"))
+    with pytest.raises(UserError, match=r"d-train.json:4: not UTF-8 \(byte 4 "):
+        load_clue("c3", c3)

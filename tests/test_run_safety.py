@@ -152,3 +152,47 @@ def test_a_resumed_run_logs_every_step_once_and_ctrl_c_says_how_to_go_on(pd98_en
     steps = [json.loads(x)["step"] for x in metrics.read_text("utf-8").splitlines()
              if json.loads(x)["kind"] == "train"]
     assert steps == list(range(10, 401, 10))
+
+
+def test_vocabularies_are_compared_by_content_not_size(pd98_encoded, tmp_path):
+    from motian.data.shards import vocab_hash
+    from motian.finetuning import finetune
+    from motian.pretraining import pretrain_recipe
+    from motian.train.recipe import load_recipe
+    from motian.train.settings import RunSettings
+    from tests.settings_helpers import typed
+
+    cpu = RunSettings(device="cpu", threads=1, progress=False)
+    recipe = load_recipe(write_recipe(tmp_path, steps=2, checkpoint_every=0, eval_every=0,
+                                      pair_task="none"))
+    pretrain_recipe(recipe, cpu, pd98_encoded, tmp_path / "a")
+    final = tmp_path / "a" / "final"
+    meta = json.loads((final / "config.json").read_text("utf-8"))
+    assert meta["vocab_hash"] == vocab_hash(pd98_encoded / "vocab.txt")  # models record it
+
+    # A model of the same size trained with another vocabulary (simulated: another hash).
+    other = tmp_path / "other"
+    other.mkdir()
+    for name in ("model.safetensors", "tokenizer.json"):
+        (other / name).write_bytes((final / name).read_bytes())
+    (other / "config.json").write_text(json.dumps({**meta, "vocab_hash": "f" * 64}), "utf-8")
+    with pytest.raises(UserError, match="another vocabulary than the shards"):
+        pretrain_recipe(recipe, cpu, pd98_encoded, tmp_path / "b", init_from=other)
+    pretrain_recipe(recipe, cpu, pd98_encoded, tmp_path / "c", init_from=other,
+                    allow_vocab_mismatch=True)  # the user who means it
+
+    # The same tokens in another order: same size, other meaning.
+    tokens = (pd98_encoded / "vocab.txt").read_text("utf-8").splitlines()
+    tokens[200], tokens[201] = tokens[201], tokens[200]
+    permuted = tmp_path / "permuted.txt"
+    permuted.write_text("\n".join(tokens) + "\n", "utf-8")
+    settings = typed(epochs=1, batch_size=8)
+    with pytest.raises(UserError, match="another vocabulary than .*permuted.txt"):
+        finetune("reviews-sentiment", tmp_path / "ft", model=final, tokenizer=permuted,
+                 seeds=[1], max_train=16, max_eval=8, max_length=32, **settings)
+    result = finetune("reviews-sentiment", tmp_path / "ft", model=final, tokenizer=permuted,
+                      seeds=[1], max_train=16, max_eval=8, max_length=32,
+                      allow_vocab_mismatch=True, **settings)
+    assert result["runs"][0]["steps"] == 2
+    tuned = json.loads((tmp_path / "ft" / "seed-1" / "model" / "config.json").read_text())
+    assert tuned["vocab_hash"] == vocab_hash(permuted)  # what its ids mean now

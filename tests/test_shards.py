@@ -56,3 +56,30 @@ def test_refusals_say_what_to_do(tmp_path):
         EncodedDataset(tmp_path / "c", vocab_file=other)
     with pytest.raises(UserError, match="not an encoded dataset"):
         EncodedDataset(tmp_path)
+
+
+def test_synonym_table_holds_no_pickles(tmp_path):
+    """The table round-trips through plain arrays (allow_pickle=False reads it); an old file
+    with pickled words is refused, naming the file and `motian encode`, without unpickling."""
+    words = ["中国", "人民群众", "😀表情", "a", ""]
+    table = SynonymTable(np.array([0, 2, 2, 2, 2]), np.array([1, 0, 0, 0, 0], np.int32),
+                         np.array([2, 4, 3, 1, 0], np.int32), np.array([6, 5], np.int32), words)
+    path = tmp_path / "synonyms.npz"
+    table.save(path)
+    with np.load(path, allow_pickle=False) as z:
+        assert all(z[k].dtype != object for k in z.files)
+    back = SynonymTable.load(path)
+    assert back.words == words and back.candidates(0) == [[6, 5]]
+    assert SynonymTable.load(_saved(tmp_path / "empty.npz", SynonymTable.empty())).words == []
+    np.savez(path, start=table.start, count=table.count, length=table.length,
+             tokens=table.tokens, words=np.array(words, dtype=object))  # an old motian's file
+    with pytest.raises(UserError, match=r"synonyms.npz: .*old format.*motian encode"):
+        SynonymTable.load(path)
+    path.write_bytes(b"not a zip file")
+    with pytest.raises(UserError, match=r"synonyms.npz: not a readable synonym table"):
+        SynonymTable.load(path)
+
+
+def _saved(path, table):
+    table.save(path)
+    return path

@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -103,15 +104,43 @@ class SynonymTable:
         return [self.tokens[s + j * n: s + (j + 1) * n].tolist() for j in range(c)]
 
     def save(self, path: Path) -> None:
+        """Write the table as plain numeric arrays (no pickles: loading a file can never run
+        code): the words are one UTF-8 byte array `word_bytes` cut at int64 `word_offsets`."""
+        encoded = [w.encode("utf-8") for w in self.words]
+        offsets = np.zeros(len(encoded) + 1, np.int64)
+        np.cumsum([len(b) for b in encoded], out=offsets[1:])
         tmp = path.with_name(path.name + ".tmp.npz")
         np.savez(tmp, start=self.start, count=self.count, length=self.length,
-                 tokens=self.tokens, words=np.array(self.words, dtype=object))
+                 tokens=self.tokens, word_bytes=np.frombuffer(b"".join(encoded), np.uint8),
+                 word_offsets=offsets)
         os.replace(tmp, path)
 
     @classmethod
     def load(cls, path: Path) -> SynonymTable:
-        with np.load(path, allow_pickle=True) as z:  # our own file: words is an object array
-            return cls(z["start"], z["count"], z["length"], z["tokens"], list(z["words"]))
+        """Read a table written by `save`, never unpickling anything (a data folder from
+        elsewhere must not be able to run code). A file from an older motian, whose words were
+        a pickled object array, is refused with a `UserError`."""
+        path = Path(path)
+        redo = "; run `motian encode` again to rewrite the dataset"
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                if "words" in z.files and "word_bytes" not in z.files:
+                    raise UserError(f"{path}: synonym table in the old format (its words are "
+                                    "pickled Python objects, which motian no longer loads: "
+                                    f"unpickling a file can run code){redo}")
+                start, count, length, tokens = (z[k] for k in ("start", "count", "length",
+                                                               "tokens"))
+                data, offsets = z["word_bytes"].tobytes(), z["word_offsets"]
+                words = [data[offsets[i]:offsets[i + 1]].decode("utf-8")
+                         for i in range(len(offsets) - 1)]
+        except UserError:
+            raise
+        except (OSError, ValueError, KeyError, IndexError, UnicodeDecodeError,
+                zipfile.BadZipFile) as err:
+            raise UserError(f"{path}: not a readable synonym table ({err}){redo}") from None
+        if not len(start) == len(count) == len(length) == len(words):
+            raise UserError(f"{path}: synonym table arrays disagree in length{redo}")
+        return cls(start, count, length, tokens, words)
 
     @classmethod
     def empty(cls) -> SynonymTable:

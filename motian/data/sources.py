@@ -26,6 +26,7 @@ import glob
 import gzip
 import importlib.util
 import json
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -207,9 +208,11 @@ def _read_lines(path: Path, max_line_bytes: int, skips: SkipLog) -> Iterator[tup
         while True:
             try:
                 raw = f.readline(max_line_bytes + 1)
-            except (OSError, EOFError) as err:  # truncated or corrupt gzip
+            except (OSError, EOFError, zlib.error) as err:  # truncated or corrupt gzip
+                # (gzip.BadGzipFile is an OSError; damaged deflate data is a zlib.error)
                 skips.add("unreadable data (corrupt or truncated file)", f"{path}:{lineno + 1}",
-                          str(err))
+                          f"{type(err).__name__}: {err}; the rest of the file is skipped "
+                          "(check it with `gzip -t`, then re-download or re-compress it)")
                 return
             if not raw:
                 break

@@ -109,21 +109,38 @@ def tokenizer_from_vocab(vocab_file: Path, lowercase: bool | None = None) -> Tok
 def load_tokenizer(path: Path | str) -> Tokenizer:
     """Load a tokenizer: a directory with tokenizer.json (preferred) or vocab.txt (a Hugging
     Face checkpoint's tokenizer_config.json says whether to lower-case), a tokenizer.json, or
-    a BERT vocab.txt."""
+    a BERT vocab.txt. A file that cannot be read as one is a `UserError` naming it."""
     path = Path(path)
     if path.is_dir():
         if (path / "tokenizer.json").is_file():
-            return Tokenizer.from_file(str(path / "tokenizer.json"))
+            return _tokenizer_json(path / "tokenizer.json")
         if (path / "vocab.txt").is_file():
-            return tokenizer_from_vocab(path / "vocab.txt", _hf_lowercase(path))
+            return _vocab_txt(path / "vocab.txt", _hf_lowercase(path))
         raise UserError(f"{path}: no tokenizer.json or vocab.txt here; make one with "
                         "`motian tokenizer`")
     if not path.is_file():
         raise UserError(f"{path}: no such tokenizer; give the directory written by "
                         "`motian tokenizer`, a tokenizer.json or a BERT vocab.txt")
     if path.suffix == ".json":
+        return _tokenizer_json(path)
+    return _vocab_txt(path)
+
+
+def _tokenizer_json(path: Path) -> Tokenizer:
+    try:
         return Tokenizer.from_file(str(path))
-    return tokenizer_from_vocab(path)
+    except Exception as err:  # the tokenizers library raises a bare Exception for bad JSON
+        raise UserError(f"{path}: not a readable tokenizer.json ({str(err)[:200]}); the file "
+                        "is damaged or not a tokenizer: make it again with `motian tokenizer` "
+                        "or copy it from the model it belongs to") from None
+
+
+def _vocab_txt(path: Path, lowercase: bool | None = None) -> Tokenizer:
+    try:
+        return tokenizer_from_vocab(path, lowercase)
+    except UnicodeDecodeError as err:
+        raise UserError(f"{path}: not UTF-8 (byte {err.start}); a vocab.txt is UTF-8 text, one "
+                        "token per line: convert it (e.g. iconv -f GB18030 -t UTF-8)") from None
 
 
 def _hf_lowercase(directory: Path) -> bool | None:
@@ -131,7 +148,11 @@ def _hf_lowercase(directory: Path) -> bool | None:
     config = directory / "tokenizer_config.json"
     if not config.is_file():
         return None
-    value = json.loads(config.read_text(encoding="utf-8")).get("do_lower_case")
+    try:
+        value = json.loads(config.read_text(encoding="utf-8")).get("do_lower_case")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as err:
+        raise UserError(f"{config}: not a readable JSON object ({err}); fix or remove it "
+                        "(only its do_lower_case is read)") from None
     return value if isinstance(value, bool) else None
 
 

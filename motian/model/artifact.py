@@ -281,3 +281,44 @@ def _read_json(path: Path) -> dict:
     if not isinstance(data, dict):
         raise UserError(f"{path}: expected a JSON object, got {type(data).__name__}")
     return data
+
+
+# --------------------------------------------------------------------------- vocabularies
+
+
+def tokenizer_vocab_hash(tokenizer) -> str:
+    """SHA-256 of a tokenizer's tokens in id order: the same value `data.shards.vocab_hash`
+    gives for its vocab.txt and `encode` records in the shards' manifest."""
+    import hashlib
+
+    from motian.data.tokenizer import vocab_tokens
+
+    return hashlib.sha256("\n".join(vocab_tokens(tokenizer)).encode("utf-8")).hexdigest()
+
+
+def model_vocab_hash(directory: str | Path) -> str | None:
+    """The vocabulary hash a motian model (or checkpoint) recorded; None when it has none
+    (a Hugging Face directory, or a model saved before models recorded it)."""
+    try:
+        meta = json.loads((Path(directory) / CONFIG).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return meta.get("vocab_hash") if isinstance(meta, dict) else None
+
+
+def check_vocab(model_hash: str | None, other_hash: str | None, model: str | Path,
+                other: str | Path, allow_mismatch: bool = False) -> None:
+    """Refuse to pair a model with a tokenizer or shards of another vocabulary (same size but
+    other tokens or order included): its token ids would mean other tokens. Unknown hashes
+    pass; `allow_mismatch` lets through a user who means it (with a warning)."""
+    if model_hash is None or other_hash is None or model_hash == other_hash:
+        return
+    text = (f"{model} was trained with another vocabulary than {other} (vocabulary hash "
+            f"{model_hash[:12]} vs {other_hash[:12]}): its token ids would mean other tokens")
+    if not allow_mismatch:
+        raise UserError(text + "; use the tokenizer (or shards) it was trained with, or pass "
+                        "--allow-vocab-mismatch if you mean it (e.g. a vocabulary you extended "
+                        "at the end)")
+    import sys
+
+    print(f"motian: warning: {text}; going on as --allow-vocab-mismatch asks", file=sys.stderr)

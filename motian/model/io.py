@@ -118,6 +118,8 @@ def save_pretrained(model: nn.Module, directory: str | Path) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "head": type(model).__name__,
             "head_kwargs": getattr(model, "head_kwargs", {}), "model": model.config.to_dict()}
+    if getattr(model, "vocab_hash", None):  # what its token ids mean (see artifact.check_vocab)
+        meta["vocab_hash"] = model.vocab_hash
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
     (directory / "config.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
@@ -146,6 +148,7 @@ def from_pretrained(directory: str | Path, strict: bool = True,
     model = HEADS[meta["head"]](config, **meta.get("head_kwargs", {}))
     weights = directory / "model.safetensors"
     load_weights(model, read_state_dict(weights), str(weights), strict=strict)
+    model.vocab_hash = meta.get("vocab_hash")
     return model
 
 

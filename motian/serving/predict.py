@@ -23,6 +23,7 @@ or entity types and tagging scheme), else LABEL_i.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
@@ -37,6 +38,7 @@ from torch import Tensor
 
 from motian.data.tokenizer import load_tokenizer, special_token_ids
 from motian.errors import UserError
+from motian.io import fsync_dir
 from motian.model.artifact import CONFIG, TaskCard, find_tokenizer, resolve_model_dir
 from motian.model.config import ModelConfig
 from motian.model.io import FORMAT, from_pretrained
@@ -109,9 +111,18 @@ def read_records(inputs: Path | None, stream: TextIO | None = None
                  ) -> Iterator[tuple[str, dict]]:
     """("file:line", record) for every non-blank line of `inputs` (stdin when None)."""
     name = str(inputs) if inputs is not None else "<stdin>"
-    f = open(inputs, encoding="utf-8") if inputs is not None else (stream or sys.stdin)
+    if inputs is not None and not Path(inputs).is_file():
+        raise UserError(f"{inputs}: no such input file; give a JSON lines or text file")
+    f = open(inputs, "rb") if inputs is not None else (stream or sys.stdin)
     try:
         for lineno, line in enumerate(f, 1):
+            if isinstance(line, bytes):
+                try:
+                    line = line.decode("utf-8-sig" if lineno == 1 else "utf-8")
+                except UnicodeDecodeError as e:
+                    raise UserError(f"{name}:{lineno}: not UTF-8 (byte {e.start} of the line); "
+                                    "give UTF-8 text (convert with e.g. iconv -f GB18030 -t "
+                                    "UTF-8)") from None
             line = line.strip()
             if not line:
                 continue
@@ -132,10 +143,16 @@ def read_records(inputs: Path | None, stream: TextIO | None = None
             f.close()
 
 
-def _field(record: dict, where: str, *names: str, required: bool = True):
+def _field(record: dict, where: str, *names: str, required: bool = True,
+           kind: type | None = str):
+    """The first of `names` present in `record` (a `kind`, str by default), else a UserError
+    (or None when not `required`)."""
     for name in names:
         value = record.get(name)
         if value is not None:
+            if kind is not None and not isinstance(value, kind):
+                raise UserError(f"{where}: {name} must be a {kind.__name__}, got "
+                                f"{type(value).__name__} {value!r:.40}; put it in quotes")
             return value
     if required:
         raise UserError(f"{where}: no {' or '.join(repr(n) for n in names)} field; this model "
@@ -149,14 +166,16 @@ def to_example(task_type: str, record: dict, where: str) -> Example:
         return Example(where, text=_field(record, where, "context", "text"),
                        text_b=_field(record, where, "question"), where=where)
     if task_type == "choice":
-        choices = _field(record, where, "choices")
+        choices = _field(record, where, "choices", kind=None)
         if not isinstance(choices, list) or not choices or \
                 not all(isinstance(c, str) for c in choices):
             raise UserError(f"{where}: 'choices' must be a non-empty list of strings")
         return Example(where, text=_field(record, where, "text", "context", required=False) or "",
-                       text_b=record.get("question"), choices=choices, where=where)
+                       text_b=_field(record, where, "question", required=False),
+                       choices=choices, where=where)
     return Example(where, text=_field(record, where, "text"),
-                   text_b=record.get("text_pair", record.get("text_b")), where=where)
+                   text_b=_field(record, where, "text_pair", "text_b", required=False),
+                   where=where)
 
 
 # --------------------------------------------------------------------------- prediction
@@ -317,17 +336,30 @@ def _top(p: Predictor, logits: np.ndarray, k: int) -> list[dict]:
 
 
 def _write(results: Iterable[dict], out: Path | None) -> int:
-    f = open(out, "w", encoding="utf-8") if out is not None else sys.stdout
+    """Write `results` as JSON lines to `out` (stdout when None). A file is written to
+    ``out.tmp`` beside it and renamed over `out` only when every result is written, so an
+    error at line 101 leaves an existing `out` as it was (and no temporary file)."""
+    if out is None:
+        n = 0
+        for result in results:
+            sys.stdout.write(json.dumps(result, ensure_ascii=False) + "\n")
+            n += 1
+        sys.stdout.flush()
+        return n
+    tmp = out.with_name(out.name + ".tmp")
     n = 0
     try:
-        for result in results:
-            f.write(json.dumps(result, ensure_ascii=False) + "\n")
-            n += 1
-    finally:
-        if out is not None:
-            f.close()
-        else:
+        with open(tmp, "w", encoding="utf-8") as f:
+            for result in results:
+                f.write(json.dumps(result, ensure_ascii=False) + "\n")
+                n += 1
             f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(out.parent)
     return n
 
 

@@ -17,7 +17,9 @@ downloaded). Each reader follows that task's layout field by field:
 | chid | JSONL {candidates [..], content [passages with #idiomNNNNNN# blanks]} + {split}_answer.json {blank: index} |
 
 A malformed record raises `UserError` naming the file and line (or record path) and the field.
-Submission files use CLUE 1.1's names (`afqmc_predict.json`, `tnews11_predict.json`, ...).
+Test-split submission files use CLUE's names (`afqmc_predict.json`, `tnews11_predict.json`,
+...; `tnews10_predict.json` etc. when the 1.0 test file was read); other splits are written as
+`<task>_<split>_predictions.json`, never under a submission name.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from motian.errors import SkipLog, UserError
+from motian.io import write_text_atomic
 from motian.tasks.types import Example, Task, TaskType
 
 NLI_LABELS = ["entailment", "neutral", "contradiction"]
@@ -51,10 +54,19 @@ class ClueSpec:
 # --------------------------------------------------------------------------- file access
 
 
+NOT_UTF8 = ("not UTF-8 (byte {byte} of the line); the file must be UTF-8 text: convert it "
+            "(e.g. iconv -f GB18030 -t UTF-8 FILE > FILE.utf8) or give the right file")
+
+
 def read_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
-    """(line number, record) for each non-blank line; bad JSON is a `UserError` at file:line."""
-    with open(path, encoding="utf-8-sig") as f:
-        for lineno, line in enumerate(f, 1):
+    """(line number, record) for each non-blank line; bad JSON or bytes that are not UTF-8
+    (a GBK file, a binary file) are a `UserError` at file:line."""
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise UserError(f"{path}:{lineno}: " + NOT_UTF8.format(byte=e.start)) from None
             if not line.strip():
                 continue
             try:
@@ -69,8 +81,15 @@ def read_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
 
 
 def read_json(path: Path) -> object:
+    data = Path(path).read_bytes()
     try:
-        return json.loads(Path(path).read_text(encoding="utf-8-sig"))
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        lineno = data.count(b"\n", 0, e.start) + 1
+        byte = e.start - (data.rfind(b"\n", 0, e.start) + 1)
+        raise UserError(f"{path}:{lineno}: " + NOT_UTF8.format(byte=byte)) from None
+    try:
+        return json.loads(text)
     except json.JSONDecodeError as e:
         raise UserError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
 
@@ -308,6 +327,8 @@ CLUE: dict[str, ClueSpec] = {
     "c3": ClueSpec("choice", [], "c311_predict.json", read_c3),
     "chid": ClueSpec("choice", [], "chid11_predict.json", read_chid),
 }
+# Tasks whose test set CLUE 1.1 replaced: their submission name carries the version.
+VERSIONED = {"tnews": "tnews", "cluewsc2020": "cluewsc", "c3": "c3", "chid": "chid"}
 ALIASES = {"cluener2020": "cluener", "wsc": "cluewsc2020", "cluewsc": "cluewsc2020"}
 
 
@@ -325,7 +346,7 @@ def _split_files(name: str, data_dir: Path, split: str) -> list[Path]:
         else:
             candidates = [[f"d-{split}.json", f"m-{split}.json"], [f"{split}.json"]]
     elif split == "test" and name in ("tnews", "cluewsc2020", "chid"):
-        candidates = [["test1.1.json"], ["test.json"]]
+        candidates = [["test1.1.json"], ["test.json"], ["test1.0.json"]]
     else:
         candidates = [[f"{split}.json"]]
     for group in candidates:
@@ -374,15 +395,35 @@ def _read_split(name: str, spec: ClueSpec, path: Path, split: str) -> list[Examp
 # --------------------------------------------------------------------------- submissions
 
 
+def submission_name(task: Task, examples: list[Example], split: str = "test") -> str:
+    """The file name predictions for `split` are written under.
+
+    Only the test split gets CLUE's submission name (`afqmc_predict.json`, ...); any other split
+    gets ``<task>_<split>_predictions.json``, so scoring dev never replaces a test submission.
+    The four tasks CLUE 1.1 gave new test sets (tnews, cluewsc2020, c3, chid) name the version:
+    CLUE's rules ask for ``tnews11_predict.json`` for the 1.1 test set and
+    ``tnews10_predict.json`` for 1.0. The version is that of the file the examples were read
+    from: ``test1.0.json`` is 1.0; ``test1.1.json`` and a plain ``test.json`` (CLUE's current
+    downloads ship the 1.1 set as test.json beside test1.0.json) are 1.1.
+    """
+    if split != "test":
+        return f"{task.clue}_{split}_predictions.json"
+    if task.clue in VERSIONED:
+        sources = {re.split(r":\d+$|: record ", e.where)[0] for e in examples if e.where}
+        if sources and all(Path(f).name == "test1.0.json" for f in sources):
+            return f"{VERSIONED[task.clue]}10_predict.json"
+    return CLUE[task.clue].submission
+
+
 def write_submission(task: Task, examples: list[Example], predictions: list, out_dir: Path,
-                     ) -> Path:
+                     split: str = "test") -> Path:
     """Write `predictions` for `examples` in CLUE's submission format; returns the file.
 
     predictions: class indices (single/pair), choice indices (choice), [(start, end, type)]
-    character spans with end exclusive (token), answer strings (span).
+    character spans with end exclusive (token), answer strings (span). The file is named by
+    `submission_name` (CLUE's name for the test split only) and written atomically.
     """
-    spec = CLUE[task.clue]
-    out = Path(out_dir) / spec.submission
+    out = Path(out_dir) / submission_name(task, examples, split)
     out.parent.mkdir(parents=True, exist_ok=True)
     if task.type == "span":  # CMRC2018: one JSON object {question id: answer}
         body = json.dumps({e.guid: p for e, p in zip(examples, predictions, strict=True)},
@@ -394,7 +435,7 @@ def write_submission(task: Task, examples: list[Example], predictions: list, out
         lines = [json.dumps({"id": _id(e.guid), "label": _label(task, e, p)}, ensure_ascii=False)
                  for e, p in zip(examples, predictions, strict=True)]
         body = "\n".join(lines)
-    out.write_text(body + "\n", encoding="utf-8")
+    write_text_atomic(out, body + "\n")
     return out
 
 

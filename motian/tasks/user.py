@@ -22,6 +22,7 @@ import json
 from pathlib import Path
 
 from motian.errors import UserError
+from motian.io import write_text_atomic
 from motian.tasks.clue import _guid, need, read_jsonl
 from motian.tasks.types import Example, Task
 
@@ -126,9 +127,10 @@ def write_predictions(task: Task, examples: list[Example], predictions: list, ou
     for an unlabelled split of a user task, in the input's order; returns the file."""
     out = Path(out_dir) / f"{task.name}_{split}_predictions.jsonl"
     out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "w", encoding="utf-8") as f:
-        for e, p in zip(examples, predictions, strict=True):
-            answer = ({"entities": [[s, t, kind] for s, t, kind in p]} if task.type == "token"
-                      else {"label": task.labels[int(p)]})
-            f.write(json.dumps({"id": e.guid, **answer}, ensure_ascii=False) + "\n")
+    lines = []
+    for e, p in zip(examples, predictions, strict=True):
+        answer = ({"entities": [[s, t, kind] for s, t, kind in p]} if task.type == "token"
+                  else {"label": task.labels[int(p)]})
+        lines.append(json.dumps({"id": e.guid, **answer}, ensure_ascii=False) + "\n")
+    write_text_atomic(out, "".join(lines))  # a failed run leaves the previous file intact
     return out

@@ -30,6 +30,7 @@ from typing import Any, Literal, get_args, get_origin
 
 from motian import api
 from motian.errors import UserError
+from motian.io import is_out_of_space
 
 _SCALARS = (int, float, str, Path)
 
@@ -235,9 +236,19 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         print(f"motian: error: {err}", file=sys.stderr)
         return 1
+    except Exception as err:  # out of space anywhere else (final model, encoding, ...)
+        if not is_out_of_space(err):
+            raise
+        what = getattr(err, "strerror", None) or str(err).splitlines()[0][:200]
+        where = f" writing {err.filename}" if getattr(err, "filename", None) else ""
+        print(f"motian: error: {what}{where}. Free disk space and run the same command "
+              "again: finished work is kept (checkpoints, encoded shards and cleaned shards are "
+              "committed atomically; pretrain needs --resume).", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
-        print("motian: interrupted; run the same command again to continue where it stopped.",
-              file=sys.stderr)
+        again = ("run the same command with --resume" if verb == "pretrain"
+                 else "run the same command again")
+        print(f"motian: interrupted; {again} to continue where it stopped.", file=sys.stderr)
         return 130
     return 0
 

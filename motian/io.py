@@ -8,6 +8,7 @@ at most a `.tmp` file behind. This module imports nothing from motian: everythin
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -50,3 +51,18 @@ def fsync_dir(path: str | Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+_OUT_OF_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+_OUT_OF_SPACE_TEXT = ("no space left", "file too large", "disk quota", "os error 28",
+                      "os error 27", "os error 122", "file write failed")
+
+
+def is_out_of_space(error: BaseException) -> bool:
+    """A write that failed for lack of room: disk full, quota, file-size limit. Libraries that
+    write through their own code report it in their own way (safetensors' SafetensorError
+    "I/O error: ... (os error 28)", torch.save's RuntimeError "file write failed")."""
+    if isinstance(error, OSError) and error.errno in _OUT_OF_SPACE:
+        return True
+    text = str(error).lower()
+    return not isinstance(error, OSError) and any(t in text for t in _OUT_OF_SPACE_TEXT)

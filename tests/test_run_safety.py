@@ -196,3 +196,47 @@ def test_vocabularies_are_compared_by_content_not_size(pd98_encoded, tmp_path):
     assert result["runs"][0]["steps"] == 2
     tuned = json.loads((tmp_path / "ft" / "seed-1" / "model" / "config.json").read_text())
     assert tuned["vocab_hash"] == vocab_hash(permuted)  # what its ids mean now
+
+
+def _limited_file_size(limit: int):
+    """A child whose files cannot grow past `limit` bytes: writes fail as on a full disk
+    (EFBIG, the same path as ENOSPC), with SIGXFSZ ignored so the write returns the error."""
+    import resource
+
+    def apply() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return apply
+
+
+def test_a_full_disk_is_a_message_and_keeps_the_last_checkpoint(pd98_encoded, tmp_path):
+    recipe = write_recipe(tmp_path, steps=8, checkpoint_every=4, eval_every=0)
+    out = tmp_path / "run"
+    assert run(pretrain(recipe, pd98_encoded, out)).returncode == 0
+    import shutil  # as if killed after the step-4 checkpoint
+
+    shutil.rmtree(latest_checkpoint(out))
+    (out / "checkpoints" / "latest").unlink()
+    good = latest_checkpoint(out)
+    assert good.name == "step-00000004"
+    size = max(p.stat().st_size for p in good.iterdir())
+    # Resume to step 8 with room for everything but the biggest checkpoint file.
+    full = subprocess.run(pretrain(recipe, pd98_encoded, out, "--resume"), env=env(),
+                          capture_output=True, text=True, timeout=300,
+                          preexec_fn=_limited_file_size(size - 1))
+    assert full.returncode == 1 and "Traceback" not in full.stderr, full.stderr
+    assert "could not be written" in full.stderr and f"{good} is intact" in full.stderr
+    assert latest_checkpoint(out) == good and not list((out / "checkpoints").glob(".tmp-*"))
+    again = run(pretrain(recipe, pd98_encoded, out, "--resume"))  # room again: it continues
+    assert again.returncode == 0 and f"resumed from {good}" in again.stderr
+
+
+def test_a_full_disk_while_encoding_is_a_message(pd98_encoded, tmp_path):
+    corpus = pd98_encoded.parent / "pd98.txt"  # the fixture's input: 300 articles
+    cmd = [sys.executable, "-m", "motian.cli", "encode", "--inputs", str(corpus), "--out",
+           str(tmp_path / "enc"), "--tokenizer", str(pd98_encoded.parent / "tok"),
+           "--txt-mode", "blank", "--workers", "1", "--no-progress"]
+    full = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=300,
+                          preexec_fn=_limited_file_size(20_000))
+    assert full.returncode == 1 and "Traceback" not in full.stderr, full.stderr
+    assert "Free disk space and run the same command again" in full.stderr

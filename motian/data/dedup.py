@@ -11,11 +11,12 @@ a compact numpy structure that is saved and restored exactly.
 from __future__ import annotations
 
 import functools
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from motian.data.stage import AtomicFile
 
 _POLY = np.uint64(0x100000001B3)  # FNV-64 prime
 _CHUNK_ROWS = 1024
@@ -211,13 +212,9 @@ class DedupState:
     def save(self, path: Path) -> None:
         self.exact.merge()
         self.lsh.merge()
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "wb") as f:
-            np.savez(f, exact_keys=self.exact.keys, exact_ids=self.exact.ids, lsh_keys=self.lsh.keys,
-                     lsh_ids=self.lsh.ids, sigs=self.sigs[:self.n_kept])
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        with AtomicFile(path) as f:  # made durable by the stage's commit
+            np.savez(f.file, exact_keys=self.exact.keys, exact_ids=self.exact.ids,
+                     lsh_keys=self.lsh.keys, lsh_ids=self.lsh.ids, sigs=self.sigs[:self.n_kept])
 
     @classmethod
     def load(cls, path: Path, perm: int) -> DedupState:

@@ -16,33 +16,30 @@ Per chunk of documents (one chunk = one shard, see `motian.data.shards` for the 
 
 Shard i holds documents [i * shard_docs, (i + 1) * shard_docs) of the input stream (closed
 earlier once it holds shard_mb MB of text), so the output is the same for any number of
-workers. Workers encode chunks in parallel with at most two chunks per worker in flight
-(bounded memory); the parent writes the manifest atomically after every finished shard, and a
-rerun skips the shards the manifest lists, after checking that settings, vocabulary and inputs
-are the same.
+workers. The run follows the stage runner's rules (`motian.data.stage`): workers encode chunks
+in parallel with at most two chunks per worker in flight (bounded memory), results come back in
+order, and the parent commits every finished shard (files made durable, then the manifest
+written atomically); a rerun skips the shards the manifest lists, after checking that
+settings, vocabulary and inputs are the same, and refuses other ones.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-import json
 import logging
+import multiprocessing as mp
 import os
 import re
-import signal
-import sys
 import time
 from array import array
 from collections.abc import Iterator
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from importlib.metadata import version
 from itertools import chain, repeat
-from multiprocessing import get_context
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from tqdm import tqdm
 
 from motian.data.shards import (
     ARRAYS,
@@ -56,6 +53,7 @@ from motian.data.shards import (
     write_shard,
 )
 from motian.data.sources import Document, iter_documents, synonyms_path
+from motian.data.stage import ByteProgress, StageDir, ordered_pool
 from motian.data.synonyms import build_synonym_table
 from motian.data.tokenizer import (
     CONTINUATION,
@@ -65,12 +63,11 @@ from motian.data.tokenizer import (
     vocab_tokens,
 )
 from motian.errors import SkipLog, UserError
-from motian.io import sha256_file, write_json_atomic
+from motian.io import sha256_file
 
 # A sentence ends after a run of end marks and any closing quotes/brackets that follow them.
 SENTENCE_END = re.compile(r"(?:[。！？!?…]+|\.(?=\s))[”’」』）)\"']*")
 NEWLINE = re.compile("\n")
-IN_FLIGHT_PER_WORKER = 2
 SUB_BATCH_DOCS = 256  # documents per encode_batch call inside a shard
 
 # ----------------------------------------------------------------------------- alignment
@@ -169,17 +166,14 @@ _WORKER: dict = {}
 
 
 def _init_worker(tokenizer: str, user_dict: str | None, synonyms_file: str | None,
-                 out: str, single_process: bool) -> None:
+                 out: str) -> None:
     """Load the tokenizer, jieba (with the user dictionary) and the synonym index once per
     process."""
     import jieba
 
-    if not single_process:
+    if mp.parent_process() is not None:
         # Each worker is one process; rayon threads inside it would only oversubscribe.
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
-        # Ctrl-C is the parent's to handle (it stops the pool; the shards already recorded
-        # stay), not a traceback from every worker.
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
     jieba.setLogLevel(logging.WARNING)
     cutter = jieba.Tokenizer()
     cutter.initialize()
@@ -326,33 +320,19 @@ def _settings(inputs: list[str], tok, digest: str, user_dict: Path | None,
     }
 
 
-def _previous_run(out: Path, settings: dict, resume: bool) -> dict[int, dict]:
-    """Finished shards of an earlier run with the same settings ({} when starting over)."""
-    path = out / "manifest.json"
-    if not path.is_file():
-        return {}
-    old = json.loads(path.read_text(encoding="utf-8"))
-    if old.get("kind") != "encoded":
-        raise UserError(f"{path}: this directory holds a {old.get('kind')!r} output, not "
-                        "encoded shards; choose another --out")
-    if not resume:
-        for entry in old.get("shards", []):
-            for key in ARRAYS:
-                (out / f"{entry['name']}.{key}.npy").unlink(missing_ok=True)
-        path.unlink()
-        return {}
-    differ = sorted(k for k in set(settings) | set(old.get("settings", {}))
-                    if settings.get(k) != old.get("settings", {}).get(k))
-    if old.get("format_version") != FORMAT_VERSION:
-        differ.insert(0, "format_version")
-    if differ:
-        raise UserError(f"{path}: an earlier run wrote these shards with different "
-                        f"{', '.join(differ)} (e.g. {differ[0]}: "
-                        f"{old.get('settings', {}).get(differ[0])!r} then, "
-                        f"{settings.get(differ[0])!r} now). Use --no-resume to encode again "
-                        "from scratch, or another --out.")
-    return {e["index"]: e for e in old.get("shards", [])
+# Every file `encode` writes per shard, and its manifest; --no-resume deletes them.
+OWNED_FILES = rf"(shard-\d{{5}}\.({'|'.join(ARRAYS)})\.npy|manifest\.json)(\.tmp(\.npy)?)?"
+
+
+def _previous_run(out: Path, settings: dict, resume: bool) -> tuple[StageDir, dict[int, dict]]:
+    """The output directory after the resume check, and the finished shards of an earlier
+    run with the same settings ({} when starting over)."""
+    stage = StageDir(out, "encoded", {"format_version": FORMAT_VERSION, "settings": settings},
+                     OWNED_FILES, resume)
+    old = stage.previous or {}
+    done = {e["index"]: e for e in old.get("shards", [])
             if all((out / f"{e['name']}.{k}.npy").is_file() for k in ARRAYS)}
+    return stage, done
 
 
 def _summary(manifest: dict, seconds: float, out: Path, new_bytes: int) -> str:
@@ -409,7 +389,7 @@ def encode(inputs: list[str], out: Path, tokenizer: Path, user_dict: Path | None
                          synonym_min_chars if synonyms else None, shard_docs, shard_mb, txt_mode,
                          text_field)
     try:
-        done = _previous_run(out, settings, resume)
+        stage, done = _previous_run(out, settings, resume)
     except UserError:
         vocab_tmp.unlink()
         raise
@@ -428,14 +408,15 @@ def encode(inputs: list[str], out: Path, tokenizer: Path, user_dict: Path | None
     if progress or workers > 1:
         total, n_shards = _plan(inputs, txt_mode, text_field, shard_docs, int(shard_mb * 1e6))
         workers = max(1, min(workers, n_shards - len(done)))
-    bar = tqdm(total=total, unit="B", unit_scale=True, desc="encode", disable=not progress,
-               file=sys.stderr)
+    bar = ByteProgress("encode", total, progress)
     init = (str(tokenizer), str(user_dict) if user_dict else None,
             str(synonyms_file) if synonyms_file else None, str(out))
-    finished = _run_chunks(_chunks(docs, shard_docs, int(shard_mb * 1e6)), done, init,
-                           workers, manifest, out, bar)
-    bar.close()
-    _finish(manifest, finished, skips, len(done), out)
+    try:
+        finished = _run_chunks(_chunks(docs, shard_docs, int(shard_mb * 1e6)), done, init,
+                               workers, manifest, stage, bar)
+    finally:
+        bar.close(finished=False)
+    _finish(manifest, finished, skips, len(done), stage)
     new_bytes = sum(e["text_bytes"] for i, e in finished.items() if i not in done)
     print(_summary(manifest, time.perf_counter() - t0, out, new_bytes), flush=True)
     return manifest
@@ -455,7 +436,7 @@ def _write_synonyms(tok, out: Path, min_chars: int | None, manifest: dict) -> Pa
 
 
 def _finish(manifest: dict, finished: dict[int, dict], skips: SkipLog, resumed: int,
-            out: Path) -> None:
+            stage: StageDir) -> None:
     """Totals, skipped input and `complete: true`, written atomically: the run is done."""
     manifest["shards"] = [finished[i] for i in sorted(finished)]
     keys = ("n_docs", "n_tokens", "unk_tokens", "word_starts", "sentence_starts",
@@ -463,7 +444,7 @@ def _finish(manifest: dict, finished: dict[int, dict], skips: SkipLog, resumed: 
     sums = {k: sum(e[k] for e in manifest["shards"]) for k in keys}
     manifest["counts"] = {"docs": sums.pop("n_docs"), "tokens": sums.pop("n_tokens"), **sums}
     manifest.update(complete=True, skipped=skips.to_dict(), resumed_shards=resumed)
-    write_json_atomic(out / "manifest.json", manifest)
+    stage.commit(manifest)
 
 
 def _plan(inputs: list[str], txt_mode: str, text_field: str, shard_docs: int,
@@ -481,58 +462,31 @@ def _plan(inputs: list[str], txt_mode: str, text_field: str, shard_docs: int,
 
 
 def _run_chunks(chunks: Iterator[tuple[int, list[Document]]], done: dict[int, dict],
-                init: tuple, workers: int, manifest: dict, out: Path, bar: tqdm
+                init: tuple, workers: int, manifest: dict, stage: StageDir, bar: ByteProgress
                 ) -> dict[int, dict]:
-    """Encode every chunk not in `done` (in this process or a pool of `workers`), recording each finished
-    shard in the manifest as it lands; return index → entry of all shards."""
+    """Encode every chunk not in `done` (in this process or a pool of `workers`), committing
+    each finished shard as it lands, in order; return index → entry of all shards."""
     finished = dict(done)
-
-    def record(entry: dict, first: str) -> None:
-        entry["first"] = first  # checked on resume: the input must not have moved
-        finished[entry["index"]] = entry
-        manifest["shards"] = [finished[i] for i in sorted(finished)]
-        write_json_atomic(out / "manifest.json", manifest)
-        bar.update(entry["text_bytes"])
-
-    if workers == 1:
-        _init_worker(*init, single_process=True)
-        for index, chunk in chunks:
-            if _check_done(index, chunk, done, bar):
-                continue
-            entry = encode_chunk(index, [d.text for d in chunk])
-            record({**entry, "index": index}, _where(chunk[0]))
-        return finished
-    pending: dict[Future, tuple[int, str]] = {}
-    with ProcessPoolExecutor(workers, mp_context=get_context("spawn"),
-                             initializer=_init_worker, initargs=(*init, False)) as pool:
-        try:
-            for index, chunk in chunks:
-                if _check_done(index, chunk, done, bar):
-                    continue
-                while len(pending) >= IN_FLIGHT_PER_WORKER * workers:
-                    _collect(pending, record)
-                future = pool.submit(encode_chunk, index, [d.text for d in chunk])
-                pending[future] = (index, _where(chunk[0]))
-            while pending:
-                _collect(pending, record)
-        except BaseException:
-            pool.shutdown(wait=False, cancel_futures=True)
-            raise
+    jobs = (((index, _where(chunk[0])), (index, [d.text for d in chunk]))
+            for index, chunk in chunks if not _check_done(index, chunk, done, bar))
+    with contextlib.closing(ordered_pool(encode_chunk, jobs, workers, _init_worker,
+                                         init)) as results:
+        for (index, first), entry in results:
+            entry["index"] = index
+            entry["first"] = first  # checked on resume: the input must not have moved
+            finished[index] = entry
+            manifest["shards"] = [finished[i] for i in sorted(finished)]
+            stage.commit(manifest, [stage.out / f"{entry['name']}.{k}.npy" for k in ARRAYS])
+            bar.advance(entry["text_bytes"])
     return finished
-
-
-def _collect(pending: dict[Future, tuple[int, str]], record) -> None:
-    ready, _ = wait(pending, return_when=FIRST_COMPLETED)
-    for future in ready:
-        index, first = pending.pop(future)
-        record({**future.result(), "index": index}, first)
 
 
 def _where(doc: Document) -> str:
     return f"{doc.source}:{doc.line}"
 
 
-def _check_done(index: int, chunk: list[Document], done: dict[int, dict], bar: tqdm) -> bool:
+def _check_done(index: int, chunk: list[Document], done: dict[int, dict],
+                bar: ByteProgress) -> bool:
     """True if shard `index` was finished by an earlier run (after checking that it started
     at the same document, i.e. the input did not change under it)."""
     entry = done.get(index)
@@ -542,5 +496,5 @@ def _check_done(index: int, chunk: list[Document], done: dict[int, dict], bar: t
         raise UserError(f"shard {shard_name(index)} of the earlier run started at "
                         f"{entry.get('first')} but now starts at {_where(chunk[0])}: the input "
                         "changed since. Use --no-resume to encode again from scratch.")
-    bar.update(entry["text_bytes"])
+    bar.advance(entry["text_bytes"])
     return True

@@ -60,7 +60,7 @@ from motian.finetuning import (
     settings_record,
     subset,
 )
-from motian.io import sha256_file, write_json_atomic
+from motian.io import sha256_file, write_json_atomic, write_text_atomic
 from motian.model.artifact import (
     TaskCard,
     check_vocab,
@@ -448,7 +448,7 @@ def distill(teacher: Path, out: Path, task: str | None = None, student_layers: i
     if info.is_main:
         write_json_atomic(out / "results.json", result)
         page = distill_results_page(result)
-        (out / "results.md").write_text(page, encoding="utf-8")
+        write_text_atomic(out / "results.md", page)
         print(summary_text(page))
     return result
 

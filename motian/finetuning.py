@@ -24,7 +24,7 @@ from torch import nn
 
 from motian.data.tokenizer import load_tokenizer, special_token_ids
 from motian.errors import UserError
-from motian.io import sha256_file, write_json_atomic
+from motian.io import sha256_file, write_json_atomic, write_text_atomic
 from motian.model.artifact import (
     TaskCard,
     check_vocab,
@@ -261,7 +261,7 @@ def finetune(task: str, out: Path, model: Path | None = None, tokenizer: Path | 
               "model": start_info, "config": config, "runs": runs, "summary": summarise(runs)}
     if info.is_main:
         write_json_atomic(out / "results.json", result)
-        (out / "results.md").write_text(results_table(result), encoding="utf-8")
+        write_text_atomic(out / "results.md", results_table(result))
         print((out / "results.md").read_text(encoding="utf-8").split("Resolved settings")[0])
     return result
 
@@ -415,7 +415,8 @@ def evaluate(model: Path, split: Literal["train", "dev", "test"] = "dev",
     else:
         target.mkdir(parents=True, exist_ok=True)
         path = target / f"{task.name}_{split}_predictions.jsonl"
-        path.write_text("".join(json.dumps({"id": e.guid, "prediction": p}, ensure_ascii=False)
-                                + "\n" for e, p in zip(examples, predictions)), "utf-8")
+        write_text_atomic(path, "".join(
+            json.dumps({"id": e.guid, "prediction": p}, ensure_ascii=False) + "\n"
+            for e, p in zip(examples, predictions)))
         result["predictions"] = str(path)
     return result

@@ -161,7 +161,7 @@ def prepare(inputs: list[str], out: Path, vocab_size: int = 8000, workers: int =
     report = {"inputs": [str(i) for i in inputs], "out": str(out), "seconds": timings,
               "clean": clean_report, "tokenizer": tok_report, "encode": enc_report}
     write_json_atomic(out / "report.json", report)
-    (out / "report.md").write_text(prepare_page(report), encoding="utf-8")
+    write_text_atomic(out / "report.md", prepare_page(report))
     print(f"report: {out / 'report.md'}", flush=True)
     return report
 

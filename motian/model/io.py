@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from motian.errors import UserError
+from motian.io import write_text_atomic
 from motian.model.config import ModelConfig
 from motian.model.heads import HEADS
 
@@ -122,7 +123,7 @@ def save_pretrained(model: nn.Module, directory: str | Path) -> Path:
         meta["vocab_hash"] = model.vocab_hash
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
-    (directory / "config.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    write_text_atomic(directory / "config.json", json.dumps(meta, indent=2) + "\n")
     return directory
 
 

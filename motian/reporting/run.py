@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from motian.errors import UserError
+from motian.io import write_text_atomic
 
 TASK_LOSSES = (("loss_mlm", "MLM"), ("loss_pair", "pair"), ("loss_lm", "LM"))
 # Which metric stands for a task in the bar chart, first present wins (fractions in [0, 1]).
@@ -432,7 +433,7 @@ def write_report(run_dir: Path, out: Path | None = None,
     plots = draw_plots(records, rows, out / "plots")
     images = {name: png.relative_to(out).as_posix() for name, png in plots.items()}
     path = out / "report.md"
-    path.write_text(run_page(run_dir, records, rows, images, appendix), encoding="utf-8")
+    write_text_atomic(path, run_page(run_dir, records, rows, images, appendix))
     return path
 
 

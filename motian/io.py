@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
+from typing import IO
 
 
 def sha256_file(path: str | Path) -> str:
@@ -24,16 +25,48 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
+class AtomicFile:
+    """A file written under ``name.tmp`` and renamed into place whole by `commit` (`abort`
+    deletes it). As a context manager it commits on success and aborts on an exception, so a
+    writer that raises leaves neither a partial file nor a temporary one. With `durable` the
+    commit also fsyncs the file and its directory (a stage that commits many files at once
+    fsyncs them itself: `motian.data.stage.StageDir.commit`). The one temp-and-rename of the
+    package: text, JSON, arrays, shards and predictions all go through it."""
+
+    def __init__(self, path: str | Path, mode: str = "wb", encoding: str | None = None,
+                 durable: bool = False):
+        self.path, self.durable = Path(path), durable
+        self.tmp = self.path.with_name(self.path.name + ".tmp")
+        self.file: IO = open(self.tmp, mode, encoding=encoding)
+
+    def commit(self) -> Path:
+        if self.durable:
+            self.file.flush()
+            os.fsync(self.file.fileno())
+        self.file.close()
+        os.replace(self.tmp, self.path)
+        if self.durable:
+            fsync_dir(self.path.parent)
+        return self.path
+
+    def abort(self) -> None:
+        self.file.close()
+        self.tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> AtomicFile:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.commit()
+        else:
+            self.abort()
+
+
 def write_text_atomic(path: str | Path, text: str) -> None:
     """Replace `path` with `text` (UTF-8) atomically and durably."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
+    with AtomicFile(path, "w", encoding="utf-8", durable=True) as f:
+        f.file.write(text)
 
 
 def write_json_atomic(path: str | Path, data: dict) -> None:

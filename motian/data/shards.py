@@ -32,7 +32,10 @@ from pathlib import Path
 import numpy as np
 
 from motian.errors import UserError
-from motian.io import write_json_atomic  # noqa: F401  (moved; old imports work)
+from motian.io import (
+    AtomicFile,
+    write_json_atomic,  # noqa: F401  (moved; old imports work)
+)
 
 FORMAT_VERSION = 1
 WORD_START, SENTENCE_START, PARAGRAPH_START = 1, 2, 4
@@ -46,9 +49,8 @@ def vocab_hash(vocab_file: str | Path) -> str:
 
 
 def save_array_atomic(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(path.name + ".tmp.npy")
-    np.save(tmp, array)
-    os.replace(tmp, path)
+    with AtomicFile(path) as f:  # made durable by the stage's commit
+        np.save(f.file, array)
 
 
 def shard_name(index: int) -> str:

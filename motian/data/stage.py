@@ -29,12 +29,12 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
-from typing import IO, Any, TypeVar
+from typing import Any, TypeVar
 
 from tqdm import tqdm
 
 from motian.errors import UserError
-from motian.io import fsync_dir, write_json_atomic
+from motian.io import AtomicFile, fsync_dir, write_json_atomic  # noqa: F401 (AtomicFile re-exported)
 
 IN_FLIGHT_PER_WORKER = 2
 K = TypeVar("K")
@@ -121,35 +121,6 @@ class StageDir:
                 os.fsync(f.fileno())
         fsync_dir(self.out)
         write_json_atomic(self.path, manifest)
-
-
-class AtomicFile:
-    """A file written under ``name.tmp`` and renamed into place whole by `commit` (`abort`
-    deletes it). As a context manager it commits on success and aborts on an exception, so a
-    writer that raises leaves no partial file. Durability (fsync) is `StageDir.commit`'s job."""
-
-    def __init__(self, path: Path, mode: str = "wb", encoding: str | None = None):
-        self.path = Path(path)
-        self.tmp = self.path.with_name(self.path.name + ".tmp")
-        self.file: IO = open(self.tmp, mode, encoding=encoding)
-
-    def commit(self) -> Path:
-        self.file.close()
-        os.replace(self.tmp, self.path)
-        return self.path
-
-    def abort(self) -> None:
-        self.file.close()
-        self.tmp.unlink(missing_ok=True)
-
-    def __enter__(self) -> AtomicFile:
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.commit()
-        else:
-            self.abort()
 
 
 # --------------------------------------------------------------------------- the worker pool

@@ -23,7 +23,6 @@ or entity types and tagging scheme), else LABEL_i.
 from __future__ import annotations
 
 import json
-import os
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
@@ -38,7 +37,7 @@ from torch import Tensor
 
 from motian.data.tokenizer import load_tokenizer, special_token_ids
 from motian.errors import UserError
-from motian.io import fsync_dir
+from motian.io import AtomicFile
 from motian.model.artifact import CONFIG, TaskCard, find_tokenizer, resolve_model_dir
 from motian.model.config import ModelConfig
 from motian.model.io import FORMAT, from_pretrained
@@ -346,20 +345,11 @@ def _write(results: Iterable[dict], out: Path | None) -> int:
             n += 1
         sys.stdout.flush()
         return n
-    tmp = out.with_name(out.name + ".tmp")
     n = 0
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            for result in results:
-                f.write(json.dumps(result, ensure_ascii=False) + "\n")
-                n += 1
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(out.parent)
+    with AtomicFile(out, "w", encoding="utf-8", durable=True) as f:
+        for result in results:
+            f.file.write(json.dumps(result, ensure_ascii=False) + "\n")
+            n += 1
     return n
 
 

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from motian.io import write_text_atomic
+
 
 class MetricsLogger:
     """JSONL (always) + TensorBoard (if installed). Only rank 0 should create one."""
@@ -58,9 +60,7 @@ class MetricsLogger:
                     kept.append(line if line.endswith("\n") else line + "\n")
             except json.JSONDecodeError:
                 continue  # a torn last line
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text("".join(kept), encoding="utf-8")
-        os.replace(tmp, self.path)
+        write_text_atomic(self.path, "".join(kept))
         self._file = self.path.open("a", encoding="utf-8")
 
     def close(self) -> None:

@@ -27,7 +27,7 @@ VERBS: dict[str, str] = {
     "prepare": "motian.pipeline:prepare",
     "demo": "motian.pipeline:demo",
     "pretrain": "motian.pretraining:pretrain",
-    "inspect-batch": "motian.data.inspect:inspect_batch",
+    "inspect-batch": "motian.pretraining:inspect_batch",
     "hf-convert": "motian.model.hf:convert_hf",
     "export": "motian.serving.export:export",
     "predict": "motian.serving.predict:predict",

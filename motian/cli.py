@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import inspect
+import signal
 import sys
 import types
 import typing
@@ -205,6 +206,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         prog="motian",
         description="Efficient pretraining of Transformer language models, Chinese first.",
     )
+    parser.add_argument("--version", action="version", version=version())
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for verb in api.VERBS:
         if only is not None and verb != only:
@@ -221,8 +223,18 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def version() -> str:
+    """What `motian --version` prints: the package version and where it is imported from."""
+    import motian
+
+    return f"motian {motian.__version__} ({Path(motian.__file__).parent})"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--version"]:  # without building every verb's parser (imports torch)
+        print(version())
+        return 0
     verb = argv[0] if argv and argv[0] in api.VERBS else None
     parser = build_parser(only=verb)
     args = vars(parser.parse_args(argv))
@@ -245,11 +257,19 @@ def main(argv: list[str] | None = None) -> int:
               "again: finished work is kept (checkpoints, encoded shards and cleaned shards are "
               "committed atomically; pretrain needs --resume).", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:
         again = ("run the same command with --resume" if verb == "pretrain"
                  else "run the same command again")
-        print(f"motian: interrupted; {again} to continue where it stopped.", file=sys.stderr)
-        return 130
+        # a training loop stopped by SIGTERM/SIGINT after saving a checkpoint (fit.Interrupted)
+        signum, checkpoint = getattr(err, "signum", 0), getattr(err, "checkpoint", None)
+        if checkpoint is not None:
+            name = signal.Signals(signum).name
+            print(f"motian: stopped by {name} at step {err.step}; checkpoint saved: "
+                  f"{checkpoint}. To continue from it, {again}.", file=sys.stderr)
+        else:
+            print(f"motian: interrupted; {again} to continue where it stopped.",
+                  file=sys.stderr)
+        return 128 + (signum or signal.SIGINT)
     return 0
 
 

@@ -54,7 +54,7 @@ from motian.finetuning import (
     DEFAULT_SEEDS,
     _evaluate_split,
     fingerprint,
-    load_task,
+    load_card_task,
     remove_checkpoints,
     save_fine_tuned,
     settings_record,
@@ -349,7 +349,7 @@ def task_outputs(task_type: str) -> Outputs:
 def load_teacher(teacher: Path, task: str | None) -> tuple[nn.Module, TaskCard]:
     """The fine-tuned teacher model and its task card, checked against `task`."""
     model, card = load_task_model(teacher)
-    if task is not None and task != card.name:
+    if task is not None and task not in (card.name, card.format):
         raise UserError(f"{teacher}: the teacher was fine-tuned on {card.name!r}, not "
                         f"{task!r}; distil on the teacher's task or give another teacher")
     return model, card
@@ -403,7 +403,7 @@ def distill(teacher: Path, out: Path, task: str | None = None, student_layers: i
     """
     out = Path(out)
     t_model, card = load_teacher(teacher, task)
-    the_task = load_task(card.name, data, card.scheme)
+    the_task = load_card_task(card, data)
     card.check_labels(the_task.labels, teacher)
     t_cfg = t_model.config
     s_cfg = student_config(t_cfg, student_layers or max(1, t_cfg.layers // 2), student_hidden,

@@ -4,7 +4,8 @@ seeds and report mean ± std; evaluate a fine-tuned model on a split and write p
 A run directory holds, per seed, `seed-N/result.json` (scores, steps, time), the fine-tuned model
 (`seed-N/model`: weights, config, tokenizer.json, task.json) and, for CLUE test files, the
 submission file; and for the run `results.json` (resolved settings, the starting weights'
-SHA-256, every seed, mean ± std) and `results.md`. A seed whose result.json was written with the
+SHA-256, the learning rate and pooling chosen for the model where not given, every seed,
+mean ± std, and for classification the majority-class floor) and `results.md`. A seed whose result.json was written with the
 same settings is not run again, so an interrupted run resumes at the next unfinished seed.
 """
 
@@ -14,6 +15,7 @@ import hashlib
 import json
 import sys
 import time
+from collections import Counter
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Literal
@@ -26,14 +28,17 @@ from motian.data.tokenizer import load_tokenizer, special_token_ids
 from motian.errors import UserError
 from motian.io import sha256_file, write_json_atomic, write_text_atomic
 from motian.model.artifact import (
+    RUN_RECORD,
     TaskCard,
     check_vocab,
     find_tokenizer,
+    is_hf_bert,
     load_backbone_state,
     model_vocab_hash,
     resolve_model_dir,
     tokenizer_vocab_hash,
 )
+from motian.model.config import ModelConfig
 from motian.model.config import preset as model_preset
 from motian.model.heads import MLMHead
 from motian.model.io import from_pretrained, load_weights, save_pretrained
@@ -61,13 +66,17 @@ DEFAULT_SEEDS = [1, 2, 3]
 
 
 def load_task(name: str, data: Path | None = None,
-              scheme: Literal["BIO", "BIOES"] = "BIO") -> Task:
+              scheme: Literal["BIO", "BIOES"] = "BIO", own_name: str | None = None) -> Task:
     """A bundled task (reviews-sentiment, pd98-ner, pd98-seg), a CLUE task read from `data`, or
-    the user's own files in `data` (text-classification, text-pair, ner: motian/tasks/user.py)."""
+    the user's own files in `data` (text-classification, text-pair, ner: motian/tasks/user.py),
+    named `own_name` (default: the directory's name)."""
+    if own_name is not None and name not in USER_TASKS:
+        raise UserError(f"--name {own_name!r}: only your own tasks take a name (--task "
+                        f"{', '.join(USER_TASKS)}); {name!r} has its own")
     if name in BUILTIN_TASKS:
         return load_builtin(name, scheme)
     if name in USER_TASKS:
-        task = load_user_task(name, data)
+        task = load_user_task(name, data, own_name)
         task.scheme = scheme
         return task
     if clue_name(name) is None:
@@ -81,6 +90,16 @@ def load_task(name: str, data: Path | None = None,
     if task.type == "token":
         task.scheme = scheme
     return task
+
+
+def load_card_task(card: TaskCard, data: Path | None = None) -> Task:
+    """The task a fine-tuned model's card names, read again: your own task by its format and
+    under its own name, any other by its name."""
+    if card.format:
+        return load_task(card.format, data, card.scheme, own_name=card.name)
+    if card.name in USER_TASKS:  # a card from before own tasks had names: keep its name
+        return load_task(card.name, data, card.scheme, own_name=card.name)
+    return load_task(card.name, data, card.scheme)
 
 
 def score(task: Task, examples: list[Example], predictions: list) -> dict[str, float]:
@@ -131,6 +150,182 @@ def load_start(task: Task, model: Path | None, preset: str, vocab_size: int,
     return head, info, mlm
 
 
+# --------------------------------------------------------------------------- defaults by model
+
+# The peak fine-tuning rate when --lr is not given, by the model's width: the first row whose
+# bound is not below `hidden`. Width 128 is measured here (the demo model, docs/finetune.md:
+# 1e-3 against BERT's 5e-5); the wider rows are the rates published for models of that width.
+LR_BY_HIDDEN: tuple[tuple[float, float, str], ...] = (
+    (128, 1e-3, "measured for this width, docs/finetune.md"),
+    (256, 3e-4, "ELECTRA-small's rate at this width"),
+    (512, 1e-4, "within the rates BERT's small models were tuned with"),
+    (768, 5e-5, "BERT-base's rate"),
+    (float("inf"), 2e-5, "BERT-large's rate"),
+)
+# A [CLS] trained by a pair task is what BERT's classifiers read; below this width the token
+# mean measured better even after sentence-order pretraining (docs/finetune.md, hidden 128).
+CLS_MIN_HIDDEN = 256
+POOLED_TYPES = ("single", "pair", "choice")  # whose heads pool the sequence into one vector
+
+
+def start_facts(model: Path | None, preset: str, vocab_size: int
+                ) -> tuple[ModelConfig, str | None, bool | None]:
+    """(config, head, pair-trained) of the starting point, read from its config files without
+    loading weights. `head` is the motian head class the checkpoint was saved as ("BERT" for a
+    Hugging Face BERT, None for random initialisation); pair-trained says whether its
+    pretraining trained [CLS] with a pair task (the head, else the pretraining run's recipe;
+    None when nothing says)."""
+    if model is None:
+        return model_preset(preset, vocab_size=vocab_size), None, None
+    model = Path(model)
+    if is_hf_bert(model):
+        from motian.model.hf import config_from_bert
+
+        hf = json.loads((model / "config.json").read_text(encoding="utf-8"))
+        return config_from_bert(hf, str(model)), "BERT", _hf_pooler(model, hf)
+    directory = resolve_model_dir(model)
+    meta = json.loads((directory / "config.json").read_text(encoding="utf-8"))
+    config, head = ModelConfig.from_dict(meta["model"]), meta.get("head")
+    if head == "PreTrainingModel":
+        return config, head, True
+    if head in ("MaskedLM", "CausalLM"):
+        return config, head, False
+    for run_dir in (directory, *directory.resolve().parents[:2]):  # a bare backbone: its run
+        if (run_dir / RUN_RECORD).is_file():
+            recipe = json.loads((run_dir / RUN_RECORD).read_text("utf-8")).get("recipe") or {}
+            pair_task = (recipe.get("data") or {}).get("pair_task")
+            if pair_task is not None:
+                return config, head, pair_task != "none"
+    return config, head, None
+
+
+def _hf_pooler(directory: Path, hf: dict) -> bool:
+    """Whether a Hugging Face BERT was pretrained with next-sentence prediction: its pooler
+    (the dense layer NSP trains on [CLS]) is saved, or it is a BertForPreTraining."""
+    names: list[str] = []
+    if (directory / "model.safetensors").is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(directory / "model.safetensors"), "pt") as f:
+            names = list(f.keys())
+    elif (directory / "model.safetensors.index.json").is_file():
+        index = json.loads((directory / "model.safetensors.index.json").read_text("utf-8"))
+        names = list(index.get("weight_map", {}))
+    return any("pooler.dense" in n for n in names) or \
+        "BertForPreTraining" in (hf.get("architectures") or [])
+
+
+def count_parameters(config: ModelConfig) -> int:
+    """Parameters of the encoder `config` describes (built on the meta device: no memory)."""
+    from motian.model import MotianModel
+
+    with torch.device("meta"):
+        return sum(p.numel() for p in MotianModel(config).parameters())
+
+
+def choose_defaults(task_type: str, model: Path | None, preset: str, vocab_size: int,
+                    random_init: bool, lr: float, pooling: str | None) -> dict:
+    """The learning rate and pooling a run uses, each {"value", "chosen": "given" | "auto",
+    "why"}: what the user set, else what fits the starting model (`LR_BY_HIDDEN` by its width;
+    for pooled heads, [CLS] only where a pair task trained it at a width where it pays, the
+    mean of the tokens otherwise). Pooling is absent for task types that do not pool."""
+    if lr < 0:
+        raise UserError(f"--lr {lr}: a learning rate is positive (0 = chosen for the model)")
+    out: dict[str, dict] = {}
+    config = head = pair_trained = None
+    if not lr or (pooling is None and task_type in POOLED_TYPES):
+        config, head, pair_trained = start_facts(model, preset, vocab_size)
+    if lr:
+        out["lr"] = {"value": lr, "chosen": "given", "why": "--lr"}
+    else:
+        _, value, source = next(row for row in LR_BY_HIDDEN if config.hidden <= row[0])
+        size = f"{count_parameters(config) / 1e6:.1f}M parameters"
+        out["lr"] = {"value": value, "chosen": "auto",
+                     "why": f"hidden {config.hidden}, {config.layers} layers, {size}: {source}"}
+    if pooling is not None:
+        out["pooling"] = {"value": pooling, "chosen": "given", "why": "--pooling"}
+    elif task_type in POOLED_TYPES:
+        value, why = _auto_pooling(config, head, pair_trained)
+        if random_init and model is not None:
+            why += " (the random-init control keeps the checkpoint's settings)"
+        out["pooling"] = {"value": value, "chosen": "auto", "why": why}
+    return out
+
+
+def _auto_pooling(config: ModelConfig, head: str | None, pair_trained: bool | None
+                  ) -> tuple[str, str]:
+    if head in ("SequenceClassification", "MultipleChoice"):
+        return config.classifier_pooling, "what the fine-tuned model's head read"
+    if config.classifier_pooling == "mean":
+        return "mean", "the model's own classifier_pooling"
+    if head is None:  # nothing pretrained: [CLS] learns with the task (memorises faster here)
+        return "cls", "random initialisation: [CLS] trains with the task, as BERT's"
+    if pair_trained and config.hidden >= CLS_MIN_HIDDEN:
+        return "cls", "[CLS] was trained by the pair task of its pretraining"
+    if pair_trained:
+        return "mean", (f"[CLS] was trained by a pair task, but below hidden {CLS_MIN_HIDDEN} "
+                        "the token mean measured better (docs/finetune.md)")
+    if pair_trained is False:
+        return "mean", "MLM-only pretraining never trained [CLS]"
+    return "mean", "nothing says its pretraining trained [CLS]"
+
+
+def defaults_line(chosen: dict) -> str | None:
+    """The one line that says what was chosen for the user, or None when they set it all."""
+    auto = [f"{name} {_show(c['value'])} ({c['why']})" for name, c in chosen.items()
+            if c["chosen"] == "auto"]
+    if not auto:
+        return None
+    options = " / ".join(f"--{name}" for name, c in chosen.items() if c["chosen"] == "auto")
+    return f"motian: chose {'; '.join(auto)}; set {options} to override"
+
+
+def _show(value) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+# --------------------------------------------------------------------------- baselines
+
+
+def majority_class(task: Task, train: list[Example], evals: dict[str, list[Example]]
+                   ) -> dict | None:
+    """For classification (single, pair): the most frequent training label (the lowest index
+    on a tie) and the scores of always predicting it on each labelled evaluation split: the
+    floor a model must clear to have learned anything. None for other task types."""
+    if task.type not in ("single", "pair"):
+        return None
+    counts = Counter(e.label for e in train if e.label is not None)
+    if not counts:
+        return None
+    label = min(counts, key=lambda k: (-counts[k], k))
+    out: dict = {"label": task.labels[label] if label < len(task.labels) else str(label),
+                 "train_share": counts[label] / sum(counts.values())}
+    for split, examples in evals.items():
+        if examples and _all_gold(task, examples):
+            out[split] = score(task, examples, [label] * len(examples))
+    return out
+
+
+def require_scored_split(task: Task, data: Path | None, max_eval: int | None) -> None:
+    """Refuse, before any training, a run with nothing to score: your own task without its
+    dev file (or with an empty one), or any task without a labelled dev or test split."""
+    if task.format:
+        from motian.tasks.user import FORMATS
+
+        path = Path(data) / "dev.jsonl"
+        what = "not found" if "dev" not in task.splits else "has no records"
+        if not task.splits.get("dev"):
+            raise UserError(f"{path}: {what}; finetune scores every seed on labelled dev "
+                            f"records, one {FORMATS[task.format]} per line: put some of your "
+                            "labelled data there (e.g. 10%, taken out of train.jsonl), then "
+                            "run again")
+    if not any(_all_gold(task, subset(task.splits.get(split, []), max_eval))
+               for split in ("dev", "test")):
+        raise UserError(f"{task.name}: no dev or test split with an answer on every record, so "
+                        "fine-tuning would have nothing to score; give labelled dev records "
+                        "(and test records, if you have them)")
+
+
 # --------------------------------------------------------------------------- the verbs
 
 
@@ -157,7 +352,7 @@ def _evaluate_split(model: nn.Module, task: Task, split: str, examples: list[Exa
     scores = score(task, examples, predictions) if _all_gold(task, examples) else None
     if not write:
         return scores, None
-    if task.name in USER_TASKS:
+    if task.format:
         return scores, write_predictions(task, examples, predictions, out_dir, split)
     if scores is None and task.clue:  # CLUE's submission name only for the test split
         return None, write_submission(task, examples, predictions, out_dir, split)
@@ -177,8 +372,8 @@ def finetune(task: str, out: Path, model: Path | None = None, tokenizer: Path | 
              random_init: bool = False, save_model: bool = True,
              pooling: Literal["cls", "mean"] | None = None, dropout: float | None = None,
              checkpoint_every: int = 200, allow_vocab_mismatch: bool = False,
-             training: TaskTraining = TaskTraining(),
-             optim: OptimSettings = OptimSettings(lr=5e-5),
+             name: str | None = None, training: TaskTraining = TaskTraining(),
+             optim: OptimSettings = OptimSettings(lr=0.0),
              run: RunSettings = RunSettings(), *, info: DistInfo) -> dict:
     """Fine-tune a model on a task with several seeds; report dev/test mean ± std.
 
@@ -213,22 +408,29 @@ def finetune(task: str, out: Path, model: Path | None = None, tokenizer: Path | 
         save_model: keep each seed's fine-tuned model.
         pooling: what classification, pair and multiple-choice heads read: cls ([CLS], as
             BERT) or mean (the mean over real tokens; measured better from an MLM-only
-            checkpoint, see docs/finetune.md); default: the model's own, else cls. Saved with
-            the model; a mean-pooled model exports to Hugging Face as remote code, not BERT.
+            checkpoint, see docs/finetune.md); default: chosen for the model (cls where a
+            pair task trained its [CLS] and it is at least 256 wide, or with no pretrained
+            weights; else mean), printed and stored with the results. Saved with the model;
+            a mean-pooled model exports to Hugging Face as remote code, not BERT.
         dropout: dropout on hidden states and attention weights while fine-tuning (default:
             the model's own; the demo recipe pretrains with 0, BERT with 0.1).
         allow_vocab_mismatch: use a tokenizer with another vocabulary than the model was
             trained with (refused by default: token ids would mean other tokens).
         checkpoint_every: optimizer steps between checkpoints of a seed (0 = only at its end);
             how it runs, not the result.
+        name: your own task's name (text-classification, text-pair, ner), for its results,
+            report group, task card and prediction files; default: the --data directory's name.
         training: epochs, batch size, warm-up and the fine-tuning techniques.
-        optim: the optimiser (adamw, or lamb for very large batches) and its settings.
+        optim: the optimiser (adamw, or lamb for very large batches) and its settings. --lr 0
+            (the default) chooses the rate for the model's width (1e-3 at hidden 128 down to
+            2e-5 above 768; printed and stored with the results).
         run: how the run executes (device, precision, micro-batch, ...): never the result.
     """
     out, seeds = Path(out), list(seeds or DEFAULT_SEEDS)
-    the_task = load_task(task, data, scheme)
+    the_task = load_task(task, data, scheme, own_name=name)
     if not the_task.splits.get("train"):
         raise UserError(f"{task}: the training split is empty")
+    require_scored_split(the_task, data, max_eval)
     tok_path = find_tokenizer(model, tokenizer)
     tok = load_tokenizer(tok_path)
     vocab_hash = tokenizer_vocab_hash(tok)
@@ -236,6 +438,13 @@ def finetune(task: str, out: Path, model: Path | None = None, tokenizer: Path | 
         check_vocab(model_vocab_hash(resolve_model_dir(Path(model))), vocab_hash, model, tok_path,
                     allow_vocab_mismatch)
     special = special_token_ids(tok)
+    chosen = choose_defaults(the_task.type, model, preset, tok.get_vocab_size(), random_init,
+                             optim.lr, pooling)
+    optim = replace(optim, lr=chosen["lr"]["value"])
+    pooling = chosen["pooling"]["value"] if "pooling" in chosen else pooling
+    line = defaults_line(chosen)
+    if line and info.is_main:
+        print(line, file=sys.stderr, flush=True)
     overrides = {k: v for k, v in (("classifier_pooling", pooling), ("dropout", dropout),
                                    ("attention_dropout", dropout)) if v is not None}
     _, start_info, _ = load_start(the_task, model, preset, tok.get_vocab_size(), random_init,
@@ -256,9 +465,15 @@ def finetune(task: str, out: Path, model: Path | None = None, tokenizer: Path | 
                     featurize, train_features, max_eval, save_model, checkpoint_every)
     runs = [shared.run(seed, out / f"seed-{seed}") for seed in seeds]
     result = {"task": {"name": the_task.name, "type": the_task.type,
+                       **({"format": the_task.format} if the_task.format else {}),
                        "sizes": {**the_task.sizes(), "train_used": len(train_examples)},
                        "notes": the_task.notes},
-              "model": start_info, "config": config, "runs": runs, "summary": summarise(runs)}
+              "model": start_info, "config": config, "defaults": chosen, "runs": runs,
+              "summary": summarise(runs)}
+    majority = majority_class(the_task, train_examples, {
+        split: subset(the_task.splits.get(split, []), max_eval) for split in ("dev", "test")})
+    if majority is not None:
+        result["majority_class"] = majority
     if info.is_main:
         write_json_atomic(out / "results.json", result)
         write_text_atomic(out / "results.md", results_table(result))
@@ -340,7 +555,7 @@ class _Seeds:
             if scores is not None:
                 result[split] = scores
             if submission is not None:
-                kind = "predictions" if task.name in USER_TASKS else "submission"
+                kind = "predictions" if task.format else "submission"
                 result[f"{split}_{kind}"] = str(submission)
         if info.is_main:
             if self.save_model:
@@ -364,7 +579,7 @@ def save_fine_tuned(model: nn.Module, task: Task, tok: Tokenizer, max_length: in
     save_pretrained(model, directory)
     tok.save(str(directory / "tokenizer.json"))
     TaskCard(name=task.name, type=task.type, labels=task.labels, scheme=task.scheme,
-             clue=task.clue, max_length=max_length).write(directory)
+             clue=task.clue, max_length=max_length, format=task.format).write(directory)
     return directory
 
 
@@ -387,7 +602,7 @@ def evaluate(model: Path, split: Literal["train", "dev", "test"] = "dev",
     """
     model = Path(model)
     card = TaskCard.read(model)
-    task = load_task(card.name, data, card.scheme)
+    task = load_card_task(card, data)
     card.check_labels(task.labels, model)
     examples = subset(task.splits.get(split, []), max_eval)
     if not examples:
@@ -409,7 +624,7 @@ def evaluate(model: Path, split: Literal["train", "dev", "test"] = "dev",
     if task.clue:
         result["predictions"] = str(write_submission(task, examples, predictions, target,
                                                      split))
-    elif task.name in USER_TASKS:
+    elif task.format:
         result["predictions"] = str(write_predictions(task, examples, predictions, target,
                                                       split))
     else:

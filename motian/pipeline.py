@@ -32,13 +32,14 @@ def clean(inputs: list[str], out: Path, txt_mode: Literal["line", "blank"] = "li
           max_char_repeat: int = 20, max_dup_line_ratio: float = 0.3,
           near_dup_threshold: float = 0.8, minhash_perm: int = 128, shingle_chars: int = 5,
           shard_docs: int = 50_000, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
-          exclude_heldout: bool = True, resume: bool = True, progress: bool = True) -> dict:
+          exclude_heldout: bool = True, exclude: list[Path] | None = None, resume: bool = True,
+          progress: bool = True) -> dict:
     """Clean a corpus: normalise, filter, remove exact and near duplicates, write shards.
 
     The defaults keep ~99% of the distinct documents of the bundled pd98 + reviews corpus
     (docs/clean.md has the real report). Output and resuming: see motian.data.clean's docstring;
-    this verb adds the bundled tasks' held-out texts (`heldout_matcher`) to its engine,
-    `motian.data.clean.clean_corpus`.
+    this verb adds the bundled tasks' held-out texts (`heldout_matcher`) and the texts of the
+    --exclude files (`exclude_matcher`) to its engine, `motian.data.clean.clean_corpus`.
 
     Args:
         inputs: built-in corpora (pd98, reviews), files (.txt, .jsonl, .gz), directories or globs.
@@ -71,23 +72,97 @@ def clean(inputs: list[str], out: Path, txt_mode: Literal["line", "blank"] = "li
         exclude_heldout: drop documents holding a dev/test example of the bundled tasks
             (reviews-sentiment texts, pd98-ner/pd98-seg dev/test articles), so those tasks
             score a model that never read their evaluation texts.
+        exclude: your own evaluation texts to keep out of the corpus: files of JSON lines
+            (the text in text_field, "text", "text_a" or "text_b": a `motian finetune`
+            dev.jsonl/test.jsonl as it is) or plain text (one text per line). A document is
+            dropped when its whole text or one of its lines equals one of them; the report
+            says how many texts were read and how many documents were removed.
         resume: continue an interrupted run in `out`; --no-resume starts over.
         progress: show a progress bar with an ETA on stderr.
     """
-    from motian.data.clean import CleanSettings, clean_corpus
+    from motian.data.clean import EXCLUDED, CleanSettings, clean_corpus
+    from motian.reporting.data import clean_page, clean_summary
 
     s = CleanSettings(txt_mode, text_field, min_chars, max_chars, min_cjk_ratio,
                       max_symbol_ratio, max_char_repeat, max_dup_line_ratio, near_dup_threshold,
                       minhash_perm, shingle_chars, shard_docs, max_line_bytes,
                       exclude_heldout)
     s.check()  # a bad setting is reported before the held-out texts are read
-    from motian.reporting.data import clean_page, clean_summary
-
-    report = clean_corpus(inputs, out, s, workers,
-                          heldout_matcher(inputs) if exclude_heldout else None, resume, progress)
+    matchers = [heldout_matcher(inputs)] if exclude_heldout else []
+    if exclude:
+        own, found = exclude_matcher(exclude, text_field)
+        matchers.append(own)
+    report = clean_corpus(inputs, out, s, workers, matchers, resume, progress)
+    if exclude:
+        report["excluded"] = {
+            **found, "documents_removed": report["documents"]["dropped"].get(EXCLUDED, 0),
+            "characters_removed": report["characters"]["dropped"].get(EXCLUDED, 0)}
+        write_json_atomic(Path(out) / "report.json", report)
     write_text_atomic(Path(out) / "report.md", clean_page(report))
     print(clean_summary(report))
     return report
+
+
+EXCLUDE_FIELDS = ("text", "text_a", "text_b")  # besides text_field: motian's task formats
+
+
+def exclude_matcher(files: list[Path], text_field: str = "text") -> tuple[HeldOut, dict]:
+    """The texts of the user's --exclude files as a `motian.data.clean.HeldOut` (reason
+    EXCLUDED), and what was read: {"files": {file: distinct texts}, "texts": distinct texts}.
+
+    A file named *.jsonl or *.json (or .gz of either) holds JSON records, one per line: every
+    string among `text_field`, "text", "text_a" and "text_b" is a text (so a fine-tuning
+    dev.jsonl or test.jsonl is given as it is); a record with none of them is an error naming
+    its line. Any other file holds one text per line. Each text is matched stripped and
+    normalised as `clean` normalises documents."""
+    import gzip
+    import json
+
+    from motian.data.clean import EXCLUDED, HeldOut, normalize_text
+
+    texts: set[str] = set()
+    counts: dict[str, int] = {}
+    fields = tuple(dict.fromkeys((text_field, *EXCLUDE_FIELDS)))
+    for file in map(Path, files):
+        if not file.is_file():
+            raise UserError(f"--exclude {file}: no such file; give the files of texts to keep "
+                            "out of the corpus (JSON lines or one text per line)")
+        is_json = file.name.removesuffix(".gz").endswith((".jsonl", ".json"))
+        opener = gzip.open if file.name.endswith(".gz") else open
+        found: set[str] = set()
+        try:
+            with opener(file, "rt", encoding="utf-8") as f:
+                for lineno, line in enumerate(f, 1):
+                    line = line.strip().lstrip("\ufeff")
+                    if not line:
+                        continue
+                    if not is_json:
+                        found.add(line)
+                        continue
+                    try:
+                        record = json.loads(line)
+                    except json.JSONDecodeError as err:
+                        raise UserError(f"{file}:{lineno}: not valid JSON ({err.msg}); an "
+                                        "--exclude file named .jsonl holds one JSON record per "
+                                        "line (rename it .txt for one text per line)") from None
+                    values = [record.get(k) for k in fields] if isinstance(record, dict) else []
+                    values = [v for v in values if isinstance(v, str) and v.strip()]
+                    if not values:
+                        keys = ", ".join(record) if isinstance(record, dict) else "not an object"
+                        raise UserError(f"{file}:{lineno}: no text in this record (keys: "
+                                        f"{keys}); --exclude reads {', '.join(fields)}: set "
+                                        "--text-field to the field that holds it")
+                    found.update(v.strip() for v in values)
+        except UnicodeDecodeError as err:
+            raise UserError(f"--exclude {file}: not UTF-8 (byte {err.start}); convert it "
+                            "(e.g. iconv -f GB18030 -t UTF-8)") from None
+        counts[str(file)] = len(found)
+        texts |= found
+    read = {"files": counts, "texts": len(texts)}
+    texts |= {n for n in map(normalize_text, texts) if n}
+    names = ", ".join(Path(f).name for f in counts)
+    return HeldOut(texts=frozenset(texts), texts_why=f"a text of --exclude {names}",
+                   lines_source="", reason=EXCLUDED), read
 
 
 def heldout_matcher(inputs: list[str]) -> HeldOut:
@@ -111,7 +186,11 @@ def heldout_matcher(inputs: list[str]) -> HeldOut:
 def prepare(inputs: list[str], out: Path, vocab_size: int = 8000, workers: int = 0,
             txt_mode: Literal["line", "blank"] = "line", text_field: str = "text",
             user_dict: Path | None = None, from_vocab: Path | None = None,
-            exclude_heldout: bool = True, resume: bool = True, progress: bool = True) -> dict:
+            exclude_heldout: bool = True, exclude: list[Path] | None = None,
+            min_chars: int = 5, max_chars: int = 100_000, min_cjk_ratio: float = 0.3,
+            max_symbol_ratio: float = 0.5, max_char_repeat: int = 20,
+            max_dup_line_ratio: float = 0.3, near_dup_threshold: float = 0.8,
+            resume: bool = True, progress: bool = True) -> dict:
     """Clean the inputs, train a vocabulary on the cleaned text and encode it into shards.
 
     Writes ``out/clean`` (cleaned shards + report), ``out/tokenizer`` (vocab.txt,
@@ -128,6 +207,21 @@ def prepare(inputs: list[str], out: Path, vocab_size: int = 8000, workers: int =
         from_vocab: an existing BERT vocab.txt to use instead of training one.
         exclude_heldout: drop documents holding a dev/test example of the bundled tasks
             (reviews-sentiment, pd98-ner, pd98-seg) from the corpus; counted in the report.
+        exclude: your own evaluation texts to keep out of the corpus (JSON lines or one text
+            per line; see `motian clean --help`); the report says how many were found.
+        min_chars: clean: drop documents shorter than this.
+        max_chars: clean: drop documents longer than this.
+        min_cjk_ratio: clean: drop documents whose share of CJK characters among non-space
+            characters is below this (lower it for Chinese mixed with code or English; 0 keeps
+            every language).
+        max_symbol_ratio: clean: drop documents whose share of symbols and punctuation is
+            above this.
+        max_char_repeat: clean: drop documents in which one character repeats more than this
+            many times in a row.
+        max_dup_line_ratio: clean: drop multi-line documents with more than this share of
+            repeated lines.
+        near_dup_threshold: clean: estimated Jaccard similarity at or above which a document
+            is a near duplicate of a kept one.
         resume: continue an interrupted run in the same out directory.
         progress: show progress bars.
     """
@@ -142,14 +236,26 @@ def prepare(inputs: list[str], out: Path, vocab_size: int = 8000, workers: int =
     t0 = time.perf_counter()
     print(f"[1/3] clean {' '.join(map(str, inputs))} -> {out / 'clean'}", flush=True)
     clean_report = clean(inputs, out / "clean", txt_mode=txt_mode, text_field=text_field,
-                         workers=workers, exclude_heldout=exclude_heldout, resume=resume,
-                         progress=progress)
+                         workers=workers, min_chars=min_chars, max_chars=max_chars,
+                         min_cjk_ratio=min_cjk_ratio, max_symbol_ratio=max_symbol_ratio,
+                         max_char_repeat=max_char_repeat, max_dup_line_ratio=max_dup_line_ratio,
+                         near_dup_threshold=near_dup_threshold, exclude_heldout=exclude_heldout,
+                         exclude=exclude, resume=resume, progress=progress)
     timings["clean"] = time.perf_counter() - t0
+    if not clean_report["documents"]["kept"]:
+        dropped = clean_report["documents"]["dropped"]
+        why = max(dropped, key=dropped.__getitem__) if dropped else None
+        raise UserError(f"clean kept no document of {' '.join(map(str, inputs))} (read "
+                        f"{clean_report['documents']['read']:,}" + (
+                            f", most dropped as {why}" if why else "") +
+                        f"); see {out / 'clean' / 'report.md'} for why, and loosen that "
+                        "filter (e.g. --min-cjk-ratio) or check --text-field / --txt-mode")
 
     t0 = time.perf_counter()
     print(f"[2/3] vocabulary -> {out / 'tokenizer'}", flush=True)
     tok_report = train_tokenizer([str(out / "clean")], out / "tokenizer",
-                                 vocab_size=vocab_size, from_vocab=from_vocab)
+                                 vocab_size=vocab_size, from_vocab=from_vocab,
+                                 progress=progress)
     timings["tokenizer"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()

@@ -18,11 +18,15 @@ final/ and summary.json.
 from __future__ import annotations
 
 import shutil
+import sys
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
+from typing import Literal
 
 import torch
 
+from motian.data.inspect import options_loader, show_batch
 from motian.data.loader import LoaderConfig
 from motian.data.masking import MaskingConfig
 from motian.data.shards import EncodedDataset
@@ -42,7 +46,7 @@ from motian.train.objectives import (
     init_weights_from,
     task_names,
 )
-from motian.train.recipe import EvalSpec, Recipe, to_dict
+from motian.train.recipe import DataSpec, EvalSpec, Recipe, to_dict
 from motian.train.settings import RunSettings, Stage
 
 LOG_EVERY = 10  # optimizer steps between metric records
@@ -52,7 +56,7 @@ def pretrain(recipe: str = "demo", data: Path = Path("runs/demo/encoded"),
              out: Path = Path("runs/pretrain"), resume: bool = False,
              init_from: Path | None = None, steps: int | None = None,
              budget_minutes: float | None = None, allow_vocab_mismatch: bool = False,
-             run: RunSettings = RunSettings()) -> dict:
+             override: list[str] | None = None, run: RunSettings = RunSettings()) -> dict:
     """Pretrain a model on encoded shards with a recipe; writes checkpoints, metrics and the
     final model under --out.
 
@@ -68,14 +72,19 @@ def pretrain(recipe: str = "demo", data: Path = Path("runs/demo/encoded"),
             schedule follows the clock.
         allow_vocab_mismatch: let --init-from use a model trained with another vocabulary than
             the shards' (refused by default: its token ids would mean other tokens).
+        override: recipe fields to change, section.field=value in YAML syntax, e.g.
+            data.click_min_ctr=0.05 data.click_files=[clicks.tsv] data.pair_fraction=0.5.
         run: how the run executes (device, precision, micro-batch, ...): never the result.
     """
-    from motian.train.recipe import load_recipe, with_overrides
+    from motian.train.recipe import load_recipe, with_fields, with_overrides
 
     if not Path(data).is_dir():
         raise UserError(f"--data {data}: not a directory; run `motian prepare` (or `motian "
                         "encode`) first and point --data at its encoded output")
-    spec = with_overrides(load_recipe(recipe), steps=steps, budget_minutes=budget_minutes)
+    spec = load_recipe(recipe)
+    if override:
+        spec = with_fields(spec, override)
+    spec = with_overrides(spec, steps=steps, budget_minutes=budget_minutes)
     summary = pretrain_recipe(spec, run, Path(data), Path(out), resume=resume,
                               init_from=init_from, allow_vocab_mismatch=allow_vocab_mismatch)
     if summary["rank"] != 0:
@@ -105,7 +114,9 @@ class PretrainBatches:
         config = LoaderConfig(seq_len=spec.seq_len, batch_size=micro, seed=d.seed,
                               cross_document_attention=d.cross_document_attention,
                               rank=info.rank, world_size=info.world_size,
-                              pair_task=d.pair_task, click_files=tuple(d.click_files),
+                              pair_task=d.pair_task,
+                              pair_fraction=micro_pair_fraction(d, spec, micro),
+                              click_files=tuple(d.click_files), click=d.click_settings(),
                               masking=d.masking_config())
         self.loader = SplitLoader(self.data, config, self.recipe.eval.holdout_every,
                                   held_out=False)
@@ -119,6 +130,24 @@ class PretrainBatches:
         return self.loader.state_dict() if self.loader is not None else {}
 
 
+def micro_pair_fraction(data: DataSpec, stage: Stage, micro: int) -> float:
+    """The loader's pair fraction for one micro-batch, such that a step holds exactly
+    round(global_batch * pair_fraction) pair rows however the global batch is split into
+    micro-batches and processes (a run setting must not change what is trained)."""
+    if data.pair_task == "none" or data.pair_fraction >= 1.0:
+        return data.pair_fraction
+    parts = stage.global_batch // micro  # micro-batches per step, over all processes
+    pairs = min(max(round(stage.global_batch * data.pair_fraction), 1),
+                stage.global_batch - 1)
+    if pairs % parts or pairs // parts >= micro:
+        raise UserError(f"stage {stage.name or stage.seq_len}: {pairs} pair rows per step "
+                        f"(pair_fraction {data.pair_fraction} of {stage.global_batch}) do not "
+                        f"split evenly over {parts} micro-batches of {micro} rows with room for "
+                        "corpus rows; choose a --micro-batch (or process count) that makes "
+                        f"global_batch / micro-batch divide {pairs}")
+    return pairs // parts / micro
+
+
 def eval_batches(data: Path, spec: EvalSpec, causal: bool
                  ) -> tuple[list[dict[str, torch.Tensor]], int]:
     """The common evaluation set: `spec.rows` packed rows of held-out documents with BERT token
@@ -130,6 +159,32 @@ def eval_batches(data: Path, spec: EvalSpec, causal: bool
     n = min(max(spec.rows // spec.batch, 1), loader.steps_per_epoch)
     batches = iter(loader) if not causal else causal_batches(loader)
     return [next(batches) for _ in range(n)], len(loader.vocab)
+
+
+def pair_eval_batches(data: Path, recipe: Recipe) -> list[dict[str, torch.Tensor]]:
+    """The held-out pair examples of the recipe's pair task, masked like the MLM evaluation
+    (BERT token masking at 15%, fixed seed): sentence order or next sentence from the held-out
+    documents, click pairs from `click_eval_files` (none given: no pair evaluation). Up to
+    `eval.rows` rows, at least 256 when there are that many (a pair accuracy over fewer rows is
+    too noisy to read)."""
+    d, spec = recipe.data, recipe.eval
+    if d.pair_task == "none" or (d.pair_task == "click" and not d.click_eval_files):
+        return []
+    config = LoaderConfig(seq_len=spec.seq_len, batch_size=1, seed=spec.seed,
+                          pair_task=d.pair_task, click_files=tuple(d.click_eval_files),
+                          click=d.click_settings(),
+                          masking=MaskingConfig(strategy="token", rate=0.15))
+    try:
+        available = SplitLoader(data, config, spec.holdout_every, held_out=True).steps_per_epoch
+    except UserError as e:  # e.g. no held-out document with two sentences: say so, go on
+        print(f"motian: no held-out pair evaluation: {e}", file=sys.stderr)
+        return []
+    batch = min(spec.batch, available)
+    loader = SplitLoader(data, replace(config, batch_size=batch), spec.holdout_every,
+                         held_out=True)
+    n = min(max(max(spec.rows, 256) // batch, 1), loader.steps_per_epoch)
+    batches = iter(loader)
+    return [next(batches) for _ in range(n)]
 
 
 def fit_config(recipe: Recipe) -> FitConfig:
@@ -155,7 +210,8 @@ def build_objective(recipe: Recipe, data: Path, run: RunSettings) -> Pretrainer:
     model = build_model(config, recipe.objective, recipe.data.pair_task)
     weighting = TaskWeighting(task_names(recipe.objective, recipe.data.pair_task),
                               recipe.objective)
-    return Pretrainer(model, weighting, evalset)
+    pairs = [] if causal else pair_eval_batches(data, recipe)
+    return Pretrainer(model, weighting, evalset, pairs)
 
 
 # --------------------------------------------------------------------------- the run
@@ -231,3 +287,64 @@ def _finish(run_dir: Path, objective: Pretrainer, summary: dict, info: DistInfo)
                 shutil.copyfile(run_dir / name, run_dir / "final" / name)
         write_json_atomic(run_dir / "summary.json", summary)
     return summary
+
+
+# --------------------------------------------------------------------------- inspect-batch
+
+
+def inspect_batch(data: Path, recipe: str | None = None, tokenizer: Path | None = None,
+                  preset: Literal["bert", "wwm", "spanbert", "motian"] | None = None,
+                  strategy: Literal["token", "whole_word", "ngram", "span"] | None = None,
+                  seq_len: int | None = None, examples: int = 4, seed: int | None = None,
+                  pair_task: Literal["none", "sop", "nsp", "click"] | None = None,
+                  click_files: list[Path] | None = None) -> list[str]:
+    """Print a few masked training examples as text, to see what the model must predict.
+
+    Args:
+        data: a directory written by `motian encode`.
+        recipe: show what this pretraining recipe (a name such as demo, or a YAML file) trains
+            on: the first rows of its first step, with its masking, pair task, length and seed
+            (the options below then stay unset).
+        tokenizer: the tokenizer the data was encoded with (default: data/vocab.txt).
+        preset: masking recipe: bert (tokens), wwm (whole words), spanbert (spans), motian
+            (words and phrases, synonyms instead of [MASK]; the default without --recipe).
+        strategy: override the preset's unit: token, whole_word, ngram or span.
+        seq_len: sequence length of the packed rows (default 128).
+        examples: how many rows to print.
+        seed: the loader seed (default 0; the same seed shows the same masks as training).
+        pair_task: none (packed documents, the default), sop (sentence-order pairs), nsp (next
+            sentence) or click (pairs from click_files).
+        click_files: click logs (query<TAB>title<TAB>label) for pair_task=click.
+    """
+    if recipe is not None:
+        given = [name for name, value in (("tokenizer", tokenizer), ("preset", preset),
+                                          ("strategy", strategy), ("seq_len", seq_len),
+                                          ("seed", seed), ("pair_task", pair_task),
+                                          ("click_files", click_files)) if value is not None]
+        if given:
+            raise UserError(f"--recipe {recipe} decides {', '.join(given)}: give either the "
+                            "recipe or those options (inspect-batch --help)")
+        loader, header = _recipe_loader(Path(data), recipe)
+    else:
+        loader, header = options_loader(Path(data), tokenizer, preset, strategy, seq_len,
+                                        examples, seed, pair_task, click_files)
+    return show_batch(loader, header, examples)
+
+
+def _recipe_loader(data: Path, name: str):
+    """The loader of `name`'s first training step, built by pretraining's own batch source
+    (one process, the stage's whole global batch), and a header saying what it is."""
+    from motian.train.recipe import load_recipe
+
+    recipe = load_recipe(name)
+    if recipe.objective.kind == "causal":
+        raise UserError(f"recipe {recipe.name} trains a decoder on next tokens: nothing is "
+                        "masked, so there is nothing for inspect-batch to show")
+    stage = recipe.stages[0]
+    source = PretrainBatches(data, recipe)
+    source.start(0, stage, stage.global_batch, DistInfo(), None)
+    d, masking = recipe.data, recipe.data.masking_config()
+    header = (f"{data}: recipe {recipe.name}, its first step (training documents): masking "
+              f"{d.masking}, strategy {masking.strategy}, rate {masking.rate:g}, pair task "
+              f"{d.pair_task}, L={stage.seq_len}, seed {d.seed}")
+    return source.loader, header

@@ -12,8 +12,8 @@ TINY = """\
 model:
   preset: tiny
   overrides: {{hidden: 32, layers: 2, heads: 2, ffn: 64, max_positions: 64, dropout: 0.1}}
-data: {{masking: motian, pair_task: {pair_task}}}
-objective: {{kind: mlm, weighting: uncertainty}}
+data: {data}
+objective: {objective}
 optim: {{name: {optim}, lr: 0.01}}
 stages:
   - {{fraction: 0.75, seq_len: 32, global_batch: 8, warmup: 0.2}}
@@ -26,11 +26,15 @@ max_bad_steps: 3
 
 
 def write_recipe(directory: Path, steps: int = 16, checkpoint_every: int = 4,
-                 eval_every: int = 8, pair_task: str = "sop", optim: str = "lamb") -> Path:
+                 eval_every: int = 8, pair_task: str = "sop", optim: str = "lamb",
+                 data: str | None = None, objective: str | None = None) -> Path:
+    """`data` / `objective`: the recipe's YAML flow mappings for those sections, replacing
+    the defaults ({masking: motian, pair_task: ...} and uncertainty weighting)."""
     path = directory / "tiny.yaml"
-    path.write_text(TINY.format(steps=steps, checkpoint_every=checkpoint_every,
-                                eval_every=eval_every, pair_task=pair_task, optim=optim),
-                    encoding="utf-8")
+    path.write_text(TINY.format(
+        steps=steps, checkpoint_every=checkpoint_every, eval_every=eval_every, optim=optim,
+        data=data or f"{{masking: motian, pair_task: {pair_task}}}",
+        objective=objective or "{kind: mlm, weighting: uncertainty}"), encoding="utf-8")
     return path
 
 

@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import importlib
 import inspect
+import os
 import pkgutil
 import subprocess
 import sys
@@ -182,3 +183,37 @@ def _clash_with_negation(no_shuffle: bool = False, s: Sampling = Sampling()):
 def test_option_clashes_fail_when_the_parser_is_built(func, message):
     with pytest.raises(TypeError, match=message):
         _parse([], func)
+
+
+SCRIPT_WITHOUT_MAIN_GUARD = """\
+import motian
+print("script body runs", flush=True)
+motian.prepare(["corpus/"], "runs/api", text_field="content", workers=2, vocab_size=300,
+               progress=False)
+print("DONE", flush=True)
+"""
+
+
+def test_the_api_at_the_top_level_of_a_script_without_a_main_guard(tmp_path):
+    """`python api_test.py` whose top level calls motian.prepare (no `if __name__ ==
+    "__main__":`): the spawned clean and encode workers must not run the script again (which
+    multiprocessing answers with an error in every worker, over and over). Two workers each,
+    a real subprocess, a bounded time."""
+    import json
+
+    from motian.data.sources import iter_documents
+
+    (tmp_path / "corpus").mkdir()
+    with open(tmp_path / "corpus" / "news.jsonl", "w", encoding="utf-8") as f:
+        for doc, _ in zip(iter_documents(["pd98"]), range(60)):
+            f.write(json.dumps({"content": doc.text}, ensure_ascii=False) + "\n")
+    (tmp_path / "api_test.py").write_text(SCRIPT_WITHOUT_MAIN_GUARD, encoding="utf-8")
+    done = subprocess.run([sys.executable, "api_test.py"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=240,
+                          env={**os.environ, "OMP_NUM_THREADS": "1",
+                               "PYTHONPATH": str(Path(__file__).parents[1])})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("script body runs") == 1  # no worker ran the script
+    assert done.stdout.count("[1/3] clean") == 1 and done.stdout.rstrip().endswith("DONE")
+    assert "RuntimeError" not in done.stderr
+    assert (tmp_path / "runs" / "api" / "encoded" / "manifest.json").is_file()

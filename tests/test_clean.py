@@ -90,6 +90,29 @@ def test_settings_out_of_range_are_user_errors(tmp_path):
         clean([str(tmp_path / "missing.txt")], tmp_path / "o", progress=False)
 
 
+def test_json_lines_without_the_text_field_fail_in_clean_naming_the_keys(tmp_path):
+    """Without --text-field, JSON lines that keep their text elsewhere would clean to 0
+    documents and fail only at the vocabulary: `prepare` now stops in clean, before writing
+    anything, naming the file, its keys and the option to use."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.jsonl").write_text("\n" + json.dumps(
+        {"id": 1, "title": "短", "content": "今天的天气非常好，我们一起去公园散步吧。"},
+        ensure_ascii=False) + "\n", encoding="utf-8")
+    out = tmp_path / "run"
+    done = subprocess.run([sys.executable, "-m", "motian.cli", "prepare", "--inputs",
+                           str(corpus), "--out", str(out), "--workers", "1", "--no-progress"],
+                          capture_output=True, text=True)
+    assert done.returncode == 1, done.stderr
+    assert (f"{corpus / 'a.jsonl'}:2: the JSON record has no string field 'text' (its keys: "
+            "id, title, content); pass --text-field content") in done.stderr
+    assert "Traceback" not in done.stderr and "[2/3]" not in done.stdout
+    assert not (out / "clean" / "manifest.json").exists()
+    rep = clean([str(corpus)], tmp_path / "ok", text_field="content", workers=1,
+                progress=False)
+    assert rep["documents"]["kept"] == 1
+
+
 # --------------------------------------------------------------------------- dedup
 
 def test_exact_and_near_duplicates(tmp_path):

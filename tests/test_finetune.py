@@ -260,3 +260,84 @@ def test_finetune_finds_the_tokenizer_of_a_pretraining_run(tmp_path, pd98_encode
     assert records[0]["lr"] > 0 and records[-1]["lr"] == 0  # linear decay to 0
     assert all(r["grad_norm"] > 0 and r["skipped"] == 0 for r in records)
     assert records[-1]["loss"] == pytest.approx(result["runs"][0]["final_loss"])
+
+
+# --------------------------------------------------------------------------- defaults by model
+
+
+def test_lr_and_pooling_follow_the_checkpoint_unless_given(tmp_path, reviews, vocab, capsys):
+    """Without --lr / --pooling, a run on a narrow MLM-only checkpoint trains at 1e-3 with
+    mean pooling, says so in one stderr line and stores the choice (results.json, results.md,
+    the resolved settings and the saved model); given values are kept and nothing is said."""
+    from motian.task_training import TaskTraining
+    from motian.train.settings import OptimSettings, RunSettings
+
+    pos, neg = reviews
+    train = [{"sentence": t, "label": "101"} for t in pos] + \
+        [{"sentence": t, "label": "100"} for t in neg]
+    d = clue_dir(tmp_path, "tnews", train, [])
+    mlm = save_pretrained(MaskedLM(preset("tiny", vocab_size=512, hidden=32, heads=4, ffn=64)),
+                          tmp_path / "mlm")
+    quick = dict(seeds=[1], training=TaskTraining(epochs=1, batch_size=8),
+                 run=RunSettings(progress=False))
+    result = finetune("tnews", tmp_path / "auto", model=mlm, tokenizer=vocab, data=d, **quick)
+    lines = [x for x in capsys.readouterr().err.splitlines() if x.startswith("motian: chose")]
+    assert len(lines) == 1
+    assert "lr 0.001 (hidden 32, 2 layers" in lines[0]
+    assert "pooling mean (MLM-only pretraining never trained [CLS])" in lines[0]
+    assert result["config"]["lr"] == 1e-3
+    assert result["config"]["model_overrides"] == {"classifier_pooling": "mean"}
+    assert {k: v["chosen"] for k, v in result["defaults"].items()} == {"lr": "auto",
+                                                                       "pooling": "auto"}
+    saved = json.loads((tmp_path / "auto" / "results.json").read_text("utf-8"))
+    assert saved["defaults"] == result["defaults"]
+    assert "- chosen for this model (not given): lr 0.001 (hidden 32" in \
+        (tmp_path / "auto" / "results.md").read_text("utf-8")
+    tuned = from_pretrained(tmp_path / "auto" / "seed-1" / "model")
+    assert tuned.config.classifier_pooling == "mean"
+    given = finetune("tnews", tmp_path / "given", model=mlm, tokenizer=vocab, data=d,
+                     pooling="cls", optim=OptimSettings(lr=5e-5), save_model=False, **quick)
+    assert "motian: chose" not in capsys.readouterr().err
+    assert given["config"]["lr"] == 5e-5
+    assert given["config"]["model_overrides"] == {"classifier_pooling": "cls"}
+    assert {v["chosen"] for v in given["defaults"].values()} == {"given"}
+
+
+def test_defaults_read_size_and_what_pretraining_trained(tmp_path):
+    """The rate falls with the width; [CLS] is read only where a pair task trained it and the
+    model is at least 256 wide (motian's PreTrainingModel; a Hugging Face BERT whose pooler
+    was saved, i.e. next-sentence prediction); token tasks get no pooling; a negative rate
+    is refused."""
+    from transformers import BertConfig, BertForMaskedLM, BertForPreTraining
+
+    from motian.errors import UserError
+    from motian.finetuning import choose_defaults
+    from motian.model import PreTrainingModel
+
+    def saved(cls, name, **kw):
+        return save_pretrained(cls(preset("tiny", vocab_size=99, **kw)), tmp_path / name)
+
+    def chosen(task_type, model, random_init=False):
+        c = choose_defaults(task_type, model, "tiny", 99, random_init, 0.0, None)
+        return c["lr"]["value"], c.get("pooling", {}).get("value"), c
+
+    narrow_pair = saved(PreTrainingModel, "narrow", hidden=32, heads=4, ffn=64)
+    wide_pair = saved(PreTrainingModel, "wide", hidden=256, heads=4, ffn=256, layers=1)
+    wide_mlm = saved(MaskedLM, "wide-mlm", hidden=256, heads=4, ffn=256, layers=1)
+    assert chosen("pair", narrow_pair)[:2] == (1e-3, "mean")
+    assert "trained by a pair task, but below hidden 256" in \
+        chosen("pair", narrow_pair)[2]["pooling"]["why"]
+    assert chosen("single", wide_pair)[:2] == (3e-4, "cls")
+    assert chosen("choice", wide_mlm)[:2] == (3e-4, "mean")
+    assert chosen("token", wide_pair)[1] is None
+    assert "keeps the checkpoint's settings" in chosen("single", wide_pair, True)[2][
+        "pooling"]["why"]
+    assert chosen("single", None)[:2] == (1e-3, "cls")  # random init of the tiny preset
+    bert = BertConfig(vocab_size=99, hidden_size=256, num_hidden_layers=1,
+                      num_attention_heads=4, intermediate_size=256)
+    BertForPreTraining(bert).save_pretrained(tmp_path / "bert-nsp")
+    BertForMaskedLM(bert).save_pretrained(tmp_path / "bert-mlm")
+    assert chosen("single", tmp_path / "bert-nsp")[:2] == (3e-4, "cls")
+    assert chosen("single", tmp_path / "bert-mlm")[:2] == (3e-4, "mean")
+    with pytest.raises(UserError, match="--lr -1"):
+        choose_defaults("single", None, "tiny", 99, False, -1.0, None)

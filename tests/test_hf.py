@@ -211,3 +211,46 @@ def test_cli_converts_both_ways(tmp_path, capsys):
     assert cli_main(["hf-convert", "--source", str(tmp_path / "nowhere"),
                      "--out", str(tmp_path / "x")]) == 1
     assert "no config.json" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("norm,position,remote", [("post", "absolute", False),
+                                                  ("pre", "alibi", True)])
+def test_export_loads_the_usual_way_tokenizer_included(tmp_path, reviews, norm, position,
+                                                       remote):
+    """`AutoTokenizer.from_pretrained(dir)` and `AutoModelFor...from_pretrained(dir)`
+    (trust_remote_code only for the remote-code kind) load an export of a real WordPiece
+    tokenizer and a tiny classifier: the same token ids as motian's tokenizer (case kept: the
+    vocabulary has 'iPhone', which a lower-casing tokenizer would turn into [UNK]), and the same
+    logits within 1e-4 on padded real reviews."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from motian.data.tokenizer import load_tokenizer
+    from motian.model import SequenceClassification
+
+    texts = reviews[0][:3] + reviews[1][:3] + ["我的iPhone很好用"]
+    chars = sorted({c for t in texts for c in t if not c.isspace()})
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "iPhone"] + chars
+    (tmp_path / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
+    tok = load_tokenizer(tmp_path / "vocab.txt")
+    torch.manual_seed(8)
+    cfg = preset("tiny", vocab_size=len(vocab), hidden=32, heads=4, ffn=48, norm=norm,
+                 position=position, max_positions=64)
+    model = SequenceClassification(cfg, num_labels=2).eval()
+    out = export_hf(model, tmp_path / "hf", tmp_path / "vocab.txt")
+    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json",
+                 "special_tokens_map.json"):
+        assert (out / name).is_file(), name
+    assert (json.loads((out / "config.json").read_text())["model_type"] == "motian") == remote
+    hf_tok = AutoTokenizer.from_pretrained(out)
+    slow = AutoTokenizer.from_pretrained(out, use_fast=False)
+    enc = hf_tok(texts, padding=True, return_tensors="pt")
+    for row, mask, text in zip(enc["input_ids"], enc["attention_mask"], texts):
+        assert row[mask.bool()].tolist() == tok.encode(text).ids == slow(text)["input_ids"]
+    assert tok.token_to_id("iPhone") in enc["input_ids"][-1].tolist()
+    assert (enc["attention_mask"] == 0).any()  # padding is part of the comparison
+    hf = AutoModelForSequenceClassification.from_pretrained(out, trust_remote_code=remote)
+    with torch.no_grad():
+        close(hf.eval()(**enc).logits,
+              model(enc["input_ids"], enc["attention_mask"], enc["token_type_ids"]).logits)
+    with pytest.raises(UserError, match="no such tokenizer"):
+        export_hf(model, tmp_path / "hf2", tmp_path / "missing-vocab.txt")

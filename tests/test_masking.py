@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -316,3 +317,146 @@ def test_inspect_batch_shows_words_phrases_and_synonyms(pd98_encoded, capsys):
     assert main(["inspect-batch", "--data", str(pd98_encoded), "--preset", "wwm",
                  "--examples", "2"]) == 0
     assert "■■" in capsys.readouterr().out  # [MASK] over a whole two-character word
+
+
+# ---------------------------------------------------------------- weighted synonym draws
+
+
+def chi2_limit(df: int, z: float = 3.29) -> float:
+    """Upper critical value of chi-square with `df` degrees of freedom at the normal quantile
+    `z` (3.29: p = 0.0005), by the Wilson-Hilferty approximation (no scipy needed)."""
+    return df * (1 - 2 / (9 * df) + z * (2 / (9 * df)) ** 0.5) ** 3
+
+
+def synonym_draws(table, rows, config, batches=120, seed=5, tok=None):
+    """Mask batches whose words all have synonyms (two-token words of `rows`, cycled) and count,
+    per row, how often each candidate was drawn. Returns {row: counts (count[row],)}."""
+    rng = np.random.default_rng(seed)
+    B, L = 32, 128
+    n_words = (L - 2) // 2
+    word_rows = np.resize(np.asarray(rows), B * n_words).reshape(B, n_words)
+    tokens = np.full((B, L), SEP, np.int64)
+    tokens[:, 0] = CLS
+    start = np.zeros((B, L), bool)
+    syn = np.full((B, L), -1, np.int64)
+    cols = 1 + 2 * np.arange(n_words)
+    start[:, cols] = True
+    syn[:, cols] = word_rows
+    for r in rows:  # the word's own tokens (any tokens would do: the row decides the draw)
+        own = tok.encode(table.words[r], add_special_tokens=False).ids
+        b, k = np.nonzero(word_rows == r)
+        tokens[b, cols[k]], tokens[b, cols[k] + 1] = own
+    content = np.zeros((B, L), bool)
+    content[:, 1: 1 + 2 * n_words] = True
+    m = masker(config, table)
+    index = {r: {tuple(c): j for j, c in enumerate(table.candidates(r))} for r in rows}
+    counts = {r: np.zeros(int(table.count[r]), np.int64) for r in rows}
+    for _ in range(batches):
+        out = m(tokens, start, content, syn, rng)
+        b, c = np.nonzero((out.actions == SYNONYM) & start)
+        for bi, ci in zip(b, c):
+            r = int(syn[bi, ci])
+            counts[r][index[r][tuple(out.input_ids[bi, ci: ci + 2])]] += 1
+    return counts
+
+
+@pytest.fixture(scope="module")
+def real_table(pd98_encoded):
+    """The weighted synonym table `motian encode` wrote for real text, its tokenizer, and three
+    two-token rows with at least 4 candidates of clearly unequal weights."""
+    from motian.data.shards import EncodedDataset
+    from motian.data.tokenizer import load_tokenizer
+
+    table = EncodedDataset(pd98_encoded).synonyms()
+    assert table.weighted
+    off = table.offsets()
+    rows = [r for r in range(len(table.words))
+            if table.length[r] == 2 and table.count[r] >= 4
+            and np.ptp(np.log1p(table.freq[off[r]: off[r] + table.count[r]])) > 3][:3]
+    assert len(rows) == 3
+    return table, rows, load_tokenizer(pd98_encoded / "vocab.txt")
+
+
+def expected_probs(table, r, alpha):
+    s = table.offsets()[r]
+    w = table.groups[s: s + table.count[r]] * (table.freq[s: s + table.count[r]] + 1.0) ** alpha
+    return w / w.sum()
+
+
+def chi2(counts, probs):
+    exp = counts.sum() * probs
+    return float(((counts - exp) ** 2 / exp).sum())
+
+
+SYN_ONLY = dict(mask_prob=0.0, random_prob=0.0, keep_prob=0.0, synonym_prob=1.0)
+
+
+@pytest.mark.parametrize("alpha", [0.5, 1.0])
+def test_weighted_synonym_draws_follow_the_weights(real_table, alpha):
+    table, rows, tok = real_table
+    cfg = MaskingConfig(**SYN_ONLY, synonym_weighting="frequency", synonym_alpha=alpha)
+    counts = synonym_draws(table, rows, cfg, tok=tok)
+    uniform = synonym_draws(table, rows, MaskingConfig(**SYN_ONLY), tok=tok)
+    for r in rows:
+        probs, k = expected_probs(table, r, alpha), int(table.count[r])
+        assert counts[r].sum() > 8000, counts[r].sum()
+        assert chi2(counts[r], probs) < chi2_limit(k - 1), (table.words[r], counts[r], probs)
+        # the test has power: uniform draws fail it, and pass their own expectation
+        assert chi2(uniform[r], probs) > 10 * chi2_limit(k - 1)
+        assert chi2(uniform[r], np.full(k, 1 / k)) < chi2_limit(k - 1)
+        # the most common candidate is drawn most
+        assert np.argmax(counts[r]) == np.argmax(probs)
+
+
+def test_weighting_changes_only_which_synonym_and_is_deterministic(real_table):
+    table, rows, tok = real_table
+    rng = np.random.default_rng(3)
+    tokens, start, content, syn, _ = word_batch(rng, B=32, synonym_rows={2: rows[0]})
+    motian = MaskingConfig.preset("motian", synonym_weighting="uniform")
+    weighted = replace(motian, synonym_weighting="frequency", synonym_alpha=1.0)
+    u = masker(motian, table)(tokens, start, content, syn, np.random.default_rng(9))
+    w1 = masker(weighted, table)(tokens, start, content, syn, np.random.default_rng(9))
+    w2 = masker(weighted, table)(tokens, start, content, syn, np.random.default_rng(9))
+    for name in ("input_ids", "mlm_positions", "mlm_labels", "actions"):
+        assert np.array_equal(getattr(w1, name), getattr(w2, name)), name  # same rng, same mask
+    # Both draws take one number per word, so every other decision is the same.
+    for name in ("mlm_positions", "mlm_labels", "actions"):
+        assert np.array_equal(getattr(u, name), getattr(w1, name)), name
+    syn_pos = u.actions == SYNONYM
+    assert syn_pos.sum() > 30
+    assert np.array_equal(u.input_ids[~syn_pos], w1.input_ids[~syn_pos])
+    assert not np.array_equal(u.input_ids[syn_pos], w1.input_ids[syn_pos])
+
+
+def test_uniform_ignores_the_weights(real_table):
+    """"uniform" draws exactly as before the table had weights: the same masks from the table
+    with and without them."""
+    table, rows, tok = real_table
+    bare = SynonymTable(table.start, table.count, table.length, table.tokens, table.words)
+    rng = np.random.default_rng(4)
+    tokens, start, content, syn, _ = word_batch(rng, B=32, synonym_rows={2: rows[1]})
+    cfg = MaskingConfig.preset("motian", synonym_weighting="uniform")
+    a = masker(cfg, table)(tokens, start, content, syn, np.random.default_rng(1))
+    b = masker(cfg, bare)(tokens, start, content, syn, np.random.default_rng(1))
+    assert np.array_equal(a.input_ids, b.input_ids) and (a.actions == SYNONYM).any()
+
+
+def test_a_table_without_weights_draws_uniformly_with_a_warning(real_table):
+    table, rows, tok = real_table
+    bare = SynonymTable(table.start, table.count, table.length, table.tokens, table.words)
+    cfg = MaskingConfig(**SYN_ONLY, synonym_weighting="frequency")
+    with pytest.warns(UserWarning, match="without candidate weights.*motian encode"):
+        counts = synonym_draws(bare, rows, cfg, batches=40, tok=tok)
+    for r in rows:
+        k = int(table.count[r])
+        assert chi2(counts[r], np.full(k, 1 / k)) < chi2_limit(k - 1)
+
+
+@pytest.mark.parametrize("bad, match", [
+    ({"synonym_weighting": "zipf"}, "synonym_weighting must be 'uniform' or 'frequency'"),
+    ({"synonym_alpha": -0.5}, "synonym_alpha must be a number from 0 to 4"),
+    ({"synonym_alpha": "0.5"}, "synonym_alpha must be a number"),
+])
+def test_bad_synonym_weighting_settings_fail_clearly(bad, match):
+    with pytest.raises(ValueError, match=match):
+        MaskingConfig.preset("motian", **bad)

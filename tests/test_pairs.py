@@ -9,7 +9,7 @@ import pytest
 
 from motian.data.loader import LoaderConfig, PackedLoader
 from motian.data.masking import MaskingConfig
-from motian.data.pairs import read_click_log, sentence_index, sop_plan
+from motian.data.pairs import ClickSettings, read_click_log, sentence_index, sop_plan
 from motian.data.shards import PARAGRAPH_START, SENTENCE_START, EncodedDataset
 from motian.errors import SkipLog, UserError
 
@@ -65,7 +65,7 @@ def test_click_log_parsing_reports_bad_lines_with_file_and_line(tmp_path):
     for line in (3, 4, 6, 8):
         assert f"{path}:{line}:" in examples
     assert read_click_log(write_click_log(tmp_path / "c2.tsv", ["q\tt\t10\t1"]), skips,
-                          min_ctr=0.2)[0].label == 0
+                          ClickSettings(min_ctr=0.2))[0].label == 0
 
 
 def test_click_pairs_in_the_loader(pd98_encoded, tmp_path):

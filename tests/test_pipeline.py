@@ -95,6 +95,101 @@ def test_heldout_pd98_articles_are_exactly_the_dev_and_test_articles():
     assert 0.15 * len(docs) < dropped < 0.25 * len(docs)  # 2 articles in 10
 
 
+# --------------------------------------------------------------------------- own texts
+
+
+def test_exclude_keeps_own_eval_texts_out_and_prepare_takes_clean_thresholds(tmp_path):
+    """`prepare --exclude` with a fine-tuning dev.jsonl and a plain-text test file: their texts
+    are removed wherever they appear (a whole document, one line of an article, with
+    full-width characters), the count is printed and in the report; a clean threshold given to
+    prepare reaches clean; a resume with other --exclude files is refused."""
+    from motian.data.clean import EXCLUDED, normalize_text
+
+    paragraphs = [line for d in itertools.islice(iter_documents(["pd98"]), 40)
+                  for line in d.text.split("\n") if len(line) > 20][:120]
+    dev, test, train = paragraphs[:10], paragraphs[10:15], paragraphs[15:]
+    article = "\n".join(train[:3] + [test[0]])  # an own test text as one line of an article
+    fullwidth = dev[1].replace("1", "１").replace("2", "２") + "　"  # normalises to dev[1]
+    english = "This paragraph is English only and the default min_cjk_ratio would drop it."
+    corpus = tmp_path / "corpus.jsonl"
+    docs = train[3:] + dev + [article, fullwidth, english]
+    corpus.write_text("".join(json.dumps({"id": i, "content": t}, ensure_ascii=False) + "\n"
+                              for i, t in enumerate(docs)), encoding="utf-8")
+    (tmp_path / "dev.jsonl").write_text("".join(
+        json.dumps({"text": t, "label": "x"}, ensure_ascii=False) + "\n" for t in dev),
+        encoding="utf-8")
+    (tmp_path / "test.txt").write_text("\n".join(test) + "\n", encoding="utf-8")
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "motian.cli", "prepare", "--inputs", str(corpus), "--out",
+           str(out), "--text-field", "content", "--vocab-size", "600", "--workers", "1",
+           "--min-cjk-ratio", "0", "--no-progress", "--exclude", str(tmp_path / "dev.jsonl"),
+           str(tmp_path / "test.txt")]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "--exclude: 15 distinct texts read from" in done.stdout
+    assert "12 documents holding one removed" in done.stdout  # 10 dev + article + full-width
+    report = json.loads((out / "report.json").read_text(encoding="utf-8"))
+    clean_report = report["clean"]
+    assert clean_report["documents"]["dropped"] == {EXCLUDED: 12}
+    assert clean_report["excluded"]["texts"] == 15
+    assert clean_report["excluded"]["files"] == {str(tmp_path / "dev.jsonl"): 10,
+                                                 str(tmp_path / "test.txt"): 5}
+    assert clean_report["settings"]["min_cjk_ratio"] == 0
+    kept = [json.loads(line)["text"] for line in open(out / "clean" / "clean-00000.jsonl",
+                                                      encoding="utf-8")]
+    assert english in kept  # min_cjk_ratio 0 reached clean
+    own = {normalize_text(t) for t in dev + test}
+    assert not any(line in own for text in kept for line in text.split("\n"))
+    assert len(kept) == len(train) - 3 + 1
+    assert "--exclude: 15 distinct texts" in (out / "report.md").read_text(encoding="utf-8")
+
+    # The same command resumes; other --exclude texts are refused with what to do.
+    assert subprocess.run(cmd, capture_output=True, text=True).returncode == 0
+    (tmp_path / "test.txt").write_text("\n".join(test[:2]) + "\n", encoding="utf-8")
+    other = subprocess.run(cmd, capture_output=True, text=True)
+    assert other.returncode == 1 and "exclude_digest" in other.stderr
+    assert "--no-resume" in other.stderr and "Traceback" not in other.stderr
+
+
+def test_exclude_file_errors_name_the_line(tmp_path):
+    from motian.errors import UserError
+    from motian.pipeline import clean
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("今天的天气非常好，我们去公园散步。\n", encoding="utf-8")
+    bad = tmp_path / "dev.jsonl"
+    bad.write_text('{"text": "第一条"}\n{"sentence": "第二条", "label": 1}\n', encoding="utf-8")
+    for path, expected in [(bad, f"{bad}:2: no text in this record (keys: sentence, label)"),
+                           (tmp_path / "missing.jsonl", "no such file")]:
+        try:
+            clean([str(corpus)], tmp_path / "clean", exclude=[path], workers=1,
+                  progress=False)
+        except UserError as err:
+            assert expected in str(err)
+        else:
+            raise AssertionError(f"--exclude {path} was accepted")
+    assert not (tmp_path / "clean").exists()  # refused before anything was written
+    # the record's own field names the text: --text-field sentence reads it
+    rep = clean([str(corpus)], tmp_path / "clean", exclude=[bad], text_field="sentence",
+                workers=1, progress=False)
+    assert rep["excluded"]["texts"] == 2
+
+
+def test_prepare_exposes_every_clean_threshold_with_the_same_default():
+    import inspect
+
+    from motian.data.clean import CleanSettings
+    from motian.pipeline import clean, prepare
+
+    ours = inspect.signature(prepare).parameters
+    theirs = inspect.signature(clean).parameters
+    for name in ("min_chars", "max_chars", "min_cjk_ratio", "max_symbol_ratio",
+                 "max_char_repeat", "max_dup_line_ratio", "near_dup_threshold", "exclude"):
+        assert ours[name].default == theirs[name].default, name
+        if hasattr(CleanSettings, name):
+            assert ours[name].default == getattr(CleanSettings, name), name
+
+
 # --------------------------------------------------------------------------- the demo
 
 

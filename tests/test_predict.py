@@ -193,3 +193,38 @@ def test_serves_a_fine_tuned_model_as_evaluate_scores_it(tmp_path, review_tokeni
     records = [{"id": c["id"], "text": text[c["id"]]} for c in chosen]
     for outputs in run_both(tmp_path / "serve", records):
         assert [o["label"] for o in outputs] == [task.labels[c["prediction"]] for c in chosen]
+
+
+def test_texts_in_predictions_out_from_python(tmp_path, review_tokenizer):
+    """`motian.predict(model, texts)` on a real fine-tuned model: a list of dicts in memory,
+    in order, the same answers as the file verb and as `evaluate`; pairs and dicts too; a
+    kept `Predictor` answers the same; a bad item is named by its position."""
+    import motian
+    from motian.finetuning import evaluate, finetune
+    from motian.serving.predict import Predictor
+    from motian.tasks.builtin import load_builtin
+    from tests.settings_helpers import typed
+
+    finetune("reviews-sentiment", tmp_path / "ft", tokenizer=review_tokenizer, seeds=[1],
+             max_train=96, max_eval=40, **typed(epochs=1, lr=1e-3))
+    model = tmp_path / "ft" / "seed-1" / "model"
+    evaluate(model, split="test", max_eval=40, out=tmp_path / "ev")
+    (scored,) = (tmp_path / "ev").glob("*.jsonl")
+    chosen = [json.loads(line) for line in scored.read_text().splitlines()]
+    task = load_builtin("reviews-sentiment")
+    text = {e.guid: e.text for e in task.splits["test"]}
+    texts = [text[c["id"]] for c in chosen]
+    results = motian.predict(model, texts, batch_size=16)
+    assert isinstance(results, list) and len(results) == len(texts)
+    assert [r["label"] for r in results] == [task.labels[c["prediction"]] for c in chosen]
+    pairs = [(texts[0], texts[1]), {"id": "x", "text": texts[2], "text_pair": texts[3]}]
+    inputs = tmp_path / "in.jsonl"
+    inputs.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in (
+        {"text": texts[0], "text_pair": texts[1]}, pairs[1])), encoding="utf-8")
+    assert predict(model, inputs, tmp_path / "out.jsonl") == 2
+    from_file = [json.loads(x) for x in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert motian.predict(model, pairs) == from_file and from_file[1]["id"] == "x"
+    kept = Predictor.load(model)
+    assert kept(texts[:5]) == results[:5] and kept(texts[0]) == results[:1]
+    with pytest.raises(UserError, match="input 1: expected a text"):
+        kept(["好", 3])

@@ -31,8 +31,11 @@ def test_two_stage_run_writes_metrics_eval_checkpoints_and_metadata(pd98_encoded
     evals = read_metrics(run / "metrics.jsonl", "eval")
     assert [e["step"] for e in evals] == [0, 8, 16]
     assert all(e["tokens"] > 50 and 0 <= e["accuracy"] <= 1 for e in evals)
-    assert summary["steps"] == 16 and summary["eval"] == {k: evals[-1][k] for k in
-                                                           ("loss", "accuracy", "tokens")}
+    keys = ("loss", "accuracy", "tokens", "pair_loss", "pair_accuracy", "pair_majority",
+            "pair_rows")
+    assert summary["steps"] == 16 and summary["eval"] == {k: evals[-1][k] for k in keys}
+    # The sentence-order task is evaluated on the held-out documents' pairs too.
+    assert all(e["pair_rows"] > 0 and 0 <= e["pair_accuracy"] <= 1 for e in evals)
     names = sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.startswith("step"))
     assert names == ["step-00000008", "step-00000012", "step-00000016"]  # keep_last 3
     meta = json.loads((run / "run.json").read_text())

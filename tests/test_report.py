@@ -95,6 +95,12 @@ def test_report_has_valid_plots_and_the_measured_numbers(tiny_run, fine_tuned, t
         mean, std, n = summary["test"]["accuracy"]
         assert (f"| {arm} | reviews-sentiment | test | accuracy | {100 * mean:.2f} ± "
                 f"{100 * std:.2f} | {n} |") in text
+    # the majority-class floor of the task, once however many arms share the task
+    floor = json.loads((fine_tuned["teacher"] / "results.json").read_text())["majority_class"]
+    rows = [line for line in text.splitlines()
+            if line.startswith("| majority class | reviews-sentiment | test | accuracy |")]
+    assert rows == [f"| majority class | reviews-sentiment | test | accuracy | "
+                    f"{100 * floor['test']['accuracy']:.2f} ± 0.00 | 1 |"]
 
 
 def test_a_distillation_run_gives_teacher_student_and_baseline_bars(tiny_run, pd98_encoded,

@@ -240,3 +240,61 @@ def test_a_full_disk_while_encoding_is_a_message(pd98_encoded, tmp_path):
                           preexec_fn=_limited_file_size(20_000))
     assert full.returncode == 1 and "Traceback" not in full.stderr, full.stderr
     assert "Free disk space and run the same command again" in full.stderr
+
+
+def test_sigterm_mid_run_checkpoints_that_step_and_resume_continues_from_it(pd98_encoded,
+                                                                           tmp_path):
+    """No scheduled checkpoint before the end (checkpoint_every 0): SIGTERM mid-run still leaves
+    one, at the step the run had reached, says how to continue, and --resume continues from that
+    step (not from 0), logging every step once."""
+    recipe = write_recipe(tmp_path, steps=300, checkpoint_every=0, eval_every=0)
+    out = tmp_path / "run"
+    proc = subprocess.Popen(pretrain(recipe, pd98_encoded, out), env=env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = out / "metrics.jsonl"
+    wait_for(lambda: metrics.is_file() and len(metrics.read_text("utf-8").splitlines()) >= 3,
+             proc)
+    proc.send_signal(signal.SIGTERM)
+    stdout, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "Traceback" not in err
+    saved = complete_checkpoints(out)
+    assert len(saved) == 1 and not (out / "final").exists()
+    step = int(saved[0].name[5:])
+    assert 30 <= step < 300
+    assert f"motian: stopped by SIGTERM at step {step}; checkpoint saved: {saved[0]}. To " \
+           "continue from it, run the same command with --resume." in err
+    assert f"step {step}: checkpoint {saved[0]}" in stdout  # --no-progress still says it
+
+    again = run(pretrain(recipe, pd98_encoded, out, "--resume"))
+    assert again.returncode == 0, again.stderr
+    assert f"resumed from {saved[0]} (step {step})" in again.stderr
+    assert json.loads((out / "summary.json").read_text("utf-8"))["steps"] == 300
+    steps = [json.loads(x)["step"] for x in metrics.read_text("utf-8").splitlines()
+             if json.loads(x)["kind"] == "train"]
+    assert steps == list(range(10, 301, 10))
+
+
+def test_time_budget_runs_checkpoint_by_minutes_and_evaluate_by_share(pd98_encoded, tmp_path):
+    """A run keyed to a 6-second budget with checkpoint_every "2s" and eval every "25%": a
+    checkpoint every 2 s of training and an evaluation at 0, 25, 50, 75 and 100% of the budget,
+    each printed as a line under --no-progress."""
+    recipe = write_recipe(tmp_path, steps=100000, checkpoint_every="2s", eval_every="25%")
+    text = recipe.read_text("utf-8").replace("steps: 100000", "budget_minutes: 0.1")
+    recipe.write_text(text.replace("max_bad_steps: 3", "max_bad_steps: 3\nkeep_last: 0"),
+                      "utf-8")
+    out = tmp_path / "run"
+    done = run(pretrain(recipe, pd98_encoded, out))
+    assert done.returncode == 0, done.stderr
+    evals = [json.loads(x) for x in (out / "metrics.jsonl").read_text("utf-8").splitlines()
+             if json.loads(x)["kind"] == "eval"]
+    assert len(evals) == 5 and evals[0]["step"] == 0
+    lines = done.stdout.splitlines()
+    assert sum("; held-out loss" in line for line in lines) == 5
+    assert any("(25% of the run" in line for line in lines)
+    checkpoints = complete_checkpoints(out)
+    assert 3 <= len(checkpoints) <= 5  # ~2, 4, 6 s; the last one at the end
+    assert sum(": checkpoint " in line for line in lines) == len(checkpoints)
+    elapsed = [json.loads((c / "state.json").read_text("utf-8"))["progress"]["elapsed"]
+               for c in checkpoints[:-1]]
+    assert all(abs(e - 2 * (i + 1)) < 1.0 for i, e in enumerate(elapsed)), elapsed

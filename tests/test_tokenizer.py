@@ -81,6 +81,21 @@ def test_files_and_manifest(trained):
     assert tok.encode("人民日报", add_special_tokens=False).tokens == ["人", "民", "日", "报"]
 
 
+def test_the_vocabulary_has_the_size_asked_for(trained, corpus, tmp_path):
+    """The ##c forms of letters and digits used to come on top of the trainer's pieces (8,000
+    asked, 8,001 given): the last learned merges now make room for them."""
+    size = trained[1]["counts"]["alphabet"] + 300  # below what this text could fill
+    report = train_tokenizer([str(corpus)], tmp_path, vocab_size=size, progress=False)
+    counts = report["counts"]
+    assert counts["continuations_added"] > 0  # the case that overflowed
+    assert counts["merges_dropped_for_continuations"] == counts["continuations_added"]
+    vocab = (tmp_path / "vocab.txt").read_text(encoding="utf-8").splitlines()
+    assert len(vocab) == len(set(vocab)) == counts["vocab_size"] == size
+    assert load_tokenizer(tmp_path).get_vocab_size() == size
+    assert counts["unk_tokens"] / counts["tokens"] < 0.001  # no character was given up
+    assert special_token_ids(tmp_path) == {"pad": 0, "unk": 1, "cls": 2, "sep": 3, "mask": 4}
+
+
 def test_rerun_keeps_the_vocabulary_unless_told(tmp_path):
     # Retraining is not bit-for-bit reproducible (the trainer breaks ties between equally
     # frequent merges in hash order), so a rerun with the same inputs and settings keeps the

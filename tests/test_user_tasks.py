@@ -131,3 +131,68 @@ def test_missing_files_and_cli_errors(tmp_path, capsys):
     assert main(["finetune", "--task", "text-classification", "--data", str(tmp_path),
                  "--out", str(tmp_path / "run"), "--preset", "tiny"]) == 1
     assert "train.jsonl:2: not valid JSON" in capsys.readouterr().err
+
+
+def test_missing_dev_file_fails_before_training_naming_it(tmp_path, reviews, vocab, capsys):
+    """No dev.jsonl (or an empty one) is an error naming the file and what to do, raised
+    before anything is trained or written; so is a run whose dev and test carry no labels."""
+    pos, neg = reviews
+    d = tmp_path / "my_task"
+    d.mkdir()
+    jsonl(d / "train.jsonl", [{"text": t, "label": "好评"} for t in pos] +
+          [{"text": t, "label": "差评"} for t in neg])
+    out = tmp_path / "run"
+    with pytest.raises(UserError, match=r"my_task/dev.jsonl: not found; .*labelled data"):
+        finetune("text-classification", out, tokenizer=vocab, data=d, **typed(**FAST))
+    assert not list(out.glob("seed-*")) and not (out / "results.json").exists()  # no training
+    (d / "dev.jsonl").write_text("\n", encoding="utf-8")
+    with pytest.raises(UserError, match=r"my_task/dev.jsonl: has no records"):
+        finetune("text-classification", out, tokenizer=vocab, data=d, **typed(**FAST))
+    jsonl(d / "dev.jsonl", [{"text": pos[0]}])  # unlabelled dev, no test: nothing to score
+    with pytest.raises(UserError, match="nothing to score"):
+        finetune("text-classification", out, tokenizer=vocab, data=d, **typed(**FAST))
+    (d / "dev.jsonl").unlink()
+    assert main(["finetune", "--task", "text-classification", "--data", str(d), "--out",
+                 str(out), "--tokenizer", str(vocab), "--no-progress"]) == 1
+    assert "dev.jsonl: not found" in capsys.readouterr().err
+
+
+def test_own_task_name_titles_results_card_files_and_report(tmp_path, reviews, vocab):
+    """Own tasks are named after their data directory (or --name): in results.json/md, the
+    task card, the prediction files; `evaluate` reads the card's format back; two datasets
+    of one format are two groups in the downstream report, each with its majority-class
+    floor (the most frequent training label, 2:1 here) beside the seeds' scores."""
+    from motian.model.artifact import TaskCard
+    from motian.reporting.run import MAJORITY_ARM, read_downstream
+
+    pos, neg = reviews
+    train = [{"text": t, "label": "好评"} for t in pos] + \
+        [{"text": t, "label": "差评"} for t in neg[:6]]
+    product = task_dir(tmp_path, "product_reviews", train, [{"text": pos[0]}])
+    hotel = task_dir(tmp_path, "hotel", train[:16], [{"text": neg[0]}])
+    a = finetune("text-classification", tmp_path / "a", tokenizer=vocab, data=product,
+                 **typed(**{**FAST, "epochs": 2}))
+    b = finetune("text-classification", tmp_path / "b", tokenizer=vocab, data=hotel,
+                 name="hotel-v2", save_model=False, **typed(**{**FAST, "epochs": 2}))
+    assert a["task"]["name"] == "product_reviews" and b["task"]["name"] == "hotel-v2"
+    assert a["task"]["format"] == "text-classification"
+    assert a["majority_class"]["label"] == "好评"
+    assert a["majority_class"]["train_share"] == pytest.approx(12 / 18)
+    assert a["majority_class"]["dev"]["accuracy"] == pytest.approx(12 / 18)
+    page = (tmp_path / "a" / "results.md").read_text("utf-8")
+    assert page.startswith("# product_reviews — fine-tuning results")
+    assert "| dev | accuracy, majority class (好评) | 66.67 | — |" in page
+    model = tmp_path / "a" / "seed-1" / "model"
+    card = TaskCard.read(model)
+    assert (card.name, card.format) == ("product_reviews", "text-classification")
+    assert (tmp_path / "a" / "seed-1" / "product_reviews_test_predictions.jsonl").is_file()
+    assert evaluate(model, split="dev", data=product)["task"] == "product_reviews"
+    rows = read_downstream({"pretrained/a": tmp_path / "a", "pretrained/b": tmp_path / "b"})
+    assert {r.task for r in rows} == {"product_reviews", "hotel-v2"}
+    floor = [r for r in rows if r.arm == MAJORITY_ARM and r.metric == "accuracy"]
+    assert {(r.task, round(r.mean, 4)) for r in floor} == {("product_reviews", 0.6667),
+                                                           ("hotel-v2", 0.75)}
+    with pytest.raises(UserError, match="--name 'a/b': use letters"):
+        load_task("text-classification", product, own_name="a/b")
+    with pytest.raises(UserError, match="only your own tasks take a name"):
+        load_task("reviews-sentiment", own_name="mine")

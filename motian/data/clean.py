@@ -2,11 +2,12 @@
 
 Per document, in this order (the first failing step names the drop reason):
 
-0. **held-out texts** (`exclude`, a `HeldOut` the caller passes in): a document whose stripped
-   text is one of `HeldOut.texts` (in any input), or a document of `HeldOut.lines_source` that
-   starts on one of `HeldOut.lines`, is dropped. This layer knows no tasks: the `clean` verb
-   (`motian.pipeline.clean`, ``--exclude-heldout``, on by default) passes the bundled tasks'
-   dev/test texts, so evaluating on them does not measure memorisation.
+0. **held-out texts** (`exclude`, `HeldOut`s the caller passes in): a document whose stripped
+   or normalised text, or one of whose lines, is one of `HeldOut.texts` (in any input), or a
+   document of `HeldOut.lines_source` that starts on one of `HeldOut.lines`, is dropped. This
+   layer knows no tasks: the `clean` verb (`motian.pipeline.clean`) passes the bundled tasks'
+   dev/test texts (``--exclude-heldout``, on by default) and the user's own (``--exclude
+   FILE…``), so evaluating on them does not measure memorisation.
 1. **normalise** (`normalize_text`): full-width ASCII letters, digits and symbols (U+FF01–FF5E) and
    the ideographic space U+3000 become their half-width forms; the full-width punctuation Chinese
    typesetting uses (，：；！？（）) is kept, and so is 。、“”《》 (outside that range). NFKC is not
@@ -38,6 +39,7 @@ refused.
 from __future__ import annotations
 
 import contextlib
+import gzip
 import hashlib
 import itertools
 import json
@@ -66,6 +68,8 @@ from motian.io import write_json_atomic
 
 FORMAT_VERSION = 1
 MAX_EXAMPLES = 3
+HELDOUT = "heldout_task_text"  # drop reason: a bundled task's dev/test text (exclude_heldout)
+EXCLUDED = "excluded_text"  # drop reason: a text of the user's --exclude files
 BATCH_DOCS, BATCH_CHARS = 512, 1 << 20  # a batch closes at whichever comes first
 
 # --------------------------------------------------------------------------- normalisation
@@ -173,8 +177,11 @@ class CleanSettings:
     shingle_chars: int = 5
     shard_docs: int = 50_000
     max_line_bytes: int = DEFAULT_MAX_LINE_BYTES
-    # whether a `HeldOut` was passed (`clean_corpus` sets it); recorded in the manifest
+    # whether the bundled tasks' `HeldOut` was passed (`clean_corpus` sets it); in the manifest
     exclude_heldout: bool = True
+    # a digest of the user's --exclude texts ("" = none; `clean_corpus` sets it): a resumed
+    # run must exclude the same texts. Left out of the manifest when empty.
+    exclude_digest: str = ""
 
     def check(self) -> None:
         for name in ("min_cjk_ratio", "max_symbol_ratio", "max_dup_line_ratio",
@@ -366,7 +373,8 @@ class _Output:
         self.out, self.s = out, s
         self.manifest: dict = {"kind": "cleaned", "format_version": FORMAT_VERSION,
                                "complete": False, "inputs": inputs, "input_fingerprint":
-                               fingerprint, "settings": asdict(s), "consumed_docs": 0,
+                               fingerprint, "settings": _settings_record(s),
+                               "consumed_docs": 0,
                                "elapsed_s": 0.0, "state_file": None, "shards": []}
         self.state, self.tally = DedupState(s.minhash_perm), Tally()
         decides = ("format_version", "inputs", "input_fingerprint", "settings")
@@ -444,11 +452,12 @@ def _dedup(out: _Output, doc: Document, r: BatchResult, i: int) -> str | None:
 @dataclass(frozen=True)
 class HeldOut:
     """Documents a corpus must not contain, as data: the caller (which knows the tasks) builds
-    it. Called on a document, it says why the document is held out (the report's detail), or
-    None.
+    it. Called on a document (and its normalised text), it says why the document is held out
+    (the report's detail), or None; `reason` is the drop reason the report counts it under.
 
-    `texts` match by exact stripped text in any input (a user file may hold a copy of them);
-    documents of `lines_source` match only by the line they start on (`lines`), never by text.
+    `texts` match in any input (a user file may hold a copy of them) when the document's
+    stripped text, its normalised text or one of its lines (stripped) is one of them; documents
+    of `lines_source` match only by the line they start on (`lines`), never by text.
     """
 
     texts: frozenset[str] = frozenset()
@@ -456,17 +465,31 @@ class HeldOut:
     lines: frozenset[int] = frozenset()
     lines_source: str = "pd98"
     lines_why: str = "a held-out article"
+    reason: str = HELDOUT
 
-    def __call__(self, doc: Document) -> str | None:
+    def __call__(self, doc: Document, normalised: str | None = None) -> str | None:
         if doc.source == self.lines_source:
             return self.lines_why if doc.line in self.lines else None
-        if self.texts and doc.text.strip() in self.texts:
+        if not self.texts:
+            return None
+        text = doc.text.strip()
+        if text in self.texts or normalised in self.texts:
             return self.texts_why
+        if "\n" in text and any(line.strip() in self.texts for line in text.split("\n")):
+            return self.texts_why + " (one of its lines)"
         return None
+
+    def digest(self) -> str:
+        """A short hash of what this matches (recorded so a resume excludes the same)."""
+        h = hashlib.sha256()
+        for text in sorted(self.texts):
+            h.update(text.encode() + b"\0")
+        h.update(repr((sorted(self.lines), self.lines_source)).encode())
+        return h.hexdigest()[:16]
 
 
 def _run(out: _Output, docs: Iterator[Document], workers: int, bar: ByteProgress,
-         heldout: HeldOut | None) -> None:
+         heldout: list[HeldOut]) -> None:
     s, t = out.s, out.tally
     consumed = out.manifest["consumed_docs"]
     skipped = itertools.islice(docs, consumed)  # already in the committed shards
@@ -484,10 +507,11 @@ def _run(out: _Output, docs: Iterator[Document], workers: int, bar: ByteProgress
                 t.read_bytes += int(r.in_bytes[i])
                 t.normalised_away_chars += int(r.in_chars[i] - r.n_chars[i])
                 reason = r.reasons[i]
-                why = heldout(doc) if heldout is not None else None
+                why = next(((m.reason, w) for m in heldout
+                            if (w := m(doc, r.texts[i] if reason is None else None))), None)
                 if why is not None:
-                    t.drop(HELDOUT, int(r.n_chars[i]), f"{doc.source}:{doc.line}", r.texts[i],
-                           why)
+                    t.drop(why[0], int(r.n_chars[i]), f"{doc.source}:{doc.line}", r.texts[i],
+                           why[1])
                 elif reason is not None:
                     t.drop(reason, int(r.n_chars[i]), f"{doc.source}:{doc.line}", r.texts[i],
                            _detail(reason, r, i, s))
@@ -502,9 +526,9 @@ def _run(out: _Output, docs: Iterator[Document], workers: int, bar: ByteProgress
 
 # --------------------------------------------------------------------------- report
 
-HELDOUT = "heldout_task_text"
 REASONS = {
     HELDOUT: "a dev/test example of a bundled task (exclude_heldout)",
+    EXCLUDED: "a text of an --exclude file (your own dev/test texts)",
     "empty": "nothing left after normalisation",
     "too_short": "fewer than min_chars characters",
     "too_long": "more than max_chars characters",
@@ -538,23 +562,89 @@ def _report(out: _Output, skips: SkipLog) -> dict:
 # --------------------------------------------------------------------------- entry point
 
 
+def _settings_record(s: CleanSettings) -> dict:
+    """The settings as the manifest records them (without an empty exclude_digest, so a
+    directory cleaned before --exclude existed still resumes)."""
+    record = asdict(s)
+    if not record["exclude_digest"]:
+        del record["exclude_digest"]
+    return record
+
+
+def _is_cjk_char(ch: str) -> bool:
+    return any(lo <= ord(ch) <= hi for lo, hi in _CJK_RANGES)
+
+
+def _first_line(path: Path, max_line_bytes: int) -> tuple[int, str] | None:
+    """(line number, text) of the first non-blank line of a (possibly gzipped) file."""
+    opener = gzip.open if path.name.endswith(".gz") else open
+    try:
+        with opener(path, "rb") as f:
+            for lineno in itertools.count(1):
+                raw = f.readline(max_line_bytes + 1)
+                if not raw:
+                    return None
+                text = raw.decode("utf-8", errors="replace").lstrip("\ufeff").strip()
+                if text:
+                    return lineno, text
+    except (OSError, EOFError):
+        return None  # unreadable: the reader counts it as skipped input, with its place
+    return None
+
+
+def check_text_field(inputs: list[str], text_field: str, max_line_bytes: int) -> None:
+    """Refuse, before any work, a JSON-lines input whose first record lacks `text_field`:
+    otherwise every one of its records would be skipped and the corpus would come out empty."""
+    for item in resolve_inputs(list(inputs), SkipLog(warn=False)):
+        path = Path(item)
+        if not path.name.endswith((".jsonl", ".jsonl.gz")):
+            continue
+        first = _first_line(path, max_line_bytes)
+        if first is None:
+            continue
+        lineno, line = first
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # counted as invalid JSON by the reader, with its line
+        if not isinstance(record, dict) or isinstance(record.get(text_field), str):
+            continue
+        # the likely text: the string with the most CJK characters, then the longest
+        strings = {k: (sum(map(_is_cjk_char, v)), len(v)) for k, v in record.items()
+                   if isinstance(v, str)}
+        guess = max(strings, key=strings.__getitem__) if strings else None
+        hint = (f"pass --text-field {guess} (text_field={guess!r} in Python) if that field "
+                "holds the text" if guess else "no field of it holds a string: the text must "
+                "be a string field")
+        raise UserError(f"{path}:{lineno}: the JSON record has no string field "
+                        f"'{text_field}' (its keys: {', '.join(map(str, record)) or 'none'}); "
+                        f"{hint}. Every record without it would be skipped.")
+
+
 def clean_corpus(inputs: list[str], out: Path, settings: CleanSettings = CleanSettings(),
-                 workers: int = 0, exclude: HeldOut | None = None, resume: bool = True,
-                 progress: bool = True) -> dict:
+                 workers: int = 0, exclude: HeldOut | list[HeldOut] | None = None,
+                 resume: bool = True, progress: bool = True) -> dict:
     """Clean a corpus: normalise, filter, remove `exclude`'s held-out texts and exact and near
     duplicates, write shards and report.json; return the report (the report layer makes
     its page).
 
     The engine of the `clean` verb (`motian.pipeline.clean`, which documents every setting and
-    builds `exclude` from the bundled tasks). `settings.exclude_heldout` is set here to whether
-    `exclude` is given, so the manifest records it and a resume with the other choice is
-    refused. `workers`: processes (0: every core); `resume`: continue an interrupted run in
-    `out` (False starts over); `progress`: a progress bar with an ETA on stderr.
+    builds `exclude` from the bundled tasks and the user's --exclude files). The manifest
+    records which exclusions were given (`settings.exclude_heldout`: a matcher with reason
+    HELDOUT; `settings.exclude_digest`: the EXCLUDED matchers' texts), so a resume with other
+    ones is refused. A JSON-lines input whose first record lacks `settings.text_field` is
+    refused before any work. `workers`: processes (0: every core); `resume`: continue an
+    interrupted run in `out` (False starts over); `progress`: a progress bar with an ETA on
+    stderr.
     """
-    s = replace(settings, exclude_heldout=exclude is not None)
+    matchers = [exclude] if isinstance(exclude, HeldOut) else list(exclude or [])
+    own = [m for m in matchers if m.reason == EXCLUDED]
+    s = replace(settings, exclude_heldout=any(m.reason == HELDOUT for m in matchers),
+                exclude_digest="+".join(m.digest() for m in own))
     s.check()
     inputs = [str(x) for x in inputs]
     fingerprint = _fingerprint(inputs)  # UserError for a missing input, before any work
+    check_text_field(inputs, s.text_field, s.max_line_bytes)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     output = _Output(out, inputs, s, fingerprint, resume)
@@ -570,7 +660,7 @@ def clean_corpus(inputs: list[str], out: Path, settings: CleanSettings = CleanSe
                   f"documents ({len(output.manifest['shards'])} shards)", file=sys.stderr)
         bar = _progress(fingerprint, progress)
         try:
-            _run(output, docs, workers or os.cpu_count() or 1, bar, exclude)
+            _run(output, docs, workers or os.cpu_count() or 1, bar, matchers)
         except BaseException:
             output.abort()
             bar.close(finished=False)

@@ -429,9 +429,12 @@ def _write_synonyms(tok, out: Path, min_chars: int | None, manifest: dict) -> Pa
     if min_chars is None:
         path.unlink(missing_ok=True)
         return None
+    # Each candidate carries its shared Cilin groups and its count in jieba's bundled dictionary
+    # (fixed by the jieba version in the settings), for `synonym_weighting="frequency"`.
     table, _ = build_synonym_table(tok, min_chars=min_chars)
     table.save(path)
-    manifest["synonym_table"] = {"rows": len(table.words), "candidates": int(table.count.sum())}
+    manifest["synonym_table"] = {"rows": len(table.words), "candidates": int(table.count.sum()),
+                                 "weights": "shared Cilin groups, jieba dictionary counts"}
     return path
 
 

@@ -9,13 +9,18 @@ masking and seeds as training). Each masked word is written once, with what the 
     [国家=]       kept as it is (the model still has to predict it)
 
 Words chosen together as a phrase or span appear side by side. ``‖`` is [SEP].
+
+With ``--recipe NAME`` the rows are the first rows of that recipe's first training step, made
+by the pretraining loop's own batch source (its masking, pair task, sequence length, seed and
+training documents), so what is shown is what the recipe trains on; that verb lives in
+`motian.pretraining.inspect_batch` (the data layer does not know recipes), this module builds
+the option-made loader and prints rows.
 """
 
 from __future__ import annotations
 
 import itertools
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 
@@ -73,37 +78,31 @@ def _text(vocab: list[str], ids: np.ndarray) -> str:
     return out
 
 
-def inspect_batch(data: Path, tokenizer: Path | None = None,
-                  preset: Literal["bert", "wwm", "spanbert", "motian"] = "motian",
-                  strategy: Literal["token", "whole_word", "ngram", "span"] | None = None,
-                  seq_len: int = 128, examples: int = 4, seed: int = 0,
-                  pair_task: Literal["none", "sop", "click"] = "none",
-                  click_files: list[Path] | None = None) -> list[str]:
-    """Print a few masked training examples as text, to see what the model must predict.
-
-    Args:
-        data: a directory written by `motian encode`.
-        tokenizer: the tokenizer the data was encoded with (default: data/vocab.txt).
-        preset: masking recipe: bert (tokens), wwm (whole words), spanbert (spans), motian
-            (words and phrases, synonyms instead of [MASK]).
-        strategy: override the preset's unit: token, whole_word, ngram or span.
-        seq_len: sequence length of the packed rows.
-        examples: how many rows to print.
-        seed: the loader seed (the same seed shows the same masks as training).
-        pair_task: none (packed documents), sop (sentence-order pairs) or click (pairs from
-            click_files).
-        click_files: click logs (query<TAB>title<TAB>label) for pair_task=click.
-    """
+def options_loader(data: Path, tokenizer: Path | None = None,
+                   preset: str | None = None, strategy: str | None = None,
+                   seq_len: int | None = None, examples: int = 4, seed: int | None = None,
+                   pair_task: str | None = None,
+                   click_files: list[Path] | None = None) -> tuple[PackedLoader, str]:
+    """The loader `inspect-batch` shows without a recipe (its options, their defaults), and a
+    header saying what it is."""
+    preset, seq_len, seed = preset or "motian", seq_len or 128, seed or 0
     masking = MaskingConfig.preset(preset, **({"strategy": strategy} if strategy else {}))
-    config = LoaderConfig(seq_len=seq_len, batch_size=examples, seed=seed, pair_task=pair_task,
+    config = LoaderConfig(seq_len=seq_len, batch_size=examples, seed=seed,
+                          pair_task=pair_task or "none",
                           click_files=tuple(str(f) for f in click_files or ()),
                           masking=masking)
     loader = PackedLoader(data, tokenizer, config)
+    return loader, f"{data}: preset {preset}, strategy {masking.strategy}, L={seq_len}, seed {seed}"
+
+
+def show_batch(loader: PackedLoader, header: str, examples: int) -> list[str]:
+    """Print the first `examples` rows of the loader's next batch as text (see the module
+    docstring) and return them."""
     arrays, masked = next(itertools.islice(loader.iter_numpy(), 1))
-    print(f"{data}: preset {preset}, strategy {masking.strategy}, L={seq_len}, seed {seed}")
+    print(header)
     print(LEGEND)
     lines = []
-    for r in range(len(masked.input_ids)):
+    for r in range(min(examples, len(masked.input_ids))):
         text = render_row(loader.vocab, arrays["tokens"][r], masked.input_ids[r],
                           masked.actions[r], masked.word_starts[r], arrays["attention_mask"][r],
                           loader.special)

@@ -15,9 +15,15 @@ L=128 and L=512. A row holds several documents: ``document_ids`` numbers them 0,
 supplies ``position_ids`` restarting at 0 for every document, and the model builds the
 block-diagonal attention mask from ``document_ids``.
 
-**Pair tasks** (``"sop"``, ``"click"``). Each row is ``[CLS] A [SEP] B [SEP]`` with segment ids
-0/1 and a label per row (see `motian.data.pairs`); MLM masking applies to the same rows, so
-both losses train together (ALBERT's recipe for SOP).
+**Pair tasks** (``"sop"``, ``"nsp"``, ``"click"``). A pair row is ``[CLS] A [SEP] B [SEP]`` with
+segment ids 0/1, a label and a loss weight (see `motian.data.pairs`); MLM masking applies to
+pair rows too, so both losses train in the same step. ``pair_fraction`` is the share of each
+batch's rows that are pair rows: 1 (the default) makes every row a pair (BERT's NSP, ALBERT's
+SOP); below 1 a batch is ``round(batch_size * pair_fraction)`` pair rows (at least one) after
+packed corpus rows, the Motian recipe's MLM on the corpus plus the click task in every step.
+Corpus rows carry ``pair_labels = -100`` (no pair loss) and ``pair_weights = 0``. The two
+streams keep their own epochs and positions: the corpus stream defines the epoch; the pair
+stream starts its next epoch (a new order, drawn from (seed, pair epoch)) whenever it runs out.
 
 **Position and ranks.** The position is (epoch, rows consumed in the epoch); every order is a
 pure function of (seed, epoch), so `load_state_dict` restores it exactly by recomputing the
@@ -37,6 +43,7 @@ time, memory and a second place where the position lives, and gain nothing.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import re
 from collections.abc import Iterator
@@ -48,12 +55,20 @@ import numpy as np
 import torch
 
 from motian.data.masking import MaskedBatch, Masker, MaskingConfig
-from motian.data.pairs import PairPlan, click_source, sentence_index, sop_plan
+from motian.data.pairs import (
+    ClickSettings,
+    PairPlan,
+    click_source,
+    nsp_plan,
+    sentence_index,
+    sop_plan,
+)
 from motian.data.shards import WORD_START, EncodedDataset, Shard
 from motian.data.tokenizer import load_tokenizer, special_token_ids, vocab_tokens
 from motian.errors import UserError
 
-PairTask = Literal["none", "sop", "click"]
+PairTask = Literal["none", "sop", "nsp", "click"]
+IGNORE = -100  # pair_labels of a corpus row: no pair loss
 
 
 @dataclass(frozen=True)
@@ -68,8 +83,11 @@ class LoaderConfig:
     rank: int = 0
     world_size: int = 1
     pair_task: PairTask = "none"
+    pair_fraction: float = 1.0  # share of each batch's rows that are pair rows (see above)
     sop_swap_prob: float = 0.5  # SOP: probability that a pair is swapped (label 0)
-    click_files: tuple[str, ...] = ()  # pair_task="click": query<TAB>title<TAB>label files
+    nsp_random_prob: float = 0.5  # NSP: probability that B comes from another document
+    click_files: tuple[str, ...] = ()  # pair_task="click": click logs, or pd98 / pd98:heldout
+    click: ClickSettings = field(default_factory=ClickSettings)
     masking: MaskingConfig = field(default_factory=MaskingConfig)
 
     def __post_init__(self) -> None:
@@ -79,7 +97,28 @@ class LoaderConfig:
             raise UserError(f"need batch_size >= 1 and 0 <= rank < world_size, got batch_size="
                             f"{self.batch_size}, rank={self.rank}, world_size={self.world_size}")
         if self.pair_task == "click" and not self.click_files:
-            raise UserError("pair_task='click' needs click_files (query<TAB>title<TAB>label)")
+            raise UserError("pair_task='click' needs click_files (query<TAB>title<TAB>label "
+                            "files, or pd98 for the bundled People's Daily stand-in)")
+        if not 0.0 < self.pair_fraction <= 1.0:
+            raise UserError(f"pair_fraction must be in (0, 1], got {self.pair_fraction}")
+
+    @property
+    def pair_rows(self) -> int:
+        """Pair rows per process per batch: 0 without a pair task, all rows at fraction 1,
+        else round(batch_size * fraction), at least 1 and leaving at least one corpus row."""
+        if self.pair_task == "none":
+            return 0
+        if self.pair_fraction >= 1.0:
+            return self.batch_size
+        if self.batch_size < 2:
+            raise UserError(f"pair_fraction {self.pair_fraction} needs batches of at least 2 "
+                            "rows (one corpus row and one pair row) per process")
+        return min(max(round(self.batch_size * self.pair_fraction), 1), self.batch_size - 1)
+
+    @property
+    def mixed(self) -> bool:
+        """Corpus rows and pair rows in every batch."""
+        return self.pair_task != "none" and self.pair_fraction < 1.0
 
 
 @dataclass
@@ -120,20 +159,38 @@ class PackedLoader:
         self.shards: list[Shard] = [self.dataset.shard(i) for i in range(len(self.dataset))]
         self._index_documents()
         self._sentences = None
-        if config.pair_task == "sop":
+        if config.pair_task in ("sop", "nsp"):
             self._sentences = sentence_index(self.shards)
         elif config.pair_task == "click":
-            shard, self._click = click_source([Path(f) for f in config.click_files], tok,
-                                              self.dataset.synonyms())
+            # Tokenizing and segmenting the click texts takes seconds (jieba); a run starts a
+            # loader per stage (and one for evaluation), so the result is kept per process.
+            key = (tuple(config.click_files), actual, config.click)
+            if key not in _CLICK_CACHE:
+                while len(_CLICK_CACHE) >= 4:  # training and evaluation logs, bounded
+                    _CLICK_CACHE.pop(next(iter(_CLICK_CACHE)))
+                _CLICK_CACHE[key] = click_source(list(config.click_files), tok,
+                                                 self.dataset.synonyms(), config.click)
+            shard, click = _CLICK_CACHE[key]
+            self._click = dataclasses.replace(click)
             self.shards.append(shard)
             self._click.shard = np.full_like(self._click.shard, len(self.shards) - 1)
         self.epoch, self.cursor = 0, 0
+        self.pair_epoch, self.pair_cursor = 0, 0  # the pair stream, when mixed
         self._plan_cache: tuple[int, _Plan] | None = None
+        self._pairs_cache: tuple[int, _Plan] | None = None
+        self._check_sizes(data)
+
+    def _check_sizes(self, data) -> None:
+        c = self.config
         if self.steps_per_epoch == 0:
-            raise UserError(f"{data}: one epoch has {self._plan(0).row_order.size} rows of "
-                            f"{config.seq_len} tokens, fewer than one global batch "
-                            f"({config.batch_size} x {config.world_size} processes); use more "
-                            "data or a smaller batch")
+            raise UserError(f"{data}: one epoch has {self._plan(self.epoch).row_order.size} "
+                            f"rows of {c.seq_len} tokens, fewer than one global batch "
+                            f"({self._global_primary // c.world_size} x {c.world_size} "
+                            "processes); use more data or a smaller batch")
+        if c.mixed and len(self._pairs(0).row_order) < c.pair_rows * c.world_size:
+            raise UserError(f"{data}: {len(self._pairs(0).row_order)} {c.pair_task} pairs, "
+                            f"fewer than the {c.pair_rows * c.world_size} pair rows of one "
+                            "global batch; give more pairs or a smaller pair_fraction")
 
     def _index_documents(self) -> None:
         shard_ids, starts, lens = [], [], []
@@ -156,25 +213,57 @@ class PackedLoader:
             return self._plan_cache[1]
         rng = np.random.default_rng([self.config.seed, epoch])
         cfg = self.config
-        if cfg.pair_task == "none":
+        if cfg.pair_task == "none" or cfg.mixed:
+            if len(self.doc_len) == 0:
+                raise UserError(f"{self.dataset.directory}: no corpus documents to mix with "
+                                "the pair rows")
             doc_order = rng.permutation(len(self.doc_len))
             stream_end = np.cumsum(self.doc_len[doc_order] + 1)
             n_rows = -(-int(stream_end[-1]) // (cfg.seq_len - 1))
             plan = _Plan(rng.permutation(n_rows), doc_order, stream_end)
         else:
-            pairs = (sop_plan(self._sentences, cfg.seq_len - 3, rng, cfg.sop_swap_prob)
-                     if cfg.pair_task == "sop" else self._click.truncated(cfg.seq_len - 3))
-            plan = _Plan(rng.permutation(len(pairs.label)), pairs=pairs)
+            plan = self._pair_plan(rng)
         self._plan_cache = (epoch, plan)
         return plan
 
+    def _pairs(self, epoch: int) -> _Plan:
+        """The pair stream's plan of pair epoch `epoch` (mixed batches only)."""
+        if self._pairs_cache is None or self._pairs_cache[0] != epoch:
+            rng = np.random.default_rng([self.config.seed, PAIR_STREAM, epoch])
+            self._pairs_cache = (epoch, self._pair_plan(rng))
+        return self._pairs_cache[1]
+
+    def _pair_plan(self, rng: np.random.Generator) -> _Plan:
+        cfg = self.config
+        cap = cfg.seq_len - 3
+        if cfg.pair_task == "sop":
+            pairs = sop_plan(self._sentences, cap, rng, cfg.sop_swap_prob)
+        elif cfg.pair_task == "nsp":
+            try:
+                pairs = nsp_plan(self._sentences, cap, rng, cfg.nsp_random_prob)
+            except ValueError as e:
+                raise UserError(f"{self.dataset.directory}: {e}") from None
+        else:
+            pairs = self._click.truncated(cap)
+        return _Plan(rng.permutation(len(pairs.label)), pairs=pairs)
+
     @property
     def steps_per_epoch(self) -> int:
-        return len(self._plan(self.epoch).row_order) // self._global_batch
+        return len(self._plan(self.epoch).row_order) // self._global_primary
 
     @property
     def _global_batch(self) -> int:
         return self.config.batch_size * self.config.world_size
+
+    @property
+    def _primary_rows(self) -> int:
+        """Rows per process per batch from the stream that defines the epoch."""
+        c = self.config
+        return c.batch_size - c.pair_rows if c.mixed else c.batch_size
+
+    @property
+    def _global_primary(self) -> int:
+        return self._primary_rows * self.config.world_size
 
     def state_dict(self) -> dict:
         """Where the loader stands: the next batch `__iter__` yields is the one after the last
@@ -183,21 +272,27 @@ class PackedLoader:
         return {"epoch": self.epoch, "rows_consumed": self.cursor, "seed": c.seed,
                 "seq_len": c.seq_len, "global_batch": self._global_batch,
                 "pair_task": c.pair_task, "masking": asdict(c.masking),
-                "n_tokens": self.dataset.n_tokens, "n_docs": self.dataset.n_docs}
+                "n_tokens": self.dataset.n_tokens, "n_docs": self.dataset.n_docs,
+                "pair_rows": c.pair_rows * c.world_size, "pair_epoch": self.pair_epoch,
+                "pair_rows_consumed": self.pair_cursor}
 
     def load_state_dict(self, state: dict) -> None:
         """Continue exactly where `state` was taken, without reading the earlier data."""
         mine = self.state_dict()
-        for key in ("seed", "seq_len", "global_batch", "pair_task", "n_tokens", "n_docs"):
-            if state.get(key) != mine[key]:
+        old = {"pair_rows": self._global_batch if self.config.pair_task != "none" else 0}
+        for key in ("seed", "seq_len", "global_batch", "pair_task", "n_tokens", "n_docs",
+                    "pair_rows"):
+            if state.get(key, old.get(key)) != mine[key]:
                 raise UserError(f"the saved loader position was taken with {key}="
                                 f"{state.get(key)!r} but this loader has {mine[key]!r}; it "
                                 "would not continue the same data. Resume with the same data "
                                 "and settings (rank count may change if the global batch stays)")
         self.epoch, self.cursor = int(state["epoch"]), int(state["rows_consumed"])
-        if self.cursor % self._global_batch:
+        self.pair_epoch = int(state.get("pair_epoch", 0))
+        self.pair_cursor = int(state.get("pair_rows_consumed", 0))
+        if self.cursor % self._global_primary:
             raise UserError(f"saved position {self.cursor} is not a whole number of global "
-                            f"batches of {self._global_batch} rows")
+                            f"batches of {self._global_primary} rows")
 
     # ------------------------------------------------------------------ iteration
 
@@ -209,23 +304,47 @@ class PackedLoader:
         """Like `__iter__` but yields the numpy arrays and the full `MaskedBatch` (with the
         action taken on every token), for inspection and benchmarks."""
         c = self.config
+        g, b = self._global_primary, self._primary_rows
         while True:
             plan = self._plan(self.epoch)
-            end = len(plan.row_order) // self._global_batch * self._global_batch
-            while self.cursor + self._global_batch <= end:
-                first = self.cursor + c.rank * c.batch_size
-                rows = plan.row_order[first: first + c.batch_size]
+            end = len(plan.row_order) // g * g
+            while self.cursor + g <= end:
+                first = self.cursor + c.rank * b
+                rows = plan.row_order[first: first + b]
                 epoch = self.epoch
-                self.cursor += self._global_batch  # before yielding: state says "next"
-                yield self.make_batch(plan, rows, np.random.default_rng([c.seed, epoch, first]))
+                self.cursor += g  # before yielding: state says "next"
+                extra = self._next_pairs() if c.mixed else None
+                yield self.make_batch(plan, rows, np.random.default_rng([c.seed, epoch, first]),
+                                      extra)
             self.epoch, self.cursor = self.epoch + 1, 0
 
-    def make_batch(self, plan: _Plan, rows: np.ndarray,
-                   rng: np.random.Generator) -> tuple[dict[str, np.ndarray], MaskedBatch]:
+    def _next_pairs(self) -> tuple[_Plan, np.ndarray]:
+        """This process's pair rows of the next step from the pair stream (mixed batches)."""
+        c = self.config
+        g = c.pair_rows * c.world_size
+        plan = self._pairs(self.pair_epoch)
+        if self.pair_cursor + g > len(plan.row_order):
+            self.pair_epoch, self.pair_cursor = self.pair_epoch + 1, 0
+            plan = self._pairs(self.pair_epoch)
+        first = self.pair_cursor + c.rank * c.pair_rows
+        self.pair_cursor += g
+        return plan, plan.row_order[first: first + c.pair_rows]
+
+    def make_batch(self, plan: _Plan, rows: np.ndarray, rng: np.random.Generator,
+                   extra: tuple[_Plan, np.ndarray] | None = None
+                   ) -> tuple[dict[str, np.ndarray], MaskedBatch]:
+        """The batch of `rows` of `plan`, followed by the pair rows `extra` (mixed batches)."""
         if plan.pairs is None:
             arrays = self._packed_rows(plan, rows)
+            if self.config.pair_task != "none":
+                n = len(rows)
+                arrays["pair_labels"] = np.full(n, IGNORE, np.int64)
+                arrays["pair_weights"] = np.zeros(n, np.float32)
         else:
             arrays = self._pair_rows(plan.pairs, rows)
+        if extra is not None:
+            pairs = self._pair_rows(extra[0].pairs, extra[1])
+            arrays = {k: np.concatenate([v, pairs[k]]) for k, v in arrays.items()}
         masked = self.masker(arrays["tokens"], arrays.pop("flags") & WORD_START > 0,
                              arrays.pop("content"), arrays.pop("synonyms"), rng)
         return arrays, masked
@@ -286,7 +405,7 @@ class PackedLoader:
         in_b = (j >= la + 2) & (j <= la + lb + 1)
         index = np.where(in_a, pairs.a_start[rows][:, None] + j - 1,
                          pairs.b_start[rows][:, None] + j - la - 2)
-        shard = np.broadcast_to(pairs.shard[rows][:, None], index.shape)
+        shard = np.where(in_a, pairs.shard[rows][:, None], pairs.shard_of_b()[rows][:, None])
         text = in_a | in_b
         tokens, flags, syn = self._gather(shard, index, text)
         sep = (j == la + 1) | (j == la + lb + 2)
@@ -301,10 +420,15 @@ class PackedLoader:
             "token_type_ids": (in_b | (j == la + lb + 2)).astype(np.int64),
             "document_ids": np.zeros((len(rows), L), np.int64),
             "pair_labels": pairs.label[rows].astype(np.int64),
+            "pair_weights": pairs.weights()[rows],
         }
         if not self.config.cross_document_attention:
             out["position_ids"] = np.broadcast_to(j, (len(rows), L)).copy()
         return out
+
+
+_CLICK_CACHE: dict[tuple, tuple[Shard, PairPlan]] = {}
+PAIR_STREAM = 7919  # tags the pair stream's random orders apart from the corpus stream's
 
 
 def _restarting_positions(document_ids: np.ndarray) -> np.ndarray:

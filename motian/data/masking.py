@@ -29,14 +29,17 @@ epoch sees new masks: RoBERTa's dynamic masking):
    synonym. Random replacement is per token from the vocabulary (``random_mode="token"``,
    BERT) or a whole random word of the same token length taken from the batch, so it follows
    the corpus' word frequencies (``"word"``). A synonym is a same-length candidate from the
-   word's HIT Cilin row of the `SynonymTable` (MacBERT's similar-word masking); a word with no
-   usable synonym (none in Cilin, or cut at the row edge) falls back to ``synonym_fallback``.
+   word's HIT Cilin row of the `SynonymTable` (MacBERT's similar-word masking), drawn uniformly
+   or, with ``synonym_weighting="frequency"``, in proportion to shared Cilin groups times
+   (jieba dictionary count + 1) ** ``synonym_alpha``; a word with no usable synonym (none in
+   Cilin, or cut at the row edge) falls back to ``synonym_fallback``.
 5. **Labels** are compact: flat positions into the (B*L) grid and the original ids there, so
    the model computes its output layer on masked positions only.
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
@@ -67,8 +70,23 @@ class MaskingConfig:
     synonym_prob: float = 0.0
     random_mode: Literal["token", "word"] = "token"
     synonym_fallback: Literal["mask", "random", "keep"] = "mask"
+    # Which candidate of the word's Cilin row a synonym replacement takes: "uniform" (each
+    # alike), or "frequency": candidate c with weight groups(c) * (freq(c) + 1) ** synonym_alpha,
+    # groups = Cilin groups c shares with the word, freq = c's count in jieba's dictionary
+    # (see `SynonymTable`). alpha 0 weighs by shared groups only; larger alpha favours common
+    # words more (1 = in proportion to their counts).
+    synonym_weighting: Literal["uniform", "frequency"] = "uniform"
+    synonym_alpha: float = 0.5
 
     def __post_init__(self) -> None:
+        if self.synonym_weighting not in ("uniform", "frequency"):
+            raise ValueError(f"synonym_weighting must be 'uniform' or 'frequency', got "
+                             f"{self.synonym_weighting!r}")
+        alpha = self.synonym_alpha
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) \
+                or not 0 <= alpha <= 4:
+            raise ValueError(f"synonym_alpha must be a number from 0 to 4 (the power of a "
+                             f"candidate's frequency in its weight), got {alpha!r}")
         probs = (self.mask_prob, self.random_prob, self.keep_prob, self.synonym_prob)
         if min(probs) < 0 or abs(sum(probs) - 1.0) > 1e-6:
             raise ValueError(f"mask/random/keep/synonym probabilities must be >= 0 and sum to 1, "
@@ -93,6 +111,9 @@ class MaskingConfig:
             # Motian (MacBERT-style): words and 1-4-word phrases; a chosen word becomes a
             # same-length Cilin synonym instead of [MASK] (no [MASK] token the fine-tuned model
             # never sees), a random same-length word when it has no synonym, else kept.
+            # Synonyms stay drawn uniformly: frequency weighting halves the rare synonyms but
+            # showed no consistent held-out gain over 5 seeds (docs/batches.md, "Which
+            # synonym"); set synonym_weighting="frequency" to draw by the report's distribution.
             "motian": cls(strategy="ngram", mask_prob=0.0, random_prob=0.1, keep_prob=0.1,
                           synonym_prob=0.8, random_mode="word", synonym_fallback="random"),
         }
@@ -138,6 +159,16 @@ class Masker:
         self._action_cdf = np.cumsum([c.mask_prob, c.random_prob, c.keep_prob, c.synonym_prob])
         self._fallback = {"mask": MASK, "random": RANDOM, "keep": KEEP}[c.synonym_fallback]
         self.random_ids = np.asarray(self.random_ids, dtype=np.int64)
+        self._synonym_key = None  # None: uniform draw (see `_replace`)
+        if c.synonym_weighting != "uniform" and c.synonym_prob > 0 and len(self.synonyms.count):
+            if self.synonyms.weighted:
+                self._synonym_key = synonym_draw_key(self.synonyms, c.synonym_alpha)
+                self._synonym_offsets = self.synonyms.offsets()
+            else:
+                warnings.warn("the synonym table (synonyms.npz) was written by an older motian "
+                              "without candidate weights, so synonym_weighting="
+                              f"{c.synonym_weighting!r} draws synonyms uniformly; run `motian "
+                              "encode` again to add the weights", stacklevel=2)
 
     def __call__(self, tokens: np.ndarray, word_start: np.ndarray, content: np.ndarray,
                  synonym_rows: np.ndarray, rng: np.random.Generator) -> MaskedBatch:
@@ -200,9 +231,12 @@ class Masker:
         order = np.argsort(words.row + key, kind="stable")
         lens = words.length[order]
         before = np.cumsum(lens) - lens
-        # Rows are contiguous in both orders, so the row's first entry gives its offset.
+        # Rows are contiguous in both orders, so the row's first entry gives its offset. A row
+        # without words (e.g. a last packed row holding only [CLS] [SEP]) has no entry, so rows
+        # are numbered among those that have words, not by their index in the batch.
         row_first = np.flatnonzero(words.first_in_row)
-        taken_before = before - before[row_first][words.row]
+        row_rank = np.cumsum(words.first_in_row) - 1
+        taken_before = before - before[row_first][row_rank]
         budget = np.maximum(1, np.floor(self.config.rate * n_content + 0.5)).astype(np.int64)
         b = budget[words.row]
         after = taken_before + lens
@@ -258,10 +292,39 @@ class Masker:
         if len(syn_words):
             t = self.synonyms
             row = syn_flat[words.pos[syn_words]].astype(np.int64)
-            j = (rng.random(len(row)) * t.count[row]).astype(np.int64)
+            # One uniform number per word either way, so both draws use the generator alike.
+            u = rng.random(len(row))
+            if self._synonym_key is None:
+                j = (u * t.count[row]).astype(np.int64)
+            else:
+                # Row r's keys are r + its candidates' cumulative probabilities, so the first
+                # key above r + u is candidate j with probability weight_j / row total.
+                k = np.searchsorted(self._synonym_key, row + u, side="right")
+                j = np.clip(k - self._synonym_offsets[row], 0, t.count[row] - 1)
             n = t.length[row].astype(np.int64)
             _copy_words(out, words.pos[syn_words], t.tokens.astype(np.int64, copy=False),
                         t.start[row] + j * n, n)
+
+
+def synonym_draw_key(table: SynonymTable, alpha: float) -> np.ndarray:
+    """float64 (count.sum(),): for candidate j of row r, r + the probability of candidates 0..j
+    of the row, with weights groups * (freq + 1) ** alpha (`MaskingConfig.synonym_weighting`).
+    Sorted, so one `searchsorted` draws a weighted candidate for every word of a batch.
+
+    The cumulative sums run per row (a loop over candidate positions, at most a few dozen),
+    not as one cumulative sum over the whole table, whose rounding would grow with the row
+    index; each row's last key is then exactly r + 1.
+    """
+    w = table.groups.astype(np.float64) * (table.freq.astype(np.float64) + 1.0) ** alpha
+    count, offsets = table.count.astype(np.int64), table.offsets()
+    within = np.empty_like(w)
+    running = np.zeros(len(count))
+    for j in range(int(count.max(initial=0))):
+        rows = np.flatnonzero(count > j)
+        running[rows] += w[offsets[rows] + j]
+        within[offsets[rows] + j] = running[rows]
+    row_of = np.repeat(np.arange(len(count)), count)
+    return row_of + within / running[row_of]
 
 
 @dataclass

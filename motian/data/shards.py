@@ -93,6 +93,12 @@ class SynonymTable:
     `tokens[start[r] : start[r] + count[r] * length[r]]`. Candidate j of row r is
     ``tokens[start[r] + j * length[r] : start[r] + (j + 1) * length[r]]``. `words[r]` is the
     word the row belongs to (for inspection and tests).
+
+    What a weighted draw needs (`MaskingConfig.synonym_weighting`), one entry per candidate in
+    the same order (candidate j of row r is entry ``offsets()[r] + j``): `freq`, the count of
+    the candidate word in jieba's dictionary (0 when absent), and `groups`, how many Cilin
+    ``=`` groups the word and the candidate share (>= 1). Both are None in a table written
+    before they existed; such a table draws uniformly.
     """
 
     start: np.ndarray  # int64 (R,)
@@ -100,6 +106,17 @@ class SynonymTable:
     length: np.ndarray  # int32 (R,)
     tokens: np.ndarray  # int32 (total,)
     words: list[str]
+    freq: np.ndarray | None = None  # int64 (count.sum(),)
+    groups: np.ndarray | None = None  # int32 (count.sum(),)
+
+    @property
+    def weighted(self) -> bool:
+        """True when the table holds what a weighted draw needs (`freq` and `groups`)."""
+        return self.freq is not None and self.groups is not None
+
+    def offsets(self) -> np.ndarray:
+        """int64 (R,): where each row's candidates begin in `freq` and `groups`."""
+        return np.cumsum(self.count, dtype=np.int64) - self.count
 
     def candidates(self, row: int) -> list[list[int]]:
         s, c, n = int(self.start[row]), int(self.count[row]), int(self.length[row])
@@ -112,9 +129,12 @@ class SynonymTable:
         offsets = np.zeros(len(encoded) + 1, np.int64)
         np.cumsum([len(b) for b in encoded], out=offsets[1:])
         tmp = path.with_name(path.name + ".tmp.npz")
+        weights = ({"candidate_freq": np.asarray(self.freq, np.int64),
+                    "candidate_groups": np.asarray(self.groups, np.int32)}
+                   if self.weighted else {})
         np.savez(tmp, start=self.start, count=self.count, length=self.length,
                  tokens=self.tokens, word_bytes=np.frombuffer(b"".join(encoded), np.uint8),
-                 word_offsets=offsets)
+                 word_offsets=offsets, **weights)
         os.replace(tmp, path)
 
     @classmethod
@@ -135,6 +155,9 @@ class SynonymTable:
                 data, offsets = z["word_bytes"].tobytes(), z["word_offsets"]
                 words = [data[offsets[i]:offsets[i + 1]].decode("utf-8")
                          for i in range(len(offsets) - 1)]
+                # A table from before weighted draws has neither array: it loads, unweighted.
+                freq = z["candidate_freq"] if "candidate_freq" in z.files else None
+                groups = z["candidate_groups"] if "candidate_groups" in z.files else None
         except UserError:
             raise
         except (OSError, ValueError, KeyError, IndexError, UnicodeDecodeError,
@@ -142,7 +165,15 @@ class SynonymTable:
             raise UserError(f"{path}: not a readable synonym table ({err}){redo}") from None
         if not len(start) == len(count) == len(length) == len(words):
             raise UserError(f"{path}: synonym table arrays disagree in length{redo}")
-        return cls(start, count, length, tokens, words)
+        n_candidates = int(count.sum())
+        if (freq is None) != (groups is None) or (
+                freq is not None and not len(freq) == len(groups) == n_candidates):
+            raise UserError(f"{path}: the synonym weights (candidate_freq, candidate_groups) "
+                            f"do not match the table's {n_candidates} candidates{redo}")
+        if freq is not None and (freq.min(initial=0) < 0 or groups.min(initial=1) < 1):
+            raise UserError(f"{path}: synonym weights must have counts >= 0 and shared groups "
+                            f">= 1{redo}")
+        return cls(start, count, length, tokens, words, freq, groups)
 
     @classmethod
     def empty(cls) -> SynonymTable:

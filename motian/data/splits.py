@@ -33,10 +33,12 @@ class SplitLoader(PackedLoader):
             self._sentences = SentenceIndex(s.shard[keep], s.doc[keep], s.start[keep],
                                             s.end[keep], s.offset[keep], s.doc_len[keep],
                                             s.n_docs)
-            self._plan_cache = None
-            if self.steps_per_epoch == 0:
-                raise UserError(f"{data}: too few sentence pairs outside the held-out documents "
-                                "for one global batch; use more data or a smaller batch")
+            self._plan_cache = self._pairs_cache = None
+            if len(self._sentences.start) == 0:
+                side = "held-out" if held_out else "training"
+                raise UserError(f"{data}: no sentence pairs in the {side} documents; use more "
+                                "data or change eval.holdout_every")
+            self._check_sizes(data)
 
     def _keep(self, doc_ids: np.ndarray) -> np.ndarray:
         every, held_out = self._split

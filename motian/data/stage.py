@@ -14,7 +14,10 @@ output directory that a killed run continues.
   commit intact (and at most a ``.tmp`` file, overwritten by the rerun).
 * **Bounded ordered worker pool** (`ordered_pool`). Jobs run in spawned worker processes,
   results come back in input order, and at most ``2 × workers`` jobs are in flight, so memory is
-  bounded and the output does not depend on the number of workers.
+  bounded and the output does not depend on the number of workers. The workers do not re-run
+  the caller's ``__main__`` (`NO_MAIN_SPAWN`), so ``motian.prepare(...)`` at the top level of a
+  script without ``if __name__ == "__main__":`` works instead of every worker running the
+  script again.
 * **Progress by bytes** (`ByteProgress`): a tqdm bar over input bytes with an ETA.
 """
 
@@ -24,10 +27,13 @@ import json
 import os
 import re
 import signal
+import sys
+import threading
+import types
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
-from multiprocessing import get_context
+from multiprocessing.context import SpawnContext, SpawnProcess
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -126,6 +132,38 @@ class StageDir:
 # --------------------------------------------------------------------------- the worker pool
 
 
+_MAIN_SWAP = threading.Lock()
+
+
+class _NoMainProcess(SpawnProcess):
+    """A spawned process that does not import the parent's ``__main__``.
+
+    A spawned child normally re-runs the parent's main script (as ``__mp_main__``) so that
+    functions defined there can be unpickled; a script that calls motian at its top level
+    without the ``if __name__ == "__main__":`` guard then calls it again in every worker, which
+    multiprocessing refuses in a loop that never ends. The pool's functions all live in motian's
+    own modules, so the child needs nothing from ``__main__``: while the child is launched (the
+    moment multiprocessing reads ``sys.modules["__main__"]`` to describe the parent), an empty
+    module stands in for it."""
+
+    @staticmethod
+    def _Popen(process_obj):
+        with _MAIN_SWAP:
+            main = sys.modules["__main__"]
+            sys.modules["__main__"] = types.ModuleType("__main__")
+            try:
+                return SpawnProcess._Popen(process_obj)
+            finally:
+                sys.modules["__main__"] = main
+
+
+class _NoMainSpawn(SpawnContext):
+    Process = _NoMainProcess
+
+
+NO_MAIN_SPAWN = _NoMainSpawn()  # the start method of every worker pool
+
+
 def _start_worker(initializer: Callable | None, initargs: tuple) -> None:
     # Ctrl-C is the parent's to handle (it stops the pool; committed shards stay), not a
     # traceback from every worker.
@@ -140,8 +178,10 @@ def ordered_pool(fn: Callable[..., R], jobs: Iterable[tuple[K, tuple]], workers:
     """``(key, fn(*args))`` for each ``(key, args)`` of `jobs`, in the order of `jobs`.
 
     With ``workers <= 1`` everything runs in this process (`initializer` too, once). Otherwise
-    `workers` spawned processes (spawn: safe with threads in the parent, the same on every OS)
-    run `initializer(*initargs)` once each, then the jobs; `jobs` is read lazily and at most
+    `workers` spawned processes (spawn: safe with threads in the parent, the same on every OS;
+    `NO_MAIN_SPAWN`: without re-running the caller's ``__main__``, so `fn` and `initializer`
+    must be importable module-level functions, never ones defined in a script) run
+    `initializer(*initargs)` once each, then the jobs; `jobs` is read lazily and at most
     `max_in_flight` (default ``2 × workers``) jobs are submitted and not yet yielded, so memory
     is bounded. Only `args` travel to the workers; the key stays here. Closing the generator
     (or an error) cancels the queued jobs and waits for the running ones.
@@ -153,7 +193,7 @@ def ordered_pool(fn: Callable[..., R], jobs: Iterable[tuple[K, tuple]], workers:
             yield key, fn(*args)
         return
     limit = max(1, max_in_flight or IN_FLIGHT_PER_WORKER * workers)
-    pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn"),
+    pool = ProcessPoolExecutor(workers, mp_context=NO_MAIN_SPAWN,
                                initializer=_start_worker, initargs=(initializer, initargs))
     pending: deque = deque()
     try:

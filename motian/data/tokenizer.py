@@ -232,11 +232,38 @@ def unk_rate(tok: Tokenizer, texts: Iterable[str]) -> tuple[int, int]:
     return unk, total
 
 
+def missing_continuations(tok: Tokenizer, chars: Iterable[str]) -> list[str]:
+    """The ``##c`` tokens `add_continuations` would add for `chars`."""
+    return sorted({CONTINUATION + c for c in chars if _can_continue_word(c)}
+                  - set(tok.get_vocab()))
+
+
+def drop_last_merges(tok: Tokenizer, n: int) -> int:
+    """Remove the `n` most recently learned multi-character pieces (the highest ids) to make
+    room, renumbering the rest; specials, single characters and ``##c`` forms stay, and no
+    kept piece is built from a removed one (WordPiece only merges earlier pieces). Returns how
+    many were removed (fewer when there are not that many)."""
+    vocab = tok.get_vocab()
+    tokens = sorted(vocab, key=vocab.__getitem__)
+    specials = set(SPECIAL_TOKENS.values())
+    drop: set[str] = set()
+    for token in reversed(tokens):
+        if len(drop) == n:
+            break
+        if token not in specials and len(token.removeprefix(CONTINUATION)) > 1:
+            drop.add(token)
+    if drop:
+        kept = [t for t in tokens if t not in drop]
+        tok.model = WordPiece({t: i for i, t in enumerate(kept)}, unk_token="[UNK]",
+                              continuing_subword_prefix=CONTINUATION)
+    return len(drop)
+
+
 def add_continuations(tok: Tokenizer, chars: Iterable[str]) -> int:
     """Append ``##c`` for every letter/digit `c` that lacks one (so an unseen Latin word splits
     into known pieces rather than becoming [UNK]); return how many were added."""
     vocab = tok.get_vocab()
-    missing = sorted({CONTINUATION + c for c in chars if _can_continue_word(c)} - set(vocab))
+    missing = missing_continuations(tok, chars)
     if missing:
         for token in missing:
             vocab[token] = len(vocab)
@@ -285,11 +312,15 @@ def _train(inputs: list[str], vocab_size: int, min_frequency: int, char_min_coun
         limit_alphabet=len(alphabet), continuing_subword_prefix=CONTINUATION)
     # A quiet second pass over the text (skips were counted in the first).
     tok.train_from_iterator(_texts(inputs, txt_mode, text_field, SkipLog(warn=False)), trainer)
+    # The ##c forms come on top of what the trainer learned: make room for them by dropping
+    # its last merges, so the vocabulary has the size that was asked for.
+    overflow = tok.get_vocab_size() + len(missing_continuations(tok, alphabet)) - vocab_size
+    dropped = drop_last_merges(tok, overflow) if overflow > 0 else 0
     added = add_continuations(tok, alphabet)
     add_bert_template(tok)
     info = {"distinct_chars": len(chars), "alphabet": len(alphabet),
             "chars_below_min_count": len(chars) - len(alphabet),
-            "continuations_added": added}
+            "continuations_added": added, "merges_dropped_for_continuations": dropped}
     if len(alphabet) + len(SPECIAL_TOKENS) > vocab_size:
         print(f"motian: warning: {len(alphabet)} characters occur at least {char_min_count} "
               f"times, more than vocab_size={vocab_size}; all are kept (vocabulary of "
@@ -311,8 +342,10 @@ def train_tokenizer(inputs: list[str], out: Path, vocab_size: int = 8000, min_fr
     Args:
         inputs: corpora: pd98, reviews, files, directories, globs or a `motian clean` output.
         out: directory to write the vocabulary to.
-        vocab_size: target size; every character at least char_min_count times is kept even
-            when that makes the vocabulary larger.
+        vocab_size: the vocabulary's size (specials, characters, learned pieces and the ##
+            forms of letters and digits together); it is smaller only when the text has fewer
+            pieces to learn, larger only when more than this many characters occur at least
+            char_min_count times (all are kept).
         min_frequency: how often a pair of pieces must occur to be merged.
         char_min_count: characters seen fewer times are left out (they become [UNK]).
         from_vocab: adopt this BERT vocab.txt (e.g. bert-base-chinese's) instead of training.

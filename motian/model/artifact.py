@@ -229,6 +229,7 @@ class TaskCard:
     scheme: str = "BIO"  # tagging scheme of token tasks: BIO or BIOES
     clue: str | None = None  # CLUE's name for the task, when it is one
     max_length: int | None = None  # tokens per input at fine-tuning
+    format: str | None = None  # your own files' format (text-classification, ...); `name` is then yours
 
     def write(self, directory: str | Path) -> Path:
         path = Path(directory) / TASK_CARD

@@ -170,7 +170,8 @@ class PreTrainingModel(_Backbone):
                 token_type_ids: Tensor | None = None, position_ids: Tensor | None = None,
                 document_ids: Tensor | None = None, mlm_positions: Tensor | None = None,
                 mlm_labels: Tensor | None = None, pair_labels: Tensor | None = None,
-                labels: Tensor | None = None) -> ModelOutput:
+                pair_weights: Tensor | None = None, labels: Tensor | None = None
+                ) -> ModelOutput:
         if labels is not None:
             mlm_positions, mlm_labels = compact_mlm_labels(labels)
         B, L = input_ids.shape
@@ -185,10 +186,22 @@ class PreTrainingModel(_Backbone):
         if mlm_labels is not None:
             out.losses["mlm"] = mlm_loss(out.logits, mlm_labels)
         if pair_labels is not None:
-            out.losses["pair"] = F.cross_entropy(out.pair_logits.float(), pair_labels)
+            loss_sum, weight_sum = pair_loss_sum(out.pair_logits, pair_labels, pair_weights)
+            out.losses["pair"] = loss_sum / weight_sum.clamp(min=1e-12)
         if out.losses:
             out.loss = sum(out.losses.values())
         return out
+
+
+def pair_loss_sum(logits: Tensor, labels: Tensor, weights: Tensor | None = None
+                  ) -> tuple[Tensor, Tensor]:
+    """(sum of weight * cross-entropy, sum of weights) over the rows whose label is not -100
+    (a corpus row in a mixed batch carries no pair label). The weighted mean is their ratio;
+    the caller divides, so a batch without pair rows gives 0 / 0 it can skip."""
+    keep = labels != -100
+    w = keep.float() if weights is None else weights.float() * keep
+    ce = F.cross_entropy(logits.float(), labels.clamp(min=0), reduction="none")
+    return (ce * w).sum(), w.sum()
 
 
 class SequenceClassification(_Backbone):

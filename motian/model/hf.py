@@ -7,7 +7,8 @@
 - `export_hf(model, directory)`: a BERT-shaped model -> a directory `transformers` loads natively
   (BertForMaskedLM, ...); any other configuration (Pre-LN, relative positions, GEGLU, decoder) ->
   a directory that loads with `trust_remote_code=True` from a `modeling_motian.py` generated from
-  motian's own model source files, so no model code is written twice.
+  motian's own model source files, so no model code is written twice. Either kind gets the
+  tokenizer files `AutoTokenizer.from_pretrained(directory)` loads (`write_hf_tokenizer`).
 - `convert_hf(source, out)`: either direction, directory to directory (`motian hf-convert`).
 """
 
@@ -25,7 +26,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from motian.errors import UserError
-from motian.model.artifact import copy_tokenizer, is_hf_bert
+from motian.model.artifact import is_hf_bert
 from motian.model.config import ModelConfig
 from motian.model.heads import HEADS
 from motian.model.io import (
@@ -233,8 +234,9 @@ def is_bert_shaped(model: nn.Module) -> bool:
 def export_hf(model: nn.Module, directory: str | Path,
               tokenizer: str | Path | None = None) -> Path:
     """Write `model` as a Hugging Face directory: native BERT when `is_bert_shaped`, otherwise
-    motian's code as remote code (`trust_remote_code=True`). Tokenizer files are copied from
-    `tokenizer` (a directory or a vocab.txt / tokenizer.json file) when given."""
+    motian's code as remote code (`trust_remote_code=True`). With `tokenizer` (a directory or a
+    vocab.txt / tokenizer.json file) the tokenizer files `AutoTokenizer` loads are written too
+    (`write_hf_tokenizer`), for both kinds."""
     model = unwrap_model(model)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -243,8 +245,50 @@ def export_hf(model: nn.Module, directory: str | Path,
     else:
         _export_remote(model, directory)
     if tokenizer is not None:
-        copy_tokenizer(tokenizer, directory)
+        write_hf_tokenizer(tokenizer, directory, model.config.max_positions)
     return directory
+
+
+HF_TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json",
+                      "special_tokens_map.json")
+
+
+def write_hf_tokenizer(source: str | Path, directory: str | Path,
+                       max_length: int | None = None) -> list[Path]:
+    """Write the tokenizer at `source` (a directory, tokenizer.json or vocab.txt) into
+    `directory` as `transformers` loads it with `AutoTokenizer.from_pretrained(directory)`,
+    remote-code exports included: tokenizer.json (the exact pipeline motian tokenises with),
+    vocab.txt (for the slow BertTokenizer), tokenizer_config.json naming `BertTokenizer`
+    (AutoTokenizer then gives BertTokenizerFast, or with use_fast=False the slow class: classes
+    transformers has, so no remote code and no look-up through config.json's model_type) with
+    the normaliser's own settings (BertTokenizerFast rebuilds a normaliser whose lowercase /
+    strip_accents / chinese-character settings differ from its arguments; a tokenizer.json
+    with another normaliser gets PreTrainedTokenizerFast, which runs it as it is), and
+    special_tokens_map.json. Returns the files written."""
+    from motian.data.tokenizer import SPECIAL_TOKENS, load_tokenizer, vocab_tokens
+    from motian.io import write_text_atomic
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tok = load_tokenizer(source)
+    normalizer = json.loads(tok.to_str()).get("normalizer") or {}
+    special = {f"{key}_token": token for key, token in SPECIAL_TOKENS.items()
+               if tok.token_to_id(token) is not None}
+    if normalizer.get("type") == "BertNormalizer":  # every tokenizer motian makes
+        settings = {"tokenizer_class": "BertTokenizer",  # fast by default, slow on request
+                    "do_lower_case": bool(normalizer.get("lowercase", True)),
+                    "strip_accents": normalizer.get("strip_accents"),
+                    "tokenize_chinese_chars": bool(normalizer.get("handle_chinese_chars", True))}
+    else:  # another pipeline: the generic class runs tokenizer.json exactly as it is
+        settings = {"tokenizer_class": "PreTrainedTokenizerFast"}
+    settings.update(clean_up_tokenization_spaces=False, **special)
+    if max_length:
+        settings["model_max_length"] = int(max_length)
+    tok.save(str(directory / "tokenizer.json"))
+    write_text_atomic(directory / "vocab.txt", "\n".join(vocab_tokens(tok)) + "\n")
+    _write_json(directory / "tokenizer_config.json", settings)
+    _write_json(directory / "special_tokens_map.json", special)
+    return [directory / name for name in HF_TOKENIZER_FILES]
 
 
 def _export_bert(model: nn.Module, directory: Path) -> None:
@@ -359,7 +403,9 @@ def convert_hf(source: Path, out: Path, head: Head = "auto", strict: bool = Fals
         out: directory to write.
         head: when importing, the motian head to build; auto follows config.json's architectures.
         strict: when importing, fail instead of warning when any weight does not load.
-        tokenizer: when exporting, vocab.txt / tokenizer.json or a directory holding them, copied alongside.
+        tokenizer: when exporting, vocab.txt / tokenizer.json or a directory holding them;
+            written alongside as AutoTokenizer loads it (tokenizer.json, vocab.txt,
+            tokenizer_config.json, special_tokens_map.json).
     """
     source, out = Path(source), Path(out)
     config_path = source / "config.json"

@@ -41,6 +41,12 @@ def clean_summary(rep: dict) -> str:
         lines += ["", f"held-out task texts removed: {d['dropped'].get(HELDOUT, 0):,} "
                   f"documents, {c['dropped'].get(HELDOUT, 0):,} characters (dev/test of the "
                   "bundled tasks; --no-exclude-heldout keeps them)"]
+    if "excluded" in rep:
+        ex = rep["excluded"]
+        files = ", ".join(f"{f} ({n:,})" for f, n in ex["files"].items())
+        lines += ["", f"--exclude: {ex['texts']:,} distinct texts read from {files}; "
+                  f"{ex['documents_removed']:,} documents holding one removed "
+                  f"({ex['characters_removed']:,} characters)"]
     tp = rep["throughput"]
     lines += ["", f"{rep['shards']} shard(s); {tp['seconds']} s, {tp['docs_per_s']:,} docs/s, "
               f"{tp['input_mb_per_s']} MB/s of input text. LSH: {rep['lsh']['bands']} bands × "

@@ -8,8 +8,9 @@
 - ``throughput.png``: input tokens per second over steps;
 - ``eval.png``: the held-out masked-token accuracy and loss over steps (the common evaluation,
   step 0 being the untrained model);
-- ``downstream.png``: one bar per arm (teacher / student / random init ...) and task, mean ±
-  std over seeds as error bars.
+- ``downstream.png``: one point per arm (teacher / student / random init ...) and task, mean ±
+  std over seeds as error bars, on an axis zoomed to the scores, with the majority-class floor
+  of a classification task as a dashed line.
 
 The page embeds them with relative links (so the directory can be moved or zipped), states the
 machine and library versions from ``run.json`` and gives every plotted number as a Markdown
@@ -31,6 +32,7 @@ TASK_LOSSES = (("loss_mlm", "MLM"), ("loss_pair", "pair"), ("loss_lm", "LM"))
 # Which metric stands for a task in the bar chart, first present wins (fractions in [0, 1]).
 MAIN_METRICS = ("accuracy", "f1", "em", "macro_f1")
 MAX_TRAIN_ROWS = 20  # the training table samples this many records evenly (all if fewer)
+MAJORITY_ARM = "majority class"  # the arm of a classification result's majority-class floor
 
 
 @dataclass
@@ -152,8 +154,23 @@ def read_downstream(downstream: dict[str, Path]) -> list[DownstreamRow]:
         if not found:
             raise UserError(f"{path}: no results in it (expected \"summary\": {{split: {{metric: "
                             "[mean, std, n]}}}} or \"runs\"); is the run finished?")
-        rows += found
+        rows += found + _majority_rows(task, result, path, rows + found)
     return rows
+
+
+def _majority_rows(task: str, result: dict, source: Path,
+                   rows: list[DownstreamRow]) -> list[DownstreamRow]:
+    """The "majority class" arm of a classification result (always its most frequent
+    training label), once per task: the floor the other arms are read against."""
+    from motian.reporting.tables import majority_rows
+
+    majority = result.get("majority_class")
+    if not isinstance(majority, dict):
+        return []
+    seen = {(r.arm, r.task, r.split, r.metric) for r in rows}
+    return [DownstreamRow(MAJORITY_ARM, task, split, metric, float(value), 0.0, 1, source)
+            for split, metric, value in majority_rows(majority)
+            if (MAJORITY_ARM, task, split, metric) not in seen]
 
 
 def main_rows(rows: list[DownstreamRow]) -> list[DownstreamRow]:
@@ -242,9 +259,14 @@ def plot_eval(evals: list[dict], path: Path) -> Path:
 
 
 def plot_downstream(rows: list[DownstreamRow], path: Path) -> Path:
-    """Grouped bars: one group per task (its main metric), one bar per arm, ± std."""
+    """One group per task (its main metric), a point per arm with ± std over seeds as error
+    bars, on an axis zoomed to the scores: on 0-100, 93.5 and 94.6 look alike. Points, not bars,
+    since bars on an axis that does not start at 0 would mislead. A classification task's
+    majority-class floor (the MAJORITY_ARM rows) is a dashed line across its group."""
     plt = _pyplot()
-    tasks = sorted({r.task for r in rows})
+    floors = {r.task: 100 * r.mean for r in rows if r.arm == MAJORITY_ARM}
+    rows = [r for r in rows if r.arm != MAJORITY_ARM]
+    tasks = sorted({r.task for r in rows} | set(floors))
     arms = list(dict.fromkeys(r.arm for r in rows))
     width = 0.8 / max(len(arms), 1)
     fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(tasks) * max(len(arms), 2)), 4))
@@ -256,16 +278,39 @@ def plot_downstream(rows: list[DownstreamRow], path: Path) -> Path:
                 xs.append(t + (i - (len(arms) - 1) / 2) * width)
                 means.append(100 * row.mean)
                 stds.append(100 * row.std)
-        bars = ax.bar(xs, means, width, yerr=stds, capsize=4, label=arm)
-        ax.bar_label(bars, fmt="%.1f", fontsize=8, padding=2)
+        ax.errorbar(xs, means, yerr=stds, fmt="o", markersize=7, capsize=4, label=arm)
+        for x, mean in zip(xs, means):
+            ax.annotate(f"{mean:.1f}", (x, mean), textcoords="offset points", xytext=(7, 0),
+                        fontsize=8, va="center")
+    for t, task in enumerate(tasks):
+        if task in floors:
+            ax.hlines(floors[task], t - 0.45, t + 0.45, colors="grey", linestyles="dashed",
+                      label=MAJORITY_ARM if t == min(tasks.index(k) for k in floors) else None)
+            ax.annotate(f"majority class {floors[task]:.1f}", (t + 0.45, floors[task]),
+                        textcoords="offset points", xytext=(0, 3), fontsize=7, ha="right",
+                        color="grey")
+    ax.set_ylim(*downstream_ylim(rows, floors))
     labels = [f"{t}\n" + ", ".join(sorted({f"{r.split} {r.metric}" for r in rows if r.task == t}))
               for t in tasks]
     ax.set_xticks(range(len(tasks)), labels)
-    ax.set_ylabel("score (×100), mean ± std over seeds")
-    ax.margins(y=0.12)  # room for the value labels above the tallest bar
-    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the bars, never on them
+    ax.set_xlim(-0.6, len(tasks) - 0.4)
+    ax.grid(axis="y", alpha=0.3)
+    ax.set_ylabel("score (×100), mean ± std over seeds\n(axis zoomed to the scores)")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the points, never on them
     ax.set_title("downstream")
     return _save(fig, plt, path)
+
+
+def downstream_ylim(rows: list[DownstreamRow], floors: dict[str, float]) -> tuple[float, float]:
+    """The score axis (×100) of the downstream plot: every mean ± std and floor, with 15% of
+    their range (at least 1 point) above and below, within 0-100."""
+    values = [*floors.values(), *(100 * (r.mean - r.std) for r in rows),
+              *(100 * (r.mean + r.std) for r in rows)]
+    if not values:
+        return 0.0, 100.0
+    lo, hi = min(values), max(values)
+    pad = max(0.15 * (hi - lo), 1.0)
+    return max(0.0, lo - pad), min(100.0, hi + pad)
 
 
 def _save(fig, plt, path: Path) -> Path:

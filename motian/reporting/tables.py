@@ -39,14 +39,34 @@ def results_table(result: dict) -> str:
              + (f"; {result['task']['notes']}" if result["task"].get("notes") else ""),
              f"- model: {model['source']}" + (f" (sha256 {model['sha256'][:16]}…)"
                                                if model.get("sha256") else ""),
-             f"- seeds: {', '.join(str(r['seed']) for r in runs)}", "",
+             f"- seeds: {', '.join(str(r['seed']) for r in runs)}",
+             *_defaults_lines(result.get("defaults") or {}), "",
              "| split | metric | mean ± std (×100) | per seed |", "|---|---|---|---|"]
+    majority = result.get("majority_class") or {}
     for split, metrics in summarise(runs).items():
         for metric, (mean, std, _) in metrics.items():
             per_seed = ", ".join(f"{r[split][metric] * 100:.2f}" for r in runs
                                  if metric in r.get(split, {}))
             lines.append(f"| {split} | {metric} | {fmt(mean, std)} | {per_seed} |")
+    for split, metric, value in majority_rows(majority):
+        lines.append(f"| {split} | {metric}, majority class ({majority['label']}) | "
+                     f"{value * 100:.2f} | — |")
     return "\n".join(lines + _settings_lines(result["config"]))
+
+
+def majority_rows(majority: dict) -> list[tuple[str, str, float]]:
+    """(split, metric, score) of always answering the most frequent training label: the
+    floor beside every classification result (`majority_class` of a results.json)."""
+    return [(split, metric, value) for split in ("dev", "test")
+            for metric, value in (majority.get(split) or {}).items()]
+
+
+def _defaults_lines(defaults: dict) -> list[str]:
+    """What the run chose for the user (learning rate, pooling), and why."""
+    auto = [f"{name} {c['value']:g} ({c['why']})" if isinstance(c["value"], float) else
+            f"{name} {c['value']} ({c['why']})" for name, c in defaults.items()
+            if c.get("chosen") == "auto"]
+    return [f"- chosen for this model (not given): {'; '.join(auto)}"] if auto else []
 
 
 def distill_results_page(result: dict) -> str:

@@ -20,8 +20,10 @@ MLM logits cover every position, not only the masked ones: a served fill-mask re
 client; at serving lengths the full output layer costs little next to the encoder.
 
 The serving directory holds model.onnx, the checkpoint itself (config.json + model.safetensors,
-so `--backend torch` reads the same directory), the tokenizer files, and export.json with the
-parity measured at export time; `hf/` holds the Hugging Face directory when asked for.
+so `--backend torch` reads the same directory), the tokenizer files (tokenizer.json,
+vocab.txt, tokenizer_config.json, special_tokens_map.json: `AutoTokenizer` loads them), and
+export.json with the parity measured at export time; `hf/` holds the Hugging Face directory
+when asked for.
 """
 
 from __future__ import annotations
@@ -48,10 +50,10 @@ from motian.model.artifact import (
     TASK_CARD,
     WEIGHTS,
     TaskCard,
-    copy_tokenizer,
     find_tokenizer,
     resolve_model_dir,
 )
+from motian.model.hf import write_hf_tokenizer
 from motian.model.io import from_pretrained
 from motian.serving.onnx import ONNX_FILE, onnx_session, run_session
 from motian.tasks.features import Featurizer, collate
@@ -368,7 +370,7 @@ def export(checkpoint: Path, out: Path, format: Literal["onnx", "hf", "both"] = 
     batches = check_batches(model, tokenizer_dir) if check else []
     out.mkdir(parents=True, exist_ok=True)
     _copy_checkpoint(checkpoint, out)
-    copy_tokenizer(tokenizer_dir, out)
+    write_hf_tokenizer(tokenizer_dir, out, model.config.max_positions)  # AutoTokenizer loads it
     head = type(model).__name__
     manifest = {"kind": "export", "source": str(checkpoint), "head": head,
                 "inputs": list(input_names(model)), "outputs": list(OUTPUTS[head]),

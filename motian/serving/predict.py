@@ -18,6 +18,10 @@ An input "id" is copied to its output. Texts are laid out for the model by the s
 fine-tuning (`motian.tasks.features`), so a served model sees exactly what it was trained on.
 Label names come from the task.json `motian finetune` saves beside the model (class names,
 or entity types and tagging scheme), else LABEL_i.
+
+In memory, without files: ``motian.predict(model, ["text", ("text", "text_pair"), ...])``
+returns the list of output dicts; ``p = Predictor.load(model)`` keeps the model loaded and
+``p(texts)`` does the same for each call.
 """
 
 from __future__ import annotations
@@ -68,6 +72,49 @@ class Predictor:
     max_length: int
     input_names: tuple[str, ...]
     task: dict  # the task card (task.json) of a fine-tuned model as a dict; {} otherwise
+
+    @classmethod
+    def load(cls, model: str | Path, backend: Backend = "torch",
+             tokenizer: str | Path | None = None, max_length: int | None = None,
+             threads: int = 0) -> Predictor:
+        """The model at `model`, loaded once (`load_predictor`): keep it for many calls."""
+        return load_predictor(Path(model), backend, Path(tokenizer) if tokenizer else None,
+                              max_length, threads)
+
+    def __call__(self, inputs: Iterable[Input] | Input, batch_size: int = 32,
+                 top_k: int = 5) -> list[dict]:
+        """Predictions in memory, one dict per input in order (the fields of `motian predict`'s
+        JSON lines). An input is a text, a (text, text_pair) pair, or a dict with the fields
+        the head reads (see the module's table); a single text or pair gives a list of one."""
+        if isinstance(inputs, str | dict) or _is_pair(inputs):
+            inputs = [inputs]
+        return list(iter_predictions(self, as_records(inputs), batch_size, top_k))
+
+
+Input = str | tuple[str, str] | dict
+
+
+def _is_pair(value) -> bool:
+    return isinstance(value, tuple) and len(value) == 2 and all(isinstance(v, str)
+                                                                 for v in value)
+
+
+def as_records(inputs: Iterable[Input]) -> Iterator[tuple[str, dict]]:
+    """("input N", record) for in-memory inputs: a text is {"text"}, a (text, text_pair) pair
+    {"text", "text_pair"}, a dict is taken as it is; anything else is a UserError naming its
+    position."""
+    for i, item in enumerate(inputs):
+        where = f"input {i}"
+        if isinstance(item, str):
+            yield where, {"text": item}
+        elif _is_pair(item) or (isinstance(item, list) and len(item) == 2
+                                and all(isinstance(v, str) for v in item)):
+            yield where, {"text": item[0], "text_pair": item[1]}
+        elif isinstance(item, dict):
+            yield where, item
+        else:
+            raise UserError(f"{where}: expected a text, a (text, text_pair) pair or a dict of "
+                            f"fields, got {type(item).__name__} {item!r:.40}")
 
 
 def load_predictor(model: Path, backend: Backend = "torch", tokenizer: Path | None = None,
@@ -355,7 +402,8 @@ def _write(results: Iterable[dict], out: Path | None) -> int:
 
 def predict(model: Path, inputs: Path | None = None, out: Path | None = None,
             backend: Backend = "torch", batch_size: int = 32, max_length: int | None = None,
-            top_k: int = 5, tokenizer: Path | None = None, threads: int = 0) -> int:
+            top_k: int = 5, tokenizer: Path | None = None, threads: int = 0
+            ) -> int | list[dict]:
     """Batch inference with any motian head: JSON lines (or plain text lines) in, JSON lines out.
 
     Reads `text` (+ `text_pair`) for classification, `text` for tagging, `question` +
@@ -363,9 +411,17 @@ def predict(model: Path, inputs: Path | None = None, out: Path | None = None,
     with [MASK] for masked LMs; copies an input `id` to its output. Returns the number of
     lines written.
 
+    From Python, `inputs` may also be the texts themselves: a list of strings, (text,
+    text_pair) pairs or dicts of the fields above. Then the predictions come back as a list of
+    dicts, in order, and nothing is printed (they are written to `out` only when it is given):
+    ``motian.predict("run/seed-1/model", ["质量很好", "太差了"])`` -> ``[{"label": ...,
+    "probs": {...}}, ...]``. To load the model once for many calls, use
+    ``Predictor.load(model)`` from `motian.serving.predict` and call it with the texts.
+
     Args:
         model: a `motian export` directory (or, for --backend torch, any motian checkpoint).
-        inputs: JSON lines or plain text file; stdin when not given.
+        inputs: JSON lines or plain text file; stdin when not given (in Python also a list of
+            texts, pairs or dicts: see above).
         out: file to write the JSON lines to; stdout when not given.
         backend: torch (PyTorch) or onnx (onnxruntime, needs model.onnx from `motian export`).
         batch_size: examples per forward pass.
@@ -375,7 +431,12 @@ def predict(model: Path, inputs: Path | None = None, out: Path | None = None,
         tokenizer: the model's tokenizer, when the directory holds none.
         threads: CPU threads (0: the backend's default).
     """
-    predictor = load_predictor(model, backend, tokenizer, max_length, threads)
+    predictor = load_predictor(Path(model), backend, tokenizer, max_length, threads)
+    if inputs is not None and not isinstance(inputs, str | Path):  # texts in memory
+        results = predictor(inputs, batch_size, top_k)
+        if out is not None:
+            _write(results, Path(out))
+        return results
     records = read_records(Path(inputs) if inputs is not None else None)
     return _write(iter_predictions(predictor, records, batch_size, top_k),
                   Path(out) if out is not None else None)

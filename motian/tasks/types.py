@@ -47,8 +47,10 @@ class Task:
 
     `labels` are class names (single/pair), entity types (token) or empty (span/choice).
     `scheme` is the tagging scheme for token tasks. `clue` names the CLUE task whose submission
-    format predictions are written in (None for the bundled tasks). `notes` documents how the
-    splits were made, for the results table.
+    format predictions are written in (None for the bundled tasks). `format` is set for the
+    user's own files: their format (text-classification, text-pair, ner), while `name` is then
+    the name the user gave the task (default: its data directory's name). `notes` documents how
+    the splits were made, for the results table.
     """
 
     name: str
@@ -58,6 +60,7 @@ class Task:
     scheme: Scheme = "BIO"
     clue: str | None = None
     notes: str = ""
+    format: str | None = None
 
     def labelled(self, split: str) -> bool:
         """True if every example of `split` carries its gold answer (CLUE test files do not)."""

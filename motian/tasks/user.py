@@ -14,11 +14,17 @@ record may leave its answer out, and then `motian finetune` / `evaluate` write p
 An optional ``"id"`` is kept. The label set (class names, or entity types for ``ner``) is read
 from the training file and sorted, so the same files always give the same label indices; the
 model saves it in task.json and `motian predict` answers with these names.
+
+The task is named by the user (`finetune --name`), by default after its data directory
+(``my_task/`` -> ``my_task``): the name titles the results, names the prediction files and
+groups the task in `motian report --downstream`; the format is kept beside it (`Task.format`,
+task.json's ``format``) so `evaluate` and `distill` read the files the same way again.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from motian.errors import UserError
@@ -31,26 +37,42 @@ USER_TASKS: dict[str, str] = {"text-classification": "single", "text-pair": "pai
 FORMATS = {"text-classification": '{"text": ..., "label": ...}',
            "text-pair": '{"text_a": ..., "text_b": ..., "label": ...}',
            "ner": '{"text": ..., "entities": [[start, end, "TYPE"], ...]}'}
+NAME = re.compile(r"\w[\w.-]*")  # a task name: it becomes part of file names
 
 
-def load_user_task(name: str, data: Path | None) -> Task:
-    """Task `name` (text-classification, text-pair, ner) from the JSON-lines files in `data`."""
+def task_name(given: str | None, data: Path) -> str:
+    """The name of the user's task: `given` (checked: it names files and results), else the
+    data directory's name made safe for a file name."""
+    if given is not None:
+        if not NAME.fullmatch(given):
+            raise UserError(f"--name {given!r}: use letters, digits, '-', '_' or '.', starting "
+                            f"with a letter or digit (it names files such as "
+                            f"{given}_test_predictions.jsonl)")
+        return given
+    name = re.sub(r"[^\w.-]+", "-", Path(data).resolve().name).strip("-.")
+    return name or "my-task"
+
+
+def load_user_task(format: str, data: Path | None, name: str | None = None) -> Task:
+    """Your task from the JSON-lines files in `data`, in `format` (text-classification,
+    text-pair, ner), named `name` (default: the directory's name: `task_name`)."""
     if data is None:
-        raise UserError(f"task {name!r} reads your files: give --data DIR with train.jsonl and "
-                        f"dev.jsonl (one {FORMATS[name]} per line)")
+        raise UserError(f"task {format!r} reads your files: give --data DIR with train.jsonl "
+                        f"and dev.jsonl (one {FORMATS[format]} per line)")
     data = Path(data)
     if not data.is_dir():
         raise UserError(f"{data}: no such directory; give the folder holding train.jsonl and "
                         "dev.jsonl")
     files = {split: _split_file(data, split) for split in ("train", "dev", "test")}
     if files["train"] is None:
-        raise UserError(f"{data}: no train.jsonl (or train.json); task {name!r} needs one "
-                        f"{FORMATS[name]} per line")
+        raise UserError(f"{data}: no train.jsonl (or train.json); task {format!r} needs one "
+                        f"{FORMATS[format]} per line")
     records = {split: list(read_jsonl(path)) for split, path in files.items() if path}
-    task_type = USER_TASKS[name]
+    task_type = USER_TASKS[format]
     labels = _labels(task_type, files["train"], records["train"])
-    task = Task(name, task_type, labels=labels,
-                notes=f"your files in {data} ({len(labels)} {'types' if task_type == 'token' else 'classes'})")
+    kinds = "types" if task_type == "token" else "classes"
+    task = Task(task_name(name, data), task_type, labels=labels, format=format,
+                notes=f"your {format} files in {data} ({len(labels)} {kinds})")
     for split, rows in records.items():
         task.splits[split] = [_example(task_type, labels, files[split], lineno, record)
                               for lineno, record in rows]

@@ -12,6 +12,17 @@ each stage, with a position that can be saved). Everything else is the loop's, w
                               (gradients accumulate; DDP all-reduces on the last one only)
         unscale (fp16), clip, skip the step if the gradient is not finite, step the optimizer
         log (progress bar, JSONL, TensorBoard), evaluate, checkpoint (atomic) when due
+        stop on SIGTERM/SIGINT: checkpoint this step, say how to resume, raise `Interrupted`
+
+**Intervals.** Evaluations and checkpoints come every N steps, every N minutes of training or
+every N% of the run (`motian.train.intervals`); a run keyed to a time budget should use one of
+the last two, since its step count is not known in advance.
+
+**Stopping.** SIGTERM (a scheduler's kill, ``timeout``) or SIGINT (Ctrl-C) only sets a flag;
+at the next step boundary every rank learns whether any rank got one (a MAX all-reduce under
+torchrun, so all stop after the same step), the run is checkpointed at that step and
+`Interrupted` (a KeyboardInterrupt) is raised naming the checkpoint; ``--resume`` continues
+from it. A second Ctrl-C stops at once (the default handlers are back after the first signal).
 
 **Exactness.** Everything random is a pure function of the position in the run: the batch
 source's order and masks of (seed, epoch, row), dropout of (seed, step, first global row of the
@@ -30,7 +41,10 @@ from __future__ import annotations
 import abc
 import contextlib
 import math
+import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -49,6 +63,7 @@ from motian.train.checkpoint import (
     CorruptCheckpoint,
     capture_rng_state,
     checkpoint_dirs,
+    checkpoint_name,
     complete_checkpoints,
     latest_checkpoint,
     load_checkpoint,
@@ -56,6 +71,7 @@ from motian.train.checkpoint import (
     save_checkpoint,
 )
 from motian.train.distributed import DistInfo
+from motian.train.intervals import Every, parse_every
 from motian.train.metrics import MetricsLogger
 from motian.train.optim import build_optimizer, param_groups
 from motian.train.schedule import Progress, lr_multiplier, set_lr
@@ -143,8 +159,10 @@ class FitConfig:
     # "warmup-decay": warm-up over the first fraction, then decay to the end (fine-tuning).
     schedule: Literal["stages", "warmup-decay"] = "stages"
     seed: int = 0  # dropout (and whatever the caller seeds with it)
-    eval_every: int = 0  # steps between evaluations (and at the start and the end); 0 = end
-    checkpoint_every: int = 500  # steps; 0 = only at the end
+    # Between evaluations (and at the start and the end) and checkpoints: steps (0 = only at
+    # the end), minutes of training ("2m") or a share of the run ("10%"): intervals.parse_every
+    eval_every: int | str = 0
+    checkpoint_every: int | str = 500
     keep_last: int = 3
     max_bad_steps: int = 20  # stop after this many non-finite steps in a row
     log_every: int = 10
@@ -155,6 +173,65 @@ class FitConfig:
     def stage_bounds(self) -> list[tuple[float, float]]:
         """[(start, end)] of each stage as fractions of the whole run."""
         return stage_bounds(self.stages)
+
+    def intervals(self) -> tuple[Every, Every]:
+        """(evaluation, checkpoint) intervals; UserError for one that does not read."""
+        return (parse_every(self.eval_every, f"{self.label}: eval_every"),
+                parse_every(self.checkpoint_every, f"{self.label}: checkpoint_every"))
+
+
+class Interrupted(KeyboardInterrupt):
+    """Training stopped by a signal after checkpointing the step it had reached."""
+
+    def __init__(self, signum: int, step: int, checkpoint: Path | None):
+        self.signum, self.step, self.checkpoint = signum, step, checkpoint
+        name = signal.Signals(signum).name
+        saved = (f"checkpoint saved: {checkpoint}; resume=True (--resume) continues from it"
+                 if checkpoint is not None else "this run keeps no checkpoints")
+        super().__init__(f"stopped by {name} at step {step}; {saved}")
+
+
+class _StopSignals:
+    """Turns SIGTERM and SIGINT into a flag the loop reads at step boundaries (installed only
+    in the main thread, where Python delivers signals). The first signal restores the previous
+    handlers, so a second one acts at once (Ctrl-C twice: KeyboardInterrupt mid-step)."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self, announce: bool):
+        self.signum = 0
+        self.announce = announce
+        self.previous: dict[int, object] = {}
+
+    def __enter__(self) -> _StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._restore()
+
+    def _restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+        self.previous = {}
+
+    def _handle(self, signum: int, frame) -> None:
+        self.signum = signum
+        self._restore()
+        if self.announce:  # os.write: print() is not safe inside a signal handler
+            os.write(2, f"\nmotian: {signal.Signals(signum).name} received: finishing this "
+                        "step, then saving a checkpoint (send it again to stop at once)\n"
+                     .encode())
+
+    def agreed(self, info: DistInfo) -> int:
+        """The signal any rank received (0: none); every rank gets the same answer."""
+        if not info.distributed:
+            return self.signum
+        flag = torch.tensor([self.signum], dtype=torch.int64, device=info.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return int(flag)
 
 
 # --------------------------------------------------------------------------- schedule
@@ -302,6 +379,7 @@ def fit(objective: Objective, source: BatchSource, config: FitConfig, run: RunSe
     every rank and saves the final model: this function owns only the loop."""
     if run.threads:
         torch.set_num_threads(run.threads)
+    config.intervals()  # an interval that does not read is refused before any work
     precision = resolve_precision(run.precision, info.device)
     found = complete_checkpoints(run_dir) if run_dir is not None else []
     if found and not resume:
@@ -311,7 +389,8 @@ def fit(objective: Objective, source: BatchSource, config: FitConfig, run: RunSe
     micro_plan = [accumulation(s, run.micro_batch, info.world_size) for s in config.stages]
     o = config.optim
     optimizer = build_optimizer(objective, o.name, o.lr, o.weight_decay, tuple(o.betas), o.eps,
-                                groups=objective.param_groups(o.weight_decay))
+                                groups=objective.param_groups(o.weight_decay),
+                                grad_normalization=o.grad_normalization)
     scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
     budget = config.budget_minutes * 60 if config.budget_minutes > 0 else None
     progress = Progress(None if budget else config.steps, budget)
@@ -332,7 +411,9 @@ def fit(objective: Objective, source: BatchSource, config: FitConfig, run: RunSe
     try:
         if logger is not None and state.step:
             logger.drop_after(state.step)
-        return _loop(config, run, source, run_dir, info, parts, state, logger, batches)
+        with _StopSignals(announce=info.is_main) as stop:
+            return _loop(config, run, source, run_dir, info, parts, state, logger, batches,
+                         stop)
     finally:
         if logger is not None:
             logger.close()
@@ -382,13 +463,19 @@ def _restore(parts: _Parts, path: Path, config: FitConfig, state: RunState,
 
 def _loop(config: FitConfig, run: RunSettings, source: BatchSource, run_dir: Path | None,
           info: DistInfo, parts: _Parts, state: RunState, logger: MetricsLogger | None,
-          batches: Iterator[dict]) -> dict:
+          batches: Iterator[dict], stop: _StopSignals) -> dict:
     progress, main, objective = parts.progress, info.is_main, parts.objective
     bar = _progress_bar(config, progress) if main and run.progress else None
+    say = (lambda text: print(text, flush=True)) if main and bar is None else None
     window: dict[str, float] = {}
     last_norm, t_window = 0.0, time.monotonic()
-    if state.step == 0 and config.eval_every:
+    every_eval, every_checkpoint = config.intervals()
+    # ranks share the slowest clock whenever the clock decides something
+    shared_clock = every_eval.timed or every_checkpoint.timed
+    if state.step == 0 and not every_eval.never:
         state.last_eval = _evaluate(parts, info, logger, state.step)  # the untrained baseline
+        if say is not None and state.last_eval is not None:
+            say(_status_line(config, progress, state, state.last_eval))
     progress.restart_clock()
     objective.train()
     while not progress.done():
@@ -419,8 +506,10 @@ def _loop(config: FitConfig, run: RunSettings, source: BatchSource, run_dir: Pat
             window[k] = window.get(k, 0.0) + v
         window["input_tokens"] = window.get("input_tokens", 0.0) + n_in
         window["skipped"] = window.get("skipped", 0.0) + skipped
+        before = (progress.elapsed, progress.fraction())
         progress.update()
-        _sync_clock(progress, info)
+        _sync_clock(progress, info, shared_clock)
+        after = (progress.elapsed, progress.fraction())
         if bar is not None:
             _advance_bar(bar, progress)
         done = progress.done()
@@ -433,13 +522,24 @@ def _loop(config: FitConfig, run: RunSettings, source: BatchSource, run_dir: Pat
                 logger.log(config.log_kind, state.step, values)
             if bar is not None:
                 bar.set_postfix_str(_postfix(values), refresh=False)
-        if (config.eval_every and state.step % config.eval_every == 0) or done:
+        if every_eval.due(state.step, before, after) or done:
             result = _evaluate(parts, info, logger, state.step)
             state.last_eval = result if result is not None else state.last_eval
-        if run_dir is not None and (
-                (config.checkpoint_every and state.step % config.checkpoint_every == 0) or done):
+            if say is not None and result is not None:
+                say(_status_line(config, progress, state, result))
+        saved: Path | None = None
+        if run_dir is not None and (every_checkpoint.due(state.step, before, after) or done):
             state.data = source.state_dict()
-            _checkpoint(run_dir, config, parts, state, info)
+            saved = _checkpoint(run_dir, config, parts, state, info, say)
+        with dist_utils.collective(info, "the stop-signal check", state.step):
+            signum = stop.agreed(info)  # every rank stops after the same step
+        if signum and not done:
+            if run_dir is not None and saved is None:
+                state.data = source.state_dict()
+                saved = _checkpoint(run_dir, config, parts, state, info, say)
+            if bar is not None:
+                bar.close()
+            raise Interrupted(signum, state.step, saved)
         progress.restart_clock()  # evaluation and checkpoints do not count against a budget
     if bar is not None:
         bar.close()
@@ -478,9 +578,10 @@ def _report_skip(config: FitConfig, state: RunState, norm: float, bar, main: boo
             f"({state.bad_steps} in a row)")
 
 
-def _sync_clock(progress: Progress, info: DistInfo) -> None:
-    """Under a time budget every rank must stop at the same step: adopt the slowest clock."""
-    if info.distributed and progress.budget_seconds is not None:
+def _sync_clock(progress: Progress, info: DistInfo, shared: bool = False) -> None:
+    """Under a time budget (or with `shared`: an interval in minutes) every rank must act at
+    the same step: adopt the slowest clock."""
+    if info.distributed and (shared or progress.budget_seconds is not None):
         t = torch.tensor([progress.elapsed], dtype=torch.float64)
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
         progress.elapsed = float(t)
@@ -517,14 +618,40 @@ def _postfix(values: dict) -> str:
     return " ".join(parts)
 
 
+# A time-keyed bar counts seconds of training out of the budget: tqdm's own rate would read
+# "1.00s/s", so the bar shows elapsed/total seconds and the postfix the speed that matters.
+TIME_BAR = "{l_bar}{bar}| {n_fmt}/{total_fmt} s of training [{elapsed}<{remaining}{postfix}]"
+
+
 def _progress_bar(config: FitConfig, progress: Progress):
     if progress.budget_seconds is not None:
         bar = tqdm(total=int(progress.budget_seconds), unit="s", desc=config.label,
-                   dynamic_ncols=True)
+                   dynamic_ncols=True, bar_format=TIME_BAR)
         bar.update(int(progress.elapsed))
         return bar
     return tqdm(total=progress.total_steps, initial=progress.steps, unit="step",
                 desc=config.label, dynamic_ncols=True)
+
+
+def _number(key: str, value) -> str:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return f"{key} {value}"
+    if isinstance(value, int):
+        return f"{key} {value:,}"
+    if 0.0 <= value <= 1.0 and any(w in key for w in ("acc", "f1", "precision", "recall")):
+        return f"{key} {value:.2%}"
+    return f"{key} {value:.4g}"
+
+
+def _status_line(config: FitConfig, progress: Progress, state: RunState, result: dict) -> str:
+    """One line per evaluation for runs without a progress bar (--no-progress, logs)."""
+    where = f"{progress.fraction():.0%} of the run, {progress.elapsed:,.0f} s of training"
+    train = [_number(k, v) for k, v in state.last_values.items()
+             if k.startswith(("loss", "acc"))] if state.step else []
+    held = [_number(k, v) for k, v in result.items() if not isinstance(v, dict | list)]
+    return (f"{config.label}: step {state.step:,} ({where})"
+            + (f"; train {', '.join(train)}" if train else "")
+            + f"; held-out {', '.join(held)}")
 
 
 def _advance_bar(bar, progress: Progress) -> None:
@@ -542,7 +669,8 @@ def _evaluate(parts: _Parts, info: DistInfo, logger: MetricsLogger | None,
 
 
 def _checkpoint(run_dir: Path, config: FitConfig, parts: _Parts, state: RunState,
-                info: DistInfo) -> None:
+                info: DistInfo, say: Callable[[str], None] | None = None) -> Path:
+    """Save the step's checkpoint (rank 0 writes) and return its path (on every rank)."""
     # Every rank's RNG state goes into the checkpoint (dropout is reseeded each micro-batch,
     # but anything else drawing from the global generators continues exactly too).
     rng = [capture_rng_state()]
@@ -550,11 +678,14 @@ def _checkpoint(run_dir: Path, config: FitConfig, parts: _Parts, state: RunState
         rng = [None] * info.world_size
         torch.distributed.all_gather_object(rng, capture_rng_state())
     if not info.is_main:
-        return
+        return Path(run_dir) / CHECKPOINTS / checkpoint_name(state.step)
     saved = {"fingerprint": config.fingerprint, "stage": state.stage, "data": state.data,
              "progress": parts.progress.state_dict(), "bad_steps": state.bad_steps,
              "skipped_total": state.skipped_total, "tokens_seen": state.tokens_seen,
              "last_eval": state.last_eval, "last_values": state.last_values}
-    save_checkpoint(run_dir, state.step, parts.objective.model, parts.optimizer, saved,
-                    parts.scaler, keep_last=config.keep_last, rng_states=rng,
-                    extra=parts.objective.extra_state())
+    path = save_checkpoint(run_dir, state.step, parts.objective.model, parts.optimizer, saved,
+                           parts.scaler, keep_last=config.keep_last, rng_states=rng,
+                           extra=parts.objective.extra_state())
+    if say is not None:
+        say(f"step {state.step:,}: checkpoint {path}")
+    return path

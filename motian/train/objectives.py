@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from motian.errors import UserError
 from motian.model import CausalLM, LoadReport, MaskedLM, ModelConfig, PreTrainingModel
+from motian.model.heads import pair_loss_sum
 from motian.train.distributed import DistInfo, all_reduce_sum
 from motian.train.fit import Objective
 from motian.train.recipe import ObjectiveSpec
@@ -48,8 +49,22 @@ class TaskWeighting(nn.Module):
     """total = sum_i w_i * L_i (fixed), or with learned uncertainty
     total = sum_i exp(-s_i) * L_i + s_i / 2, s_i = log sigma_i^2 (Kendall et al. 2018, eq. 10
     for classification losses: 1/sigma^2 scales the loss, log sigma penalises a large sigma).
-    s_i starts at 0 (weight 1). Minimising over s_i alone gives exp(-s_i) = 1 / (2 L_i): a task
-    whose loss stays high is weighted down instead of dominating the gradient."""
+    s_i starts at 0 (weight 1).
+
+    **Why it starves MLM, and what holds it.** Minimising over s_i alone gives
+    exp(-s_i) = 1 / (2 L_i): at equilibrium each task's gradient is scaled by 1 / (2 L_i), so
+    the ratio of two tasks' weights is the inverse ratio of their losses, whatever constant
+    each loss is normalised by (dividing L_i by c_i multiplies exp(-s_i) by c_i: the same
+    gradient). MLM over a 20k-token vocabulary sits at a loss of 4-6 nats, a two-way pair task
+    at 0.3-0.6, so learned weights drift to about 1:10 against MLM (measured: 0.096 vs 1.09),
+    and with Adam only that ratio matters. Two settings bound it:
+
+    * ``weight_bounds = (lo, hi)``: every effective weight stays in [lo, hi] (s is clamped in
+      the forward pass and projected back before each step, so it never wanders off beyond a
+      bound and can follow the losses back); the ratio of any two weights is at most hi / lo.
+    * ``weight_warmup``: the fraction of the run during which the weights stay at 1 (losses
+      change fastest early on, and their equilibrium is meaningless then).
+    The measured effect of each is in docs/pretrain.md ("Two tasks in one step")."""
 
     def __init__(self, tasks: list[str], spec: ObjectiveSpec):
         super().__init__()
@@ -59,19 +74,46 @@ class TaskWeighting(nn.Module):
         # One learned log-variance per task; a lone task needs none (its weight only rescales
         # the learning rate).
         self.log_vars = nn.Parameter(torch.zeros(len(tasks))) if self.learned else None
+        bounds = spec.weight_bounds
+        if bounds is not None and not (len(bounds) == 2 and 0 < bounds[0] <= 1 <= bounds[1]):
+            raise UserError(f"objective.weight_bounds must be [lo, hi] with 0 < lo <= 1 <= hi, "
+                            f"got {list(bounds)}")
+        # Weight w = exp(-s), so w in [lo, hi] is s in [-log hi, -log lo].
+        self.s_range = None if bounds is None else (-math.log(bounds[1]), -math.log(bounds[0]))
+        if not 0.0 <= spec.weight_warmup < 1.0:
+            raise UserError(f"objective.weight_warmup must be in [0, 1), got "
+                            f"{spec.weight_warmup}")
+        self.warmup = spec.weight_warmup
+        self.learning = self.warmup == 0.0
+
+    def set_progress(self, fraction: float) -> None:
+        """Before each step: start learning after the warm-up, keep s inside its bounds."""
+        self.learning = fraction >= self.warmup
+        if self.log_vars is not None and self.s_range is not None:
+            with torch.no_grad():
+                self.log_vars.clamp_(*self.s_range)
+
+    def _log_vars(self) -> Tensor:
+        s = self.log_vars
+        if self.s_range is not None:
+            s = s.clamp(*self.s_range)
+        # During the warm-up s stays at 0; multiplying by 0 (not detaching) keeps a zero
+        # gradient on it, so DDP still sees every parameter used.
+        return s if self.learning else s * 0.0
 
     def forward(self, losses: dict[str, Tensor], regulariser_scale: float) -> Tensor:
         """Weighted sum of `losses` (already scaled to their share of the step) plus the
         uncertainty regulariser times `regulariser_scale` (1 / micro-steps, so a step adds it
         once)."""
         total = torch.zeros((), device=next(iter(losses.values())).device)
+        log_vars = self._log_vars() if self.log_vars is not None else None
         for i, task in enumerate(self.tasks):
             if task not in losses:
                 continue
-            if self.log_vars is None:
+            if log_vars is None:
                 total = total + self.fixed[task] * losses[task]
             else:
-                s = self.log_vars[i]
+                s = log_vars[i]
                 total = total + torch.exp(-s) * losses[task] + 0.5 * s * regulariser_scale
         return total
 
@@ -79,7 +121,9 @@ class TaskWeighting(nn.Module):
         """The effective weight of every task (logged each step)."""
         if self.log_vars is None:
             return dict(self.fixed)
-        return {t: math.exp(-float(s)) for t, s in zip(self.tasks, self.log_vars.detach())}
+        with torch.no_grad():
+            s = self._log_vars()
+        return {t: math.exp(-float(v)) for t, v in zip(self.tasks, s.detach())}
 
 
 class Pretrainer(Objective):
@@ -88,11 +132,13 @@ class Pretrainer(Objective):
     docstring. `evalset` is the common held-out evaluation (`evaluate`)."""
 
     def __init__(self, model: nn.Module, weighting: TaskWeighting,
-                 evalset: list[dict[str, Tensor]] | None = None):
+                 evalset: list[dict[str, Tensor]] | None = None,
+                 pair_evalset: list[dict[str, Tensor]] | None = None):
         super().__init__()
         self.model = model
         self.weighting = weighting
         self.evalset = evalset or []
+        self.pair_evalset = pair_evalset or []
 
     def units(self, batch: dict[str, Tensor]) -> float:
         return float(predicted_tokens(batch))
@@ -109,29 +155,43 @@ class Pretrainer(Objective):
     def log_extra(self) -> dict[str, float]:
         return {f"weight_{task}": w for task, w in self.weighting.weights().items()}
 
+    def before_step(self, fraction: float) -> None:
+        self.weighting.set_progress(fraction)
+
     def evaluate(self, info: DistInfo, autocast) -> dict | None:
         if not self.evalset:
             return None
-        return evaluate_lm(self.model, self.evalset, info, autocast)
+        result = evaluate_lm(self.model, self.evalset, info, autocast)
+        if self.pair_evalset and isinstance(self.model, PreTrainingModel):
+            result.update(evaluate_pairs(self.model, self.pair_evalset, info, autocast))
+        return result
 
     def forward(self, batch: dict[str, Tensor], tokens_per_rank: float,
                 micro_steps: int) -> tuple[Tensor, dict[str, Tensor]]:
         if isinstance(self.model, CausalLM):
             return self._causal(batch, tokens_per_rank, micro_steps)
-        out = self.model(**batch)
+        pair_labels, pair_weights = batch.get("pair_labels"), batch.get("pair_weights")
+        out = self.model(**{k: v for k, v in batch.items()
+                            if k not in ("pair_labels", "pair_weights")})
         labels = batch["mlm_labels"]
         token_loss = nn.functional.cross_entropy(out.logits.float(), labels, reduction="sum")
         losses = {"mlm": token_loss / tokens_per_rank}
-        if "pair" in out.losses:
-            losses["pair"] = out.losses["pair"] / micro_steps
         stats = {"mlm_loss_sum": token_loss.detach(), "mlm_tokens": labels.new_tensor(
             labels.numel(), dtype=torch.float32),
             "mlm_correct": (out.logits.detach().argmax(-1) == labels).sum().float()}
-        if out.pair_logits is not None and "pair_labels" in batch:
-            stats["pair_loss_sum"] = out.losses["pair"].detach() * len(batch["pair_labels"])
-            stats["pair_rows"] = torch.tensor(float(len(batch["pair_labels"])))
-            stats["pair_correct"] = (out.pair_logits.detach().argmax(-1)
-                                     == batch["pair_labels"]).sum().float()
+        if out.pair_logits is not None and pair_labels is not None:
+            # The weighted mean over this micro-batch's pair rows (corpus rows carry -100),
+            # one micro-batch's share of the step; every micro-batch has the same number of
+            # pair rows (the loader's pair_fraction), so the shares are equal.
+            loss_sum, weight_sum = pair_loss_sum(out.pair_logits, pair_labels, pair_weights)
+            losses["pair"] = loss_sum / weight_sum.clamp(min=1e-12) / micro_steps
+            keep = pair_labels != -100
+            plain = nn.functional.cross_entropy(out.pair_logits.detach().float()[keep],
+                                                pair_labels[keep], reduction="sum")
+            stats["pair_loss_sum"] = plain
+            stats["pair_rows"] = keep.sum().float()
+            stats["pair_correct"] = (out.pair_logits.detach().argmax(-1)[keep]
+                                     == pair_labels[keep]).sum().float()
         return self.weighting(losses, 1.0 / micro_steps), stats
 
     def _causal(self, batch: dict[str, Tensor], tokens_per_rank: float,
@@ -175,6 +235,32 @@ def evaluate_lm(model: nn.Module, batches: list[dict], info: DistInfo,
     model.train(was_training)
     n = max(float(sums[2]), 1.0)
     return {"loss": float(sums[0]) / n, "accuracy": float(sums[1]) / n, "tokens": int(sums[2])}
+
+
+@torch.no_grad()
+def evaluate_pairs(model: PreTrainingModel, batches: list[dict], info: DistInfo,
+                   autocast) -> dict[str, float]:
+    """Held-out pair-task loss and accuracy (unweighted: every held-out pair counts once), and
+    the accuracy of always answering the majority label, to read it against."""
+    was_training = model.training
+    model.eval()
+    sums = torch.zeros(4, dtype=torch.float64)  # loss sum, correct, rows, positive labels
+    for batch in batches[info.rank::info.world_size]:
+        batch = {k: v.to(info.device) for k, v in batch.items()}
+        labels = batch["pair_labels"]
+        with autocast:
+            logits = model(**{k: v for k, v in batch.items() if k not in (
+                "mlm_labels", "pair_labels", "pair_weights")}).pair_logits.float()
+        sums[0] += float(nn.functional.cross_entropy(logits, labels, reduction="sum"))
+        sums[1] += float((logits.argmax(-1) == labels).sum())
+        sums[2] += labels.numel()
+        sums[3] += float(labels.sum())
+    all_reduce_sum(sums, info)
+    model.train(was_training)
+    n = max(float(sums[2]), 1.0)
+    positive = float(sums[3]) / n
+    return {"pair_loss": float(sums[0]) / n, "pair_accuracy": float(sums[1]) / n,
+            "pair_majority": max(positive, 1 - positive), "pair_rows": int(sums[2])}
 
 
 def predicted_tokens(batch: dict[str, Tensor]) -> int:

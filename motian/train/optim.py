@@ -2,11 +2,11 @@
 parameter groups both use (no weight decay for biases, norm weights and other 1-D parameters).
 
 Why a hand-written LAMB: torch ships none, apex's fused one needs a CUDA build, and the
-large-batch details the Motian recipe relies on (global gradient pre-normalisation, bias
-correction, the trust-ratio conventions) differ between the third-party versions. This one is
-small, tested against a numpy reference written out by hand (tests/test_optim.py), works on CPU
-and GPU alike, and never syncs with the host inside `step` (no `.item()`), so it does not stall
-a CUDA stream. The equations are in docs/optim.md.
+large-batch details the Motian recipe relies on (gradient pre-normalisation, global or per
+tensor, bias correction, the trust-ratio conventions) differ between the third-party versions.
+This one is small, tested against a numpy reference written out by hand (tests/test_optim.py),
+works on CPU and GPU alike, and never syncs with the host inside `step` (no `.item()`), so it
+does not stall a CUDA stream. The equations are in docs/optim.md.
 """
 
 from __future__ import annotations
@@ -20,40 +20,57 @@ from torch import Tensor, nn
 from motian.errors import UserError
 
 OPTIMIZERS = ("lamb", "adamw")
+# How Lamb rescales the gradients before the moments (see `Lamb` and docs/optim.md).
+GRAD_NORMALIZATIONS = ("clip", "block", "global", "none")
+GradNormalization = Literal["clip", "block", "global", "none"]
 
 
 class Lamb(torch.optim.Optimizer):
     """LAMB (You et al. 2020, "Large Batch Optimization for Deep Learning: Training BERT in 76
     minutes", arXiv:1904.00962), one step for every parameter tensor w with gradient g:
 
-        g   <- g / max(1, ||G|| / max_grad_norm)     # G: all gradients of all groups together
+        g   <- N(g)                                   # gradient normalisation, see below
         m   <- b1 m + (1 - b1) g ;  v <- b2 v + (1 - b2) g^2
         u   =  (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps) + weight_decay * w
         r   =  ||w|| / ||u||   (1 when either norm is 0; at most `trust_clip` when set)
         w   <- w - lr * r * u
 
-    The first line is the global gradient pre-normalisation of NVIDIA's large-batch BERT
-    implementation (`grad_pre_normalization`): it changes the gradient, not only the step size,
-    so the moments see clipped gradients. `bias_correction=False` drops the (1 - b^t) factors.
+    N depends on `grad_normalization` (G: all gradients of all groups together):
+
+        "clip"    g / max(1, ||G|| / max_grad_norm)   NVIDIA's large-batch BERT pre-normalisation
+        "block"   g / ||g||   (0 stays 0)             per tensor, every step (LANS, Zheng et al.
+                                                      2020, arXiv:2006.13484)
+        "global"  g / ||G||   (0 stays 0)             one norm over the model, every step
+        "none"    g
+
+    Every choice but "none" changes the gradient the moments see, not only the step size. "clip"
+    (the default) is a no-op whenever ||G|| <= max_grad_norm, so after the loop's own clipping
+    to the same norm it does nothing; "block" and "global" always normalise, so only the
+    gradient's direction (per tensor / over the model) reaches the moments and a step's size no
+    longer depends on how large that batch's gradient happened to be. `bias_correction=False`
+    drops the (1 - b^t) factors.
     `always_adapt=False` applies the trust ratio only to groups with weight decay (apex's
     `use_nvlamb=False`); the paper and the default apply it to every tensor.
 
     Per-group keys (lr, betas, eps, weight_decay, trust_clip, always_adapt) override the
     defaults. `last_grad_norm` holds the global gradient norm of the last step (a 0-d tensor,
-    before pre-normalisation) for logging; reading it with `.item()` is the caller's sync.
+    before normalisation) for logging; reading it with `.item()` is the caller's sync.
     """
 
     def __init__(self, params: Iterable[Tensor] | Iterable[dict], lr: float = 1e-3,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-6,
                  weight_decay: float = 0.01, bias_correction: bool = True,
-                 grad_pre_normalization: bool = True, max_grad_norm: float = 1.0,
+                 grad_normalization: GradNormalization = "clip", max_grad_norm: float = 1.0,
                  trust_clip: float | None = None, always_adapt: bool = True):
         if lr < 0 or eps < 0 or weight_decay < 0:
             raise ValueError(f"Lamb: lr ({lr}), eps ({eps}) and weight_decay ({weight_decay}) "
                              "must be >= 0")
         if not all(0.0 <= b < 1.0 for b in betas):
             raise ValueError(f"Lamb: betas must be in [0, 1), got {betas}")
-        if grad_pre_normalization and max_grad_norm <= 0:
+        if grad_normalization not in GRAD_NORMALIZATIONS:
+            raise ValueError(f"Lamb: unknown grad_normalization {grad_normalization!r}; choose "
+                             f"one of {', '.join(GRAD_NORMALIZATIONS)}")
+        if grad_normalization == "clip" and max_grad_norm <= 0:
             raise ValueError(f"Lamb: max_grad_norm must be > 0, got {max_grad_norm}")
         if trust_clip is not None and trust_clip <= 0:
             raise ValueError(f"Lamb: trust_clip must be > 0 or None, got {trust_clip}")
@@ -62,7 +79,7 @@ class Lamb(torch.optim.Optimizer):
                         always_adapt=always_adapt)
         super().__init__(params, defaults)
         # Global settings: the norm is taken over every group at once, so they are not per group.
-        self.grad_pre_normalization = grad_pre_normalization
+        self.grad_normalization = grad_normalization
         self.max_grad_norm = max_grad_norm
         self.last_grad_norm: Tensor | None = None
 
@@ -78,12 +95,27 @@ class Lamb(torch.optim.Optimizer):
             return loss
         if any(g.is_sparse for g in grads):
             raise RuntimeError("Lamb does not support sparse gradients")
-        self.last_grad_norm = global_grad_norm(grads)
-        if self.grad_pre_normalization:
-            # Divide by max(1, ||G|| / max_norm) as a tensor: no host sync, and a no-op below max.
-            # In place on .grad, as clip_grad_norm_ does (the loop zeroes them next).
+        # Per-tensor norms once: the global norm is their norm, and "block" divides by them.
+        norms = _norms(grads)
+        self.last_grad_norm = torch.linalg.vector_norm(norms)
+        # Every divisor below stays a tensor (no host sync), and the division is in place on
+        # .grad, as clip_grad_norm_ does (the loop zeroes the gradients next).
+        mode = self.grad_normalization
+        if mode == "clip":
+            # max(1, ||G|| / max_norm): a no-op below max_norm.
             divisor = torch.clamp(self.last_grad_norm / self.max_grad_norm, min=1.0)
             _foreach_on_devices(torch._foreach_div_, grads, divisor)
+        elif mode == "global":
+            # ||G||, or 1 when every gradient is zero (0 / 1 keeps them zero, no NaN).
+            norm = self.last_grad_norm
+            _foreach_on_devices(torch._foreach_div_, grads,
+                                torch.where(norm > 0, norm, torch.ones_like(norm)))
+        elif mode == "block":
+            # ||g|| per tensor, 1 where a tensor's gradient is all zero (it stays zero: a
+            # parameter the batch did not touch gets no direction made up for it).
+            divisors = torch.where(norms > 0, norms, torch.ones_like(norms))
+            torch._foreach_div_(grads, [d.to(g.device, g.dtype)
+                                        for d, g in zip(divisors.unbind(), grads)])
         for group in self.param_groups:
             self._update_group(group)
         return loss
@@ -226,19 +258,31 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 def build_optimizer(model: nn.Module, name: Literal["lamb", "adamw"], lr: float,
                     weight_decay: float = 0.01, betas: tuple[float, float] = (0.9, 0.999),
-                    eps: float = 1e-6, groups: list[dict] | None = None
+                    eps: float = 1e-6, groups: list[dict] | None = None,
+                    grad_normalization: GradNormalization = "clip"
                     ) -> torch.optim.Optimizer:
     """The named optimiser over `param_groups(model, weight_decay)`, or over `groups` when given
     (fine-tuning passes per-layer groups with their own `lr_scale`).
 
-    lamb: `Lamb` with bias correction and global gradient pre-normalisation to norm 1 (the
-    large-batch BERT settings). adamw: `torch.optim.AdamW` (decoupled weight decay, Loshchilov
-    & Hutter 2019), the BERT baseline; clip its gradients in the loop."""
+    lamb: `Lamb` with bias correction and the gradient normalisation `grad_normalization`
+    ("clip", the default: global pre-normalisation to norm at most 1, the large-batch BERT
+    settings; "block": every tensor's gradient to norm 1, as LANS; "global"; "none").
+    adamw: `torch.optim.AdamW` (decoupled weight decay, Loshchilov & Hutter 2019), the BERT
+    baseline; clip its gradients in the loop. `grad_normalization` is LAMB's only: AdamW
+    refuses anything but the default rather than silently ignoring it."""
+    if grad_normalization not in GRAD_NORMALIZATIONS:
+        raise UserError(f"unknown grad_normalization {grad_normalization!r}; choose one of "
+                        f"{', '.join(GRAD_NORMALIZATIONS)}")
+    if name == "adamw" and grad_normalization != "clip":
+        raise UserError(f"grad_normalization {grad_normalization!r} applies to the lamb "
+                        "optimizer only; adamw takes the loop's clipping (clip_norm). Use "
+                        "optimizer lamb, or leave grad_normalization at 'clip'")
     groups = param_groups(model, weight_decay) if groups is None else groups
     if not groups:
         raise UserError("build_optimizer: the model has no trainable parameters")
     if name == "lamb":
-        return Lamb(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+        return Lamb(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                    grad_normalization=grad_normalization)
     if name == "adamw":
         return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
     raise UserError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")

@@ -26,6 +26,7 @@ from typing import Any, Literal
 import yaml
 
 from motian.data.masking import MaskingConfig
+from motian.data.pairs import ClickSettings
 from motian.errors import UserError
 from motian.model.config import ModelConfig, preset
 from motian.train.settings import (
@@ -71,13 +72,36 @@ class DataSpec:
 
     masking: str = "motian"  # a `MaskingConfig.preset` name
     masking_overrides: dict = field(default_factory=dict)
-    pair_task: Literal["none", "sop", "click"] = "sop"
+    pair_task: Literal["none", "sop", "nsp", "click"] = "sop"
+    # Share of each batch's rows that are pair rows: 1 = every row a pair (BERT's NSP, ALBERT's
+    # SOP); below 1, corpus rows and pair rows in every step (the Motian click task).
+    pair_fraction: float = 1.0
+    # Click logs (files, or pd98 for the bundled People's Daily stand-in) for training, and
+    # held-out ones (e.g. pd98:heldout) whose pair accuracy is evaluated with the MLM eval.
     click_files: tuple[str, ...] = ()
+    click_eval_files: tuple[str, ...] = ()
+    # Click counts -> label and weight: label 1 needs clicks / impressions >= min_ctr; pairs
+    # shown fewer than min_impressions times are left out; weight = min(1, impressions / full).
+    click_min_ctr: float = 0.0
+    click_min_impressions: int = 1
+    click_full_weight_impressions: int = 10
     cross_document_attention: bool = True
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        if self.pair_task == "click" and not self.click_files:
+            raise ValueError("data.pair_task is click but data.click_files is empty; list click "
+                             "logs (query<TAB>title<TAB>impressions<TAB>clicks), or pd98 for "
+                             "the bundled stand-in")
+        if not 0.0 < self.pair_fraction <= 1.0:
+            raise ValueError(f"data.pair_fraction must be in (0, 1], got {self.pair_fraction}")
+
     def masking_config(self) -> MaskingConfig:
         return MaskingConfig.preset(self.masking, **self.masking_overrides)
+
+    def click_settings(self) -> ClickSettings:
+        return ClickSettings(self.click_min_ctr, self.click_min_impressions,
+                             self.click_full_weight_impressions)
 
 
 @dataclass(frozen=True)
@@ -87,6 +111,10 @@ class ObjectiveSpec:
     kind: Literal["mlm", "causal"] = "mlm"
     weighting: Literal["uncertainty", "fixed"] = "uncertainty"
     weights: dict = field(default_factory=lambda: {"mlm": 1.0, "pair": 1.0})  # fixed weighting
+    # Learned (uncertainty) weighting only: every weight kept in [lo, hi] (None: unbounded),
+    # and the fraction of the run before the weights start to learn (see TaskWeighting).
+    weight_bounds: tuple[float, float] | None = None
+    weight_warmup: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -95,7 +123,9 @@ class EvalSpec:
     `holdout_every`-th document of the encoded data is never trained on, and `rows` rows of
     `seq_len` tokens from them are masked with BERT token masking at 15% with a fixed seed."""
 
-    every: int = 100  # optimizer steps between evaluations (and at the end); 0 = only at the end
+    # between evaluations (and at the start and the end): steps (100; 0 = only at the end),
+    # minutes of training ("2m") or a share of the run ("10%"); motian.train.intervals
+    every: int | str = 100
     holdout_every: int = 50
     seq_len: int = 128
     rows: int = 256
@@ -116,7 +146,7 @@ class Recipe:
     steps: int = 1000  # optimizer steps over all stages (unless budget_minutes is set)
     budget_minutes: float = 0.0  # > 0: the schedule is keyed to wall-clock time instead
     eval: EvalSpec = field(default_factory=EvalSpec)
-    checkpoint_every: int = 500  # steps; 0 = only at the end
+    checkpoint_every: int | str = 500  # steps (0 = only at the end), "2m" or "10%": as eval.every
     keep_last: int = 3
     max_bad_steps: int = 20  # stop after this many non-finite steps in a row
     seed: int = 0  # model initialisation and dropout
@@ -131,6 +161,10 @@ class Recipe:
                                 "global_batch >= 1 and 0 <= warmup < 1")
         if self.steps < 1 and self.budget_minutes <= 0:
             raise UserError(f"recipe {self.name}: set steps >= 1 or budget_minutes > 0")
+        from motian.train.intervals import parse_every
+
+        parse_every(self.checkpoint_every, f"recipe {self.name}: checkpoint_every")
+        parse_every(self.eval.every, f"recipe {self.name}: eval.every")
 
     def stage_bounds(self) -> list[tuple[float, float]]:
         """[(start, end)] of each stage as fractions of the whole run."""
@@ -213,7 +247,36 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
     recipe = _build(Recipe, data, str(path))
     recipe.model.build()  # fail now, naming the file, rather than after data loading
     recipe.data.masking_config()
+    recipe.data.click_settings()
     return recipe
+
+
+def with_fields(recipe: Recipe, items: list[str] | tuple[str, ...]) -> Recipe:
+    """The recipe with ``section.field=value`` changes applied (the value in YAML syntax, e.g.
+    ``data.click_min_ctr=0.05``, ``objective.weight_bounds=[0.5, 2]``,
+    ``data.pair_task=none``): `motian pretrain --override`. Checked like a recipe file."""
+    data = to_dict(recipe)
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"--override {item!r}: expected section.field=value, e.g. "
+                            "data.click_min_ctr=0.05")
+        *parents, last = key.split(".")
+        node = data
+        for part in parents:
+            if not isinstance(node.get(part), dict):
+                raise UserError(f"--override {item!r}: the recipe has no section {part!r}")
+            node = node[part]
+        try:
+            node[last] = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            raise UserError(f"--override {item!r}: the value is not YAML ({e})") from None
+    where = f"{recipe.name} with --override {' '.join(items)}"
+    changed = _build(Recipe, data, where)
+    changed.model.build()
+    changed.data.masking_config()
+    changed.data.click_settings()
+    return changed
 
 
 def save_recipe(recipe: Recipe, path: Path) -> None:

@@ -35,6 +35,12 @@ class OptimSettings:
     eps: float = field(default=1e-6, metadata={"help": "Adam epsilon"})
     clip_norm: float = field(default=1.0, metadata={
         "help": "global gradient-norm clipping; 0 = off"})
+    grad_normalization: Literal["clip", "block", "global", "none"] = field(
+        default="clip", metadata={
+            "help": "lamb only: how LAMB rescales gradients before its moments. clip = divide "
+                    "by max(1, global norm) (a no-op after clip_norm 1); block = every tensor's "
+                    "gradient to norm 1, always (LANS); global = the whole gradient to norm 1, "
+                    "always; none. adamw accepts only clip"})
     decay: Literal["linear", "cosine", "constant"] = field(default="linear", metadata={
         "help": "learning-rate decay after the warm-up"})
     min_ratio: float = field(default=0.0, metadata={

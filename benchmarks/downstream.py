@@ -261,7 +261,8 @@ def main() -> None:
     p.add_argument("--dropout", type=float, default=None,
                    help="fine-tuning dropout (default: the model's own)")
     p.add_argument("--pooling", choices=["cls", "mean"], default=None,
-                   help="what the classification head reads (default: the model's own, [CLS])")
+                   help="what the classification head reads (default: chosen for the "
+                        "checkpoint as motian finetune does: mean for MLM-only models)")
     p.add_argument("--corpus", type=Path, default=None,
                    help="the cleaned pretraining corpus, to count held-out reviews in it")
     p.add_argument("--out", type=Path, default=Path("runs/downstream"))

@@ -61,7 +61,8 @@ def pretrain(recipe: str = "demo", data: Path = Path("runs/demo/encoded"),
     final model under --out.
 
     Args:
-        recipe: a recipe name (demo, motian-base, motian-1b, bert-base) or a YAML file.
+        recipe: a recipe name (demo, motian-demo, bert-base, roberta-base, motian-base,
+            motian-1b) or a YAML file.
         data: a directory written by `motian encode` (or `motian prepare`'s out/encoded).
         out: run directory: checkpoints/, final/, metrics.jsonl, tensorboard/, run.json.
         resume: continue the run in --out from its latest checkpoint, exactly.

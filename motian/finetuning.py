@@ -67,7 +67,7 @@ DEFAULT_SEEDS = [1, 2, 3]
 
 def load_task(name: str, data: Path | None = None,
               scheme: Literal["BIO", "BIOES"] = "BIO", own_name: str | None = None) -> Task:
-    """A bundled task (reviews-sentiment, pd98-ner, pd98-seg), a CLUE task read from `data`, or
+    """A bundled task (reviews-sentiment, pd98-ner, pd98-seg, pd98-headline), a CLUE task read from `data`, or
     the user's own files in `data` (text-classification, text-pair, ner: motian/tasks/user.py),
     named `own_name` (default: the directory's name)."""
     if own_name is not None and name not in USER_TASKS:
@@ -385,8 +385,8 @@ def finetune(task: str, out: Path, model: Path | None = None, tokenizer: Path | 
     split across the processes; rank 0 writes).
 
     Args:
-        task: reviews-sentiment, pd98-ner, pd98-seg; a CLUE task (afqmc, tnews, iflytek,
-            ocnli, cmnli, cluewsc2020, csl, cluener, cmrc2018, c3, chid) with --data; or your
+        task: reviews-sentiment, pd98-ner, pd98-seg, pd98-headline; a CLUE task (afqmc, tnews,
+            iflytek, ocnli, cmnli, cluewsc2020, csl, cluener, cmrc2018, c3, chid) with --data; or your
             own JSON lines with --data: text-classification ({"text", "label"}), text-pair
             ({"text_a", "text_b", "label"}), ner ({"text", "entities": [[start, end, type]]}).
         out: run directory.

@@ -34,7 +34,7 @@ MAX_CHARS = 120  # a sentence longer than this is cut at a word boundary (fits 1
 
 
 def load_builtin(name: str, scheme: Scheme | None = None) -> Task:
-    """The bundled task `name` (reviews-sentiment, pd98-ner, pd98-seg)."""
+    """The bundled task `name` (reviews-sentiment, pd98-ner, pd98-seg, pd98-headline)."""
     if name == "reviews-sentiment":
         return reviews_sentiment()
     if name == "pd98-ner":

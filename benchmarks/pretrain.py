@@ -32,25 +32,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 
 from motian.train.metrics import read_metrics
-from motian.train.recipe import _build, load_recipe, save_recipe, to_dict
+from motian.train.recipe import load_recipe, save_recipe, with_fields
 
 
 def with_settings(recipe_name: str, sets: list[str]):
-    """The recipe with `key.sub=value` overrides applied through its YAML form."""
-    data = to_dict(load_recipe(recipe_name))
-    for item in sets:
-        key, _, value = item.partition("=")
-        *parents, last = key.split(".")
-        node = data
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[last] = yaml.safe_load(value)
-    from motian.train.recipe import Recipe
-
-    return _build(Recipe, data, "--set")
+    """The recipe with `key.sub=value` overrides applied (`motian pretrain --override`)."""
+    return with_fields(load_recipe(recipe_name), sets)
 
 
 def demo(args) -> None:

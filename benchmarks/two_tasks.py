@@ -33,13 +33,12 @@ import json
 import math
 import os
 import platform
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.ablation import run_parallel  # noqa: E402
 from benchmarks.pretrain import with_settings  # noqa: E402
 from motian.tasks.metrics import mean_std  # noqa: E402
 from motian.train.metrics import read_metrics  # noqa: E402
@@ -56,23 +55,10 @@ TASKS = {"pd98-headline": "accuracy", "reviews-sentiment": "accuracy", "pd98-ner
 
 
 def run_pool(jobs: list[tuple[list[str], Path]], parallel: int) -> None:
-    """Run (command, log file) jobs, `parallel` at a time, one thread each; stop on a failure."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
-    running: list[tuple[subprocess.Popen, Path]] = []
-    queue = list(jobs)
-    while queue or running:
-        while queue and len(running) < parallel:
-            command, log = queue.pop(0)
-            log.parent.mkdir(parents=True, exist_ok=True)
-            print("$", " ".join(command), flush=True)
-            running.append((subprocess.Popen(command, env=env, stdout=open(log, "w"),
-                                             stderr=subprocess.STDOUT), log))
-        time.sleep(1.0)
-        for proc, log in list(running):
-            if proc.poll() is not None:
-                running.remove((proc, log))
-                if proc.returncode != 0:
-                    raise SystemExit(f"failed ({proc.returncode}): see {log}")
+    """Run (command, log file) jobs `parallel` at a time, one thread each (the ablation's
+    runner); stop when one failed."""
+    if any(run_parallel(jobs, parallel)):
+        raise SystemExit("a run failed: see its log above")
 
 
 def pretrain(args) -> None:

@@ -32,6 +32,7 @@ VERBS: dict[str, str] = {
     "export": "motian.serving.export:export",
     "predict": "motian.serving.predict:predict",
     "fill-mask": "motian.serving.predict:fill_mask",
+    "generate": "motian.serving.generate:generate",
     "finetune": "motian.finetuning:finetune",
     "evaluate": "motian.finetuning:evaluate",
     "report": "motian.reporting.run:report",

@@ -33,12 +33,14 @@ from motian.data.shards import EncodedDataset
 from motian.data.splits import SplitLoader, causal_batches
 from motian.errors import UserError
 from motian.model.artifact import check_vocab, model_vocab_hash, resolve_model_dir
+from motian.model.config import ModelConfig
 from motian.train import distributed as dist_utils
 from motian.train.checkpoint import latest_checkpoint
 from motian.train.distributed import DistInfo
 from motian.train.fit import FitConfig, fit, resolve_precision
 from motian.train.lock import hold_run_dir
 from motian.train.metrics import MetricsLogger, run_metadata
+from motian.train.notes import NotesPretrainer, rare_words_for
 from motian.train.objectives import (
     Pretrainer,
     TaskWeighting,
@@ -47,6 +49,9 @@ from motian.train.objectives import (
     task_names,
 )
 from motian.train.recipe import DataSpec, EvalSpec, Recipe, to_dict
+from motian.train.replaced import KINDS as REPLACED_KINDS
+from motian.train.replaced import ReplacedTokens, replaced_eval_line
+from motian.train.sbo import SpanBoundaryPretrainer
 from motian.train.settings import RunSettings, Stage
 
 LOG_EVERY = 10  # optimizer steps between metric records
@@ -62,7 +67,7 @@ def pretrain(recipe: str = "demo", data: Path = Path("runs/demo/encoded"),
 
     Args:
         recipe: a recipe name (demo, motian-demo, bert-base, roberta-base, motian-base,
-            motian-1b) or a YAML file.
+            motian-1b, spanbert-demo, notes-demo) or a YAML file.
         data: a directory written by `motian encode` (or `motian prepare`'s out/encoded).
         out: run directory: checkpoints/, final/, metrics.jsonl, tensorboard/, run.json.
         resume: continue the run in --out from its latest checkpoint, exactly.
@@ -92,8 +97,12 @@ def pretrain(recipe: str = "demo", data: Path = Path("runs/demo/encoded"),
         return summary
     if summary.get("eval"):
         e = summary["eval"]
-        print(f"held-out masked-token accuracy {e['accuracy']:.2%}, loss {e['loss']:.3f} "
+        kind = "next-token" if "perplexity" in e else "masked-token"
+        ppl = f", perplexity {e['perplexity']:.1f}" if "perplexity" in e else ""
+        print(f"held-out {kind} accuracy {e['accuracy']:.2%}, loss {e['loss']:.3f}{ppl} "
               f"({e['tokens']:,} tokens)")
+        if "rtd_accuracy" in e:  # ELECTRA / MC-BERT: the line above is the generator's
+            print(replaced_eval_line(e))
     print(f"final model: {summary['final']}\ncheckpoint:  {summary['checkpoint']}\n"
           f"metrics:     {summary['metrics']} (tensorboard --logdir {Path(out) / 'tensorboard'})")
     return summary
@@ -118,7 +127,8 @@ class PretrainBatches:
                               pair_task=d.pair_task,
                               pair_fraction=micro_pair_fraction(d, spec, micro),
                               click_files=tuple(d.click_files), click=d.click_settings(),
-                              masking=d.masking_config())
+                              masking=d.masking_config(), **auxiliary_batches(self.data,
+                                                                              self.recipe))
         self.loader = SplitLoader(self.data, config, self.recipe.eval.holdout_every,
                                   held_out=False)
         if state is not None:
@@ -149,12 +159,15 @@ def micro_pair_fraction(data: DataSpec, stage: Stage, micro: int) -> float:
     return pairs // parts / micro
 
 
-def eval_batches(data: Path, spec: EvalSpec, causal: bool
+def eval_batches(data: Path, spec: EvalSpec, causal: bool,
+                 cross_document_attention: bool = True
                  ) -> tuple[list[dict[str, torch.Tensor]], int]:
     """The common evaluation set: `spec.rows` packed rows of held-out documents with BERT token
     masking at 15% (80/10/10), a fixed seed, the same for every recipe. Also returns the
-    vocabulary size of the data."""
+    vocabulary size of the data. A causal recipe reads the same rows unmasked, packed as it
+    trains (documents kept apart or not: `cross_document_attention`)."""
     config = LoaderConfig(seq_len=spec.seq_len, batch_size=spec.batch, seed=spec.seed,
+                          cross_document_attention=cross_document_attention or not causal,
                           masking=MaskingConfig(strategy="token", rate=0.15))
     loader = SplitLoader(data, config, spec.holdout_every, held_out=True)
     n = min(max(spec.rows // spec.batch, 1), loader.steps_per_epoch)
@@ -166,8 +179,8 @@ def pair_eval_batches(data: Path, recipe: Recipe) -> list[dict[str, torch.Tensor
     """The held-out pair examples of the recipe's pair task, masked like the MLM evaluation
     (BERT token masking at 15%, fixed seed): sentence order or next sentence from the held-out
     documents, click pairs from `click_eval_files` (none given: no pair evaluation). Up to
-    `eval.rows` rows, at least 256 when there are that many (a pair accuracy over fewer rows is
-    too noisy to read)."""
+    `eval.rows` rows, at least 1,024 when there are that many (pair rows are short and only go
+    forward; over 256 rows one accuracy has a standard error of 3 points, over 1,024 of 1.6)."""
     d, spec = recipe.data, recipe.eval
     if d.pair_task == "none" or (d.pair_task == "click" and not d.click_eval_files):
         return []
@@ -183,7 +196,7 @@ def pair_eval_batches(data: Path, recipe: Recipe) -> list[dict[str, torch.Tensor
     batch = min(spec.batch, available)
     loader = SplitLoader(data, replace(config, batch_size=batch), spec.holdout_every,
                          held_out=True)
-    n = min(max(max(spec.rows, 256) // batch, 1), loader.steps_per_epoch)
+    n = min(max(max(spec.rows, 1024) // batch, 1), loader.steps_per_epoch)
     batches = iter(loader)
     return [next(batches) for _ in range(n)]
 
@@ -198,24 +211,54 @@ def fit_config(recipe: Recipe) -> FitConfig:
                      fingerprint=recipe.fingerprint())
 
 
-def build_objective(recipe: Recipe, data: Path, run: RunSettings) -> Pretrainer:
+def build_objective(recipe: Recipe, data: Path, run: RunSettings
+                    ) -> Pretrainer | ReplacedTokens:
     """The model the recipe describes (the same initial weights on every rank and every run)
     inside its objective, with the common evaluation set."""
     causal = recipe.objective.kind == "causal"
-    evalset, vocab_size = eval_batches(data, recipe.eval, causal)
+    evalset, vocab_size = eval_batches(data, recipe.eval, causal,
+                                       recipe.data.cross_document_attention)
     torch.manual_seed(recipe.seed)
     config = recipe.model.build(vocab_size).replace(
         checkpoint_activations=run.checkpoint_activations)
+    config = document_attention(recipe, config)
     if not causal and config.causal:
         raise UserError(f"recipe {recipe.name}: a causal model needs objective.kind: causal")
     model = build_model(config, recipe.objective, recipe.data.pair_task)
+    if recipe.objective.kind in REPLACED_KINDS:  # ELECTRA / MC-BERT: + generator, own eval
+        return ReplacedTokens(model, recipe.objective, evalset)
     weighting = TaskWeighting(task_names(recipe.objective, recipe.data.pair_task),
                               recipe.objective)
     pairs = [] if causal else pair_eval_batches(data, recipe)
+    o = recipe.objective
+    if o.sbo:  # SpanBERT's span boundary objective: motian.train.sbo
+        return SpanBoundaryPretrainer(model, weighting, evalset, pairs, o.sbo_max_span)
+    if o.notes:  # Taking Notes on the Fly: motian.train.notes
+        return NotesPretrainer(model, weighting, evalset, pairs, rare_words_for(data, recipe), o)
     return Pretrainer(model, weighting, evalset, pairs)
 
 
+def auxiliary_batches(data: Path, recipe: Recipe) -> dict:
+    """What the loader adds to each batch for SBO (span boundaries) or notes (rare words)."""
+    o = recipe.objective
+    return {"span_boundaries": o.sbo,
+            "rare_words": rare_words_for(data, recipe) if o.notes else None}
+
+
 # --------------------------------------------------------------------------- the run
+
+
+def document_attention(recipe: Recipe, config: ModelConfig) -> ModelConfig:
+    """The model's `cross_document_attention` follows the recipe's data section: the loader
+    keeping documents apart (restarting positions) while the model ignored the document ids
+    would silently train on attention across documents. Both set and differing is an error."""
+    wanted = recipe.data.cross_document_attention
+    if "cross_document_attention" in recipe.model.overrides and \
+            config.cross_document_attention != wanted:
+        raise UserError(f"recipe {recipe.name}: model cross_document_attention is "
+                        f"{config.cross_document_attention} but data.cross_document_attention is "
+                        f"{wanted}; set it in the data section only (the model follows it)")
+    return config.replace(cross_document_attention=wanted)
 
 
 def pretrain_recipe(recipe: Recipe, run: RunSettings, data: Path, run_dir: Path,

@@ -54,7 +54,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from motian.data.masking import MaskedBatch, Masker, MaskingConfig
+from motian.data.masking import NONE, MaskedBatch, Masker, MaskingConfig
 from motian.data.pairs import (
     ClickSettings,
     PairPlan,
@@ -63,7 +63,9 @@ from motian.data.pairs import (
     sentence_index,
     sop_plan,
 )
+from motian.data.rare_words import RareWords, rare_occurrences
 from motian.data.shards import WORD_START, EncodedDataset, Shard
+from motian.data.spans import span_boundaries
 from motian.data.tokenizer import load_tokenizer, special_token_ids, vocab_tokens
 from motian.errors import UserError
 
@@ -89,6 +91,12 @@ class LoaderConfig:
     click_files: tuple[str, ...] = ()  # pair_task="click": click logs, or pd98 / pd98:heldout
     click: ClickSettings = field(default_factory=ClickSettings)
     masking: MaskingConfig = field(default_factory=MaskingConfig)
+    # SpanBERT's SBO: each batch also carries sbo_left / sbo_right / sbo_offset (N,) for its
+    # masked tokens (motian.data.spans).
+    span_boundaries: bool = False
+    # Taking Notes on the Fly: the rare words whose occurrences each batch lists as
+    # note_first / note_length / note_id / note_input (M,) (motian.data.rare_words).
+    rare_words: RareWords | None = None
 
     def __post_init__(self) -> None:
         if self.seq_len < 8:
@@ -345,8 +353,15 @@ class PackedLoader:
         if extra is not None:
             pairs = self._pair_rows(extra[0].pairs, extra[1])
             arrays = {k: np.concatenate([v, pairs[k]]) for k, v in arrays.items()}
-        masked = self.masker(arrays["tokens"], arrays.pop("flags") & WORD_START > 0,
-                             arrays.pop("content"), arrays.pop("synonyms"), rng)
+        word_start, content = arrays.pop("flags") & WORD_START > 0, arrays.pop("content")
+        masked = self.masker(arrays["tokens"], word_start, content, arrays.pop("synonyms"), rng)
+        c = self.config
+        if c.span_boundaries:
+            arrays.update(span_boundaries(masked.mlm_positions, c.seq_len))
+        if c.rare_words is not None:
+            text = content | (arrays["tokens"] == self.special["unk"])
+            arrays.update(rare_occurrences(arrays["tokens"], word_start, text,
+                                           masked.actions != NONE, c.rare_words))
         return arrays, masked
 
     # ------------------------------------------------------------------ assembling rows

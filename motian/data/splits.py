@@ -65,9 +65,28 @@ class SplitLoader(PackedLoader):
 
 def causal_batches(loader: PackedLoader):
     """Next-token batches from the same packed rows: the unmasked tokens are inputs and labels
-    (the model shifts), padding ignored."""
+    (the model shifts), padding ignored, with the rows' `document_ids` (and `position_ids`
+    restarting per document when the loader keeps documents apart), so a model with
+    `cross_document_attention: false` attends within each document only."""
     for arrays, _ in loader.iter_numpy():
-        tokens = torch.from_numpy(arrays["tokens"])
-        mask = torch.from_numpy(arrays["attention_mask"])
-        yield {"input_ids": tokens, "attention_mask": mask,
-               "labels": tokens.masked_fill(mask == 0, -100)}
+        batch = {"input_ids": torch.from_numpy(arrays["tokens"]),
+                 "attention_mask": torch.from_numpy(arrays["attention_mask"]),
+                 "document_ids": torch.from_numpy(arrays["document_ids"])}
+        if "position_ids" in arrays:
+            batch["position_ids"] = torch.from_numpy(arrays["position_ids"])
+        batch["labels"] = next_token_labels(batch["input_ids"], batch["attention_mask"],
+                                            batch["document_ids"])
+        yield batch
+
+
+def next_token_labels(tokens: torch.Tensor, attention_mask: torch.Tensor,
+                      document_ids: torch.Tensor) -> torch.Tensor:
+    """Labels (B, L) for a causal LM (which predicts labels[j] at position j - 1): the tokens,
+    -100 at padding and at the first token of every document after the first in a row. That
+    token would be predicted from the end of an unrelated document ([SEP] of the one before),
+    which no context can tell; with document-aware attention it would be predicted from
+    nothing at all. Its own document's later tokens still see it (and are predicted)."""
+    labels = tokens.masked_fill(attention_mask == 0, -100)
+    starts = torch.zeros_like(labels, dtype=torch.bool)
+    starts[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
+    return labels.masked_fill(starts, -100)

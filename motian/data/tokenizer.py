@@ -23,6 +23,7 @@ normaliser and pre-tokeniser that `transformers.BertTokenizerFast` uses, so ids 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import sys
 import unicodedata
@@ -179,6 +180,23 @@ def vocab_tokens(tok: Tokenizer) -> list[str]:
         raise UserError("the tokenizer's ids are not 0..n-1 without gaps; it cannot be written "
                         "as a BERT vocab.txt")
     return tokens
+
+
+def decode_text(tok: Tokenizer, ids: Iterable[int]) -> str:
+    """Token ids -> text as written: BERT's WordPiece decoder joins tokens with spaces (it was
+    made for English), so Chinese comes back as "今 天 天 气"; the spaces beside a CJK character
+    (ideograph, CJK punctuation, full-width form) are dropped, those between Latin words and
+    numbers kept. [PAD] [CLS] [SEP] [MASK] are left out (these vocabularies do not mark them
+    special, so the decoder would print them); a leading "##" piece loses its "##"."""
+    skip = {tok.token_to_id(SPECIAL_TOKENS[k]) for k in ("pad", "cls", "sep", "mask")}
+    text = tok.decode([i for i in ids if i not in skip], skip_special_tokens=False)
+    return _SPACE_BY_CJK.sub("", text.removeprefix(CONTINUATION))
+
+
+# A CJK ideograph, CJK symbol / punctuation (U+3000-303F) or full-width form (U+FF00-FFEF).
+_CJK_CLASS = ("[\u3000-\u303f\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uff00-\uffef"
+              "\U00020000-\U0002fa1f]")
+_SPACE_BY_CJK = re.compile(f"(?<={_CJK_CLASS}) +| +(?={_CJK_CLASS})")
 
 
 def encoded_tokenizer(data: Path) -> Path | None:

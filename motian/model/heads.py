@@ -1,6 +1,7 @@
 """Task heads on the motian backbone, each a complete model whose `forward` returns the loss when
 labels are given: `MaskedLM`, `PreTrainingModel` (MLM + pair task, per-task losses),
-`SequenceClassification`, `TokenClassification`, `SpanExtraction`, `MultipleChoice`, `CausalLM`.
+`SequenceClassification`, `TokenClassification`, `SpanExtraction`, `MultipleChoice`, `CausalLM`,
+`ReplacedTokenDetection` (ELECTRA / MC-BERT discriminator).
 
 Inputs follow the batch contract of docs/model.md (`input_ids`, `attention_mask`,
 `token_type_ids`, `position_ids`, `document_ids`, compact `mlm_positions` / `mlm_labels`,
@@ -18,7 +19,7 @@ from torch import Tensor, nn
 from motian.errors import UserError
 from motian.model.config import ModelConfig
 from motian.model.dropout import Dropout
-from motian.model.transformer import MotianModel, init_weights
+from motian.model.transformer import KVCache, MotianModel, init_weights
 
 
 @dataclass
@@ -51,6 +52,13 @@ class MLMHead(nn.Module):
         h = self.norm(F.gelu(self.dense(h)))
         weight = embedding if self.decoder is None else self.decoder.weight
         return F.linear(h, weight, self.bias)
+
+    def candidate_logits(self, h: Tensor, embedding: Tensor, candidates: Tensor) -> Tensor:
+        """h (N, hidden), candidates (N, k) token ids -> (N, k): the logits `forward` would give
+        those k tokens, without the (N, vocab) output layer (MC-BERT's multi-choice scores)."""
+        h = self.norm(F.gelu(self.dense(h)))
+        weight = embedding if self.decoder is None else self.decoder.weight
+        return torch.einsum("nh,nkh->nk", h, weight[candidates]) + self.bias[candidates]
 
 
 def compact_mlm_labels(labels: Tensor) -> tuple[Tensor, Tensor]:
@@ -315,14 +323,19 @@ class CausalLM(_Backbone):
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
                 position_ids: Tensor | None = None, document_ids: Tensor | None = None,
                 labels: Tensor | None = None,
-                prefix_lengths: Tensor | None = None) -> ModelOutput:
+                prefix_lengths: Tensor | None = None,
+                cache: KVCache | None = None) -> ModelOutput:
         """`prefix_lengths` (B,): a prefix LM (UNILM, Dong et al. 2019, arXiv:1905.03197): the
         first prefix_lengths[b] tokens of row b (the source) see each other in both directions,
         the rest see the whole source and their own past. Set `labels` to -100 on the source
-        to train on the target only. Without it, plain left-to-right attention."""
+        to train on the target only. Without it, plain left-to-right attention.
+
+        `cache`: a `KVCache` of the tokens already read (generation, motian.serving.generate);
+        `input_ids` are then only the new tokens, and the cache is extended in place."""
         if prefix_lengths is not None:
             attention_mask = prefix_lm_mask(prefix_lengths, input_ids.shape[1], attention_mask)
-        h = self.encode(input_ids, attention_mask, None, position_ids, document_ids)
+        h = self.backbone(input_ids, attention_mask, None, position_ids, document_ids,
+                          cache=cache)
         weight = (self.backbone.embeddings.word.weight if self.decoder is None
                   else self.decoder.weight)
         logits = F.linear(h, weight)  # (B, L, vocab)
@@ -343,9 +356,47 @@ def prefix_lm_mask(prefix_lengths: Tensor, L: int, attention_mask: Tensor | None
     return visible  # (B, L, L)
 
 
+class ReplacedTokenDetection(_Backbone):
+    """ELECTRA's discriminator (Clark et al. 2020, arXiv:2003.10555): `logits` (B, L), one per
+    token, > 0 for "replaced" (dense + GELU + dense to 1, ELECTRA's discriminator head);
+    `labels` (B, L) 1 replaced / 0 original / -100 ignored give the mean binary cross-entropy.
+    With `multi_choice` it also has BERT's MLM head, read at masked positions to score
+    candidate tokens (`choice_logits`; MC-BERT, Xu et al. 2020, arXiv:2006.05744). Trained by
+    motian.train.replaced; fine-tuning takes its `backbone` like any other head's."""
+
+    def __init__(self, config: ModelConfig, multi_choice: bool = False):
+        super().__init__(config, multi_choice=multi_choice)
+        self.rtd = nn.Sequential(nn.Linear(config.hidden, config.hidden), nn.GELU(),
+                                 nn.Linear(config.hidden, 1))
+        self.mlm = MLMHead(config) if multi_choice else None
+        self._init_head()
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
+                token_type_ids: Tensor | None = None, position_ids: Tensor | None = None,
+                document_ids: Tensor | None = None, labels: Tensor | None = None
+                ) -> ModelOutput:
+        h = self.encode(input_ids, attention_mask, token_type_ids, position_ids, document_ids)
+        logits = self.rtd(h).squeeze(-1).float()  # (B, L)
+        out = ModelOutput(logits=logits, hidden_states=h)
+        if labels is not None:
+            keep = labels != -100
+            out.loss = out.losses["rtd"] = F.binary_cross_entropy_with_logits(
+                logits[keep], labels[keep].float())
+        return out
+
+    def choice_logits(self, h: Tensor, candidates: Tensor) -> Tensor:
+        """h (N, hidden) at the masked positions, candidates (N, k) token ids -> (N, k) scores:
+        the MLM head's logits of the candidates only (h' . e_c + b_c, e the tied embeddings)."""
+        if self.mlm is None:
+            raise UserError("choice_logits needs a ReplacedTokenDetection built with "
+                            "multi_choice=True (MC-BERT)")
+        return self.mlm.candidate_logits(h, self.backbone.embeddings.word.weight, candidates)
+
+
 # Head name -> class, for checkpoints that record which head they hold (io.py, hf.py).
 HEADS: dict[str, type[nn.Module]] = {
     cls.__name__: cls
     for cls in (MotianModel, MaskedLM, PreTrainingModel, SequenceClassification,
-                TokenClassification, SpanExtraction, MultipleChoice, CausalLM)
+                TokenClassification, SpanExtraction, MultipleChoice, CausalLM,
+                ReplacedTokenDetection)
 }

@@ -42,9 +42,12 @@ def sinusoid_angles(positions: Tensor, dim: int, base: float) -> Tensor:
     return positions.float()[..., None] * inv_freq
 
 
-def relative_distance(position_ids: Tensor) -> Tensor:
-    """(B|1, L) positions -> (B|1, L, L) signed distance key minus query: rel[b, i, j] = p_j - p_i."""
-    return position_ids[:, None, :] - position_ids[:, :, None]
+def relative_distance(position_ids: Tensor, key_position_ids: Tensor | None = None) -> Tensor:
+    """(B|1, L) positions -> (B|1, L, L) signed distance key minus query: rel[b, i, j] = p_j - p_i.
+    With `key_position_ids` (B, T) the keys are other tokens than the queries (a KV cache adds
+    the earlier ones): (B, L, T)."""
+    keys = position_ids if key_position_ids is None else key_position_ids
+    return keys[:, None, :] - position_ids[:, :, None]
 
 
 # --- RoPE -------------------------------------------------------------------------------------
@@ -92,10 +95,10 @@ class T5Bias(nn.Module):
         self.config = config
         self.embedding = nn.Embedding(config.relative_buckets, config.heads)
 
-    def forward(self, position_ids: Tensor) -> Tensor:
+    def forward(self, position_ids: Tensor, key_position_ids: Tensor | None = None) -> Tensor:
         c = self.config
-        buckets = t5_buckets(relative_distance(position_ids), not c.causal, c.relative_buckets,
-                             c.relative_max_distance)  # (B|1, L, L)
+        buckets = t5_buckets(relative_distance(position_ids, key_position_ids), not c.causal,
+                             c.relative_buckets, c.relative_max_distance)  # (B|1, L, L or T)
         return self.embedding(buckets).permute(0, 3, 1, 2)  # (B|1, heads, L, L)
 
 
@@ -114,10 +117,11 @@ def alibi_slopes(heads: int) -> Tensor:
     return torch.tensor(slopes)
 
 
-def alibi_bias(position_ids: Tensor, heads: int) -> Tensor:
-    """-slope * |distance| (B|1, heads, L, L); no parameters. For a causal model the future is
-    masked anyway, so the symmetric form equals ALiBi's causal one on the visible part."""
-    dist = relative_distance(position_ids).abs().float()[:, None]  # (B|1, 1, L, L)
+def alibi_bias(position_ids: Tensor, heads: int, key_position_ids: Tensor | None = None
+               ) -> Tensor:
+    """-slope * |distance| (B|1, heads, L, L or T); no parameters. For a causal model the future
+    is masked anyway, so the symmetric form equals ALiBi's causal one on the visible part."""
+    dist = relative_distance(position_ids, key_position_ids).abs().float()[:, None]
     return -alibi_slopes(heads).to(dist.device)[None, :, None, None] * dist
 
 
@@ -156,9 +160,11 @@ class TupeBias(nn.Module):
 
 # --- NEZHA functional relative -----------------------------------------------------------------
 
-def nezha_index(position_ids: Tensor, max_relative: int) -> Tensor:
-    """(B|1, L, L) row into the (2K+1, d) table: clip(p_j - p_i, -K, K) + K."""
-    return relative_distance(position_ids).clamp(-max_relative, max_relative) + max_relative
+def nezha_index(position_ids: Tensor, max_relative: int,
+                key_position_ids: Tensor | None = None) -> Tensor:
+    """(B|1, L, L or T) row into the (2K+1, d) table: clip(p_j - p_i, -K, K) + K."""
+    rel = relative_distance(position_ids, key_position_ids)
+    return rel.clamp(-max_relative, max_relative) + max_relative
 
 
 def nezha_table(max_relative: int, head_dim: int, device: torch.device) -> Tensor:

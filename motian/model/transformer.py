@@ -78,6 +78,73 @@ class AttentionContext:
     relative_table: Tensor | None = None  # nezha: (2K+1, d); deberta: (2*span, hidden)
 
 
+class LayerCache:
+    """One layer's keys and values (B, heads, T, head_dim) of the tokens read so far."""
+
+    def __init__(self):
+        self.keys: Tensor | None = None
+        self.values: Tensor | None = None
+
+    def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Add the new tokens' k, v (B, heads, L, d); return all of them (B, heads, T + L, d)."""
+        if self.keys is not None:
+            k, v = torch.cat([self.keys, k], dim=2), torch.cat([self.values, v], dim=2)
+        self.keys, self.values = k, v
+        return k, v
+
+
+class KVCache:
+    """What a causal model keeps of the tokens it has read, so generating one more token runs
+    the model on that token alone instead of on the whole sequence again (a causal layer's keys
+    and values of earlier tokens never change: they see only the past). Pass one to
+    `MotianModel.forward(..., cache=)` (or `CausalLM`'s), which fills it in place.
+
+    Besides each layer's keys and values it keeps, per key, its position (relative schemes
+    score query-key distances: t5, alibi, nezha; RoPE keys are stored already rotated) and
+    whether it is a real token (the left padding of a batch of prompts). TUPE and DeBERTa are
+    not supported: their position terms would need more than the key positions kept here."""
+
+    def __init__(self, layers: int):
+        self.layers = [LayerCache() for _ in range(layers)]
+        self.position_ids: Tensor | None = None  # (B, T)
+        self.attention_mask: Tensor | None = None  # (B, T), 1 = a real token
+
+    @property
+    def length(self) -> int:
+        """T, the tokens (padding included) read so far."""
+        return 0 if self.position_ids is None else self.position_ids.shape[1]
+
+    def extend(self, attention_mask: Tensor | None, position_ids: Tensor
+               ) -> tuple[Tensor, Tensor]:
+        """Record L new tokens; return the additive mask (B, 1, L, T + L) of their queries over
+        all keys and the positions of all keys (B, T + L). Query i (slot T + i) sees real keys
+        up to its own slot; one that sees none (a left-padding token) sees itself, as in
+        `attention_mask_bias`, so cached and full computation agree token for token."""
+        (B, L), device = position_ids.shape, position_ids.device  # (B, L) positions
+        if attention_mask is None:
+            attention_mask = torch.ones(B, L, dtype=torch.long, device=device)
+        if attention_mask.dim() != 2:
+            raise UserError("a KV cache takes a (B, L) padding mask, not a (B, L, L) visibility "
+                            "mask (prefix LM); run such a model without a cache")
+        T = self.length
+        if T:
+            position_ids = torch.cat([self.position_ids, position_ids], dim=1)
+            attention_mask = torch.cat([self.attention_mask, attention_mask], dim=1)
+        self.position_ids, self.attention_mask = position_ids, attention_mask
+        slot = torch.arange(T + L, device=device)
+        allowed = attention_mask.bool()[:, None, :] & (slot[None, :] <= T + slot[:L, None])
+        lonely = ~allowed.any(dim=-1, keepdim=True)  # (B, L, 1)
+        allowed = allowed | (lonely & (slot[None, :] == T + slot[:L, None]))
+        zero = torch.zeros((), device=device)
+        return torch.where(allowed, zero, float("-inf"))[:, None], position_ids
+
+    def reorder(self, rows: Tensor) -> None:
+        """Keep rows `rows` (B',) of the batch, in that order (beam search picks its beams)."""
+        for layer in self.layers:
+            layer.keys, layer.values = layer.keys[rows], layer.values[rows]
+        self.position_ids, self.attention_mask = self.position_ids[rows], self.attention_mask[rows]
+
+
 class Attention(nn.Module):
     """Multi-head self-attention with a fused q/k/v projection."""
 
@@ -91,15 +158,19 @@ class Attention(nn.Module):
         self.keep_probs = False
         self.probs: Tensor | None = None
 
-    def forward(self, x: Tensor, ctx: AttentionContext, rows: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, ctx: AttentionContext, rows: Tensor | None = None,
+                kv: LayerCache | None = None) -> Tensor:
         """x (B, L, hidden) -> (B, L, hidden), or (N, hidden) for only the flat `rows` of B * L:
-        then only those queries attend (every position still serves as a key and value)."""
+        then only those queries attend (every position still serves as a key and value).
+        With `kv`, the new keys and values join the cached ones and the queries see all."""
         c = self.config
         B, L, H = x.shape
         q, k, v = self.qkv(x).view(B, L, 3, c.heads, c.head_dim).permute(2, 0, 3, 1, 4)
         # q, k, v: (B, heads, L, head_dim)
         if ctx.rotary is not None:
             q, k = apply_rotary(q, *ctx.rotary), apply_rotary(k, *ctx.rotary)
+        if kv is not None:
+            k, v = kv.append(k, v)  # (B, heads, T + L, head_dim)
         mask = None if ctx.mask is None else ctx.mask.to(q.dtype)
         if c.position == "deberta":
             # DeBERTa's extra score terms are a per-layer bias; scaled like q . k.
@@ -213,15 +284,17 @@ class Block(nn.Module):
         self.ffn_norm = nn.LayerNorm(config.hidden, eps=config.layer_norm_eps)
         self.dropout = Dropout(config.dropout)
 
-    def forward(self, x: Tensor, ctx: AttentionContext, rows: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, ctx: AttentionContext, rows: Tensor | None = None,
+                kv: LayerCache | None = None) -> Tensor:
         """x (B, L, hidden) -> (B, L, hidden); with `rows` (N,) flat indices into B * L, only
         those outputs (N, hidden): attention still reads every position, but its output
-        projection, the residual, the norms and the FFN run on N rows instead of B * L."""
+        projection, the residual, the norms and the FFN run on N rows instead of B * L.
+        `kv`: this layer's part of a `KVCache`."""
         residual = x if rows is None else x.reshape(-1, x.shape[-1])[rows]
         if self.pre_norm:
-            x = residual + self.dropout(self.attention(self.attention_norm(x), ctx, rows))
+            x = residual + self.dropout(self.attention(self.attention_norm(x), ctx, rows, kv))
             return x + self.ffn(self.ffn_norm(x))
-        x = self.attention_norm(residual + self.dropout(self.attention(x, ctx, rows)))
+        x = self.attention_norm(residual + self.dropout(self.attention(x, ctx, rows, kv)))
         return self.ffn_norm(x + self.ffn(x))
 
 
@@ -289,39 +362,59 @@ class MotianModel(nn.Module):
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
                 token_type_ids: Tensor | None = None, position_ids: Tensor | None = None,
                 document_ids: Tensor | None = None,
-                output_positions: Tensor | None = None) -> Tensor:
+                output_positions: Tensor | None = None,
+                cache: KVCache | None = None) -> Tensor:
         """input_ids (B, L) -> hidden states (B, L, hidden); see the batch contract in
         docs/model.md. `document_ids` is ignored unless `cross_document_attention` is False.
 
         `output_positions` (N,) flat indices into B * L: return only those rows, (N, hidden).
         A loss read at a few positions (MLM at ~15%, [CLS] for a pair task) needs the last
         block only there, so its output projection and FFN - the bulk of a layer's FLOPs - run
-        on N rows instead of B * L; the result at those rows is the same."""
+        on N rows instead of B * L; the result at those rows is the same.
+
+        `cache` (causal models): the `KVCache` of the tokens read before these; the new tokens
+        attend to them and are added to it. `attention_mask` is then (B, L) for the new tokens
+        and `position_ids` default to continuing after the cached ones."""
         c = self.config
         L = input_ids.shape[1]
+        start = 0 if cache is None else cache.length
         if position_ids is None:
-            position_ids = torch.arange(L, device=input_ids.device)[None]  # (1, L)
-        if c.position in ("absolute", "tupe") and L > c.max_positions:
-            raise UserError(f"sequence length {L} exceeds max_positions={c.max_positions} of the "
+            position_ids = torch.arange(start, start + L, device=input_ids.device)[None]  # (1, L)
+        if cache is not None:  # the cache keeps a position per row and key
+            position_ids = position_ids.expand(input_ids.shape[0], L)
+        if c.position in ("absolute", "tupe") and start + L > c.max_positions:
+            raise UserError(f"sequence length {start + L} exceeds max_positions="
+                            f"{c.max_positions} of the "
                             f"'{c.position}' scheme, which cannot extrapolate; use a longer "
                             "max_positions or a relative scheme (t5, alibi, rope, nezha, deberta)")
         x = self.embeddings(input_ids, token_type_ids, position_ids)
-        ctx = self._attention_context(attention_mask, document_ids, position_ids, L)
+        ctx = self._attention_context(attention_mask, document_ids, position_ids, L, cache)
         for i, block in enumerate(self.blocks):
             rows = output_positions if i == len(self.blocks) - 1 else None
+            kv = None if cache is None else cache.layers[i]
             if c.checkpoint_activations and self.training:
-                x = checkpoint(block, x, ctx, rows, use_reentrant=False)
+                x = checkpoint(block, x, ctx, rows, kv, use_reentrant=False)
             else:
-                x = block(x, ctx, rows)
+                x = block(x, ctx, rows, kv)
         return x if self.final_norm is None else self.final_norm(x)
 
     def _attention_context(self, attention_mask: Tensor | None, document_ids: Tensor | None,
-                           position_ids: Tensor, L: int) -> AttentionContext:
+                           position_ids: Tensor, L: int,
+                           cache: KVCache | None = None) -> AttentionContext:
         c, device = self.config, position_ids.device
         if c.cross_document_attention:
             document_ids = None
-        mask = attention_mask_bias(attention_mask, document_ids, c.causal, L, device)
-        bias = self._position_bias(position_ids)  # shared by all layers, or None
+        key_ids = None  # positions of the keys when they are not the queries (a KV cache)
+        if cache is not None:
+            if not c.causal or c.position in ("tupe", "deberta"):
+                raise UserError(f"a KV cache needs a causal model with position absolute, "
+                                f"sinusoidal, rope, alibi, t5 or nezha; this one is "
+                                f"{'causal' if c.causal else 'bidirectional'} with "
+                                f"'{c.position}' positions: run it without a cache")
+            mask, key_ids = cache.extend(attention_mask, position_ids)
+        else:
+            mask = attention_mask_bias(attention_mask, document_ids, c.causal, L, device)
+        bias = self._position_bias(position_ids, key_ids)  # shared by all layers, or None
         # SDPA takes is_causal or an attn_mask, not both: a causal model with score terms gets
         # its causal mask as a tensor, folded into the bias.
         adds_scores = bias is not None or c.position in ("nezha", "deberta")
@@ -338,20 +431,21 @@ class MotianModel(nn.Module):
         if c.position == "rope":
             ctx.rotary = rotary_tables(position_ids, c.head_dim, c.rope_base)
         elif c.position == "nezha":
-            ctx.relative_index = nezha_index(position_ids, c.max_relative_position)
+            ctx.relative_index = nezha_index(position_ids, c.max_relative_position, key_ids)
             ctx.relative_table = nezha_table(c.max_relative_position, c.head_dim, device)
         elif c.position == "deberta":
             ctx.relative_index = deberta_index(position_ids, c.max_relative_position)
             ctx.relative_table = self.relative_norm(self.relative_embeddings.weight)
         return ctx
 
-    def _position_bias(self, position_ids: Tensor) -> Tensor | None:
+    def _position_bias(self, position_ids: Tensor, key_ids: Tensor | None = None
+                       ) -> Tensor | None:
         if self.t5_bias is not None:
-            return self.t5_bias(position_ids)
+            return self.t5_bias(position_ids, key_ids)
         if self.tupe_bias is not None:
             return self.tupe_bias(position_ids)
         if self.config.position == "alibi":
-            return alibi_bias(position_ids, self.config.heads)
+            return alibi_bias(position_ids, self.config.heads, key_ids)
         return None
 
 

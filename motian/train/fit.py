@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import copy
 import math
 import os
 import signal
@@ -57,6 +58,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from motian.errors import UserError
+from motian.model import stacking
 from motian.train import distributed as dist_utils
 from motian.train.checkpoint import (
     CHECKPOINTS,
@@ -75,7 +77,14 @@ from motian.train.intervals import Every, parse_every
 from motian.train.metrics import MetricsLogger
 from motian.train.optim import build_optimizer, param_groups
 from motian.train.schedule import Progress, lr_multiplier, set_lr
-from motian.train.settings import OptimSettings, RunSettings, Stage, accumulation, stage_bounds
+from motian.train.settings import (
+    OptimSettings,
+    RunSettings,
+    Stage,
+    accumulation,
+    depth_plan,
+    stage_bounds,
+)
 
 # --------------------------------------------------------------------------- the protocols
 
@@ -169,6 +178,11 @@ class FitConfig:
     label: str = "train"  # the progress bar's name for this run
     log_kind: str = "train"  # the "kind" of its records in metrics.jsonl
     fingerprint: str = ""
+    # Progressive stacking (stages with `layers`): the optimizer state when the model grows.
+    # "restart": a new optimizer, as Gong et al. 2019; "copy": every kept tensor keeps its
+    # moments and each copied block starts with a copy of its source's (measured in
+    # docs/objectives.md).
+    grown_optimizer: Literal["restart", "copy"] = "restart"
 
     def stage_bounds(self) -> list[tuple[float, float]]:
         """[(start, end)] of each stage as fractions of the whole run."""
@@ -358,6 +372,8 @@ class _Parts:
     autocast: object
     progress: Progress
     micro_plan: list[tuple[int, int]]
+    depths: list[int] | None = None  # blocks trained in each stage (progressive stacking)
+    compile: bool = False  # torch.compile the step model (again after the model grows)
 
 
 def fit(objective: Objective, source: BatchSource, config: FitConfig, run: RunSettings,
@@ -387,24 +403,26 @@ def fit(objective: Objective, source: BatchSource, config: FitConfig, run: RunSe
                         "to continue that run, or choose another --out")
     objective.to(info.device)
     micro_plan = [accumulation(s, run.micro_batch, info.world_size) for s in config.stages]
-    o = config.optim
-    optimizer = build_optimizer(objective, o.name, o.lr, o.weight_decay, tuple(o.betas), o.eps,
-                                groups=objective.param_groups(o.weight_decay),
-                                grad_normalization=o.grad_normalization)
+    # Progressive stacking: the model was built at its final depth; the run starts at the first
+    # stage's (the bottom blocks kept), a resume at its checkpoint's (`_restore`).
+    depths = (depth_plan(config.stages, stacking.depth(objective.model), config.label)
+              if any(s.layers for s in config.stages) else None)
+    if depths is not None:
+        stacking.set_depth(objective.model, depths[0])
     scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
     budget = config.budget_minutes * 60 if config.budget_minutes > 0 else None
     progress = Progress(None if budget else config.steps, budget)
-    step_model = dist_utils.wrap_model(objective, info)
-    if run.compile:
-        step_model = torch.compile(step_model)
-    parts = _Parts(objective, step_model, optimizer, scaler,
-                   autocast_context(precision, info.device), progress, micro_plan)
+    parts = _Parts(objective, objective, _build_optimizer(objective, config), scaler,
+                   autocast_context(precision, info.device), progress, micro_plan, depths,
+                   run.compile)
     state = RunState()
     if resume and run_dir is not None:
         _restore_newest_readable(parts, run_dir, config, state, info)
     # The first stage's batches now: a data position that does not fit this data is refused
     # before any file is written.
     first = stage_at(config, progress.fraction())
+    _grow_for_stage(config, parts, first, state, info)  # resumed at the end of a shallower stage
+    parts.step_model = _wrap(parts, info)
     batches = _start_stage(config, source, first, micro_plan[first][0], info, state,
                            info.is_main)
     logger = open_logger() if open_logger is not None else None
@@ -450,6 +468,11 @@ def _restore(parts: _Parts, path: Path, config: FitConfig, state: RunState,
                         f"{config.fingerprint}); resume with the ones it was made with, or start "
                         "a new run in another directory (--init-from takes its weights)")
     parts.progress.load_state_dict(saved["progress"])  # refuses another run length
+    if parts.depths is not None:  # the model and its optimizer at the checkpoint's depth
+        layers = parts.depths[int(saved["stage"])]
+        if stacking.depth(parts.objective.model) != layers:
+            stacking.set_depth(parts.objective.model, layers)
+            parts.optimizer = _build_optimizer(parts.objective, config)
     load_checkpoint(path, parts.objective.model, parts.optimizer, parts.scaler,
                     extra=parts.objective)
     state.step, state.stage = int(saved["step"]), int(saved["stage"])
@@ -482,6 +505,8 @@ def _loop(config: FitConfig, run: RunSettings, source: BatchSource, run_dir: Pat
         stage = stage_at(config, progress.fraction())
         micro, accum = parts.micro_plan[stage]
         if stage != state.stage:
+            if _grow_for_stage(config, parts, stage, state, info):
+                parts.step_model = _wrap(parts, info)
             batches = _start_stage(config, source, stage, micro, info, state, main)
         lr = learning_rate(config, progress.fraction(ahead=1), stage)
         set_lr(parts.optimizer, lr)
@@ -550,6 +575,74 @@ def _loop(config: FitConfig, run: RunSettings, source: BatchSource, run_dir: Pat
             "rank": info.rank}
 
 
+def _build_optimizer(objective: Objective, config: FitConfig) -> torch.optim.Optimizer:
+    o = config.optim
+    return build_optimizer(objective, o.name, o.lr, o.weight_decay, tuple(o.betas), o.eps,
+                           groups=objective.param_groups(o.weight_decay),
+                           grad_normalization=o.grad_normalization)
+
+
+def _wrap(parts: _Parts, info: DistInfo) -> nn.Module:
+    """The module the step runs: DDP across processes, compiled when asked. Built again after
+    the model grows: DDP's buckets and gradient hooks cover the parameters it was made with."""
+    old = getattr(parts.step_model, "_orig_mod", parts.step_model)  # under torch.compile
+    if old is not parts.objective and hasattr(old, "_remove_autograd_hooks"):
+        # The old DDP's reducer hooks sit on the parameters the grown model still trains;
+        # left there, they would fire (and all-reduce into stale buckets) in every backward.
+        old._remove_autograd_hooks()
+        for handle in getattr(old, "_accum_grad_hooks", []):
+            handle.remove()
+    parts.step_model = parts.objective
+    step_model = dist_utils.wrap_model(parts.objective, info)
+    return torch.compile(step_model) if parts.compile else step_model
+
+
+def _grow_for_stage(config: FitConfig, parts: _Parts, stage: int, state: RunState,
+                    info: DistInfo) -> bool:
+    """Progressive stacking at a stage change: stack copies of the trained blocks until the
+    model has the stage's depth and rebuild the optimizer over the new parameters (its state
+    per `config.grown_optimizer`). The caller re-wraps the step model. False: nothing grew."""
+    if parts.depths is None:
+        return False
+    model, layers = parts.objective.model, parts.depths[stage]
+    before = stacking.depth(model)
+    if before == layers:
+        return False
+    old = parts.optimizer
+    pairs = stacking.grow(model, layers)
+    parts.optimizer = _build_optimizer(parts.objective, config)
+    if config.grown_optimizer == "copy":
+        _carry_optimizer_state(old, parts.optimizer, pairs)
+    if info.is_main:
+        new, old_ = _blocks(before, layers - 1), _blocks(2 * before - layers, before - 1)
+        kept = "state copied" if config.grown_optimizer == "copy" else "restarted"
+        tqdm.write(f"motian: stage {stage + 1}/{len(config.stages)} at step {state.step}: "
+                   f"grew from {before} to {layers} blocks ({new} copied from the trained "
+                   f"{old_}); optimizer {kept}")
+    return True
+
+
+def _blocks(first: int, last: int) -> str:
+    return f"block {first}" if first == last else f"blocks {first}-{last}"
+
+
+def _carry_optimizer_state(old: torch.optim.Optimizer, new: torch.optim.Optimizer,
+                           pairs: list[tuple[nn.Module, nn.Module]]) -> None:
+    """Every parameter that existed keeps its state (moments, step count); every copied
+    block's parameter starts from a copy of its source's, so a copy takes the same first
+    steps its source would have."""
+    source = {id(p): p for p in (q for group in old.param_groups for q in group["params"])}
+    for twin, original in pairs:
+        for p, q in zip(twin.parameters(), original.parameters()):
+            source[id(p)] = q
+    for group in new.param_groups:
+        for p in group["params"]:
+            q = source.get(id(p))
+            if q is not None and q in old.state:
+                new.state[p] = {k: v.clone() if isinstance(v, Tensor) else copy.deepcopy(v)
+                                for k, v in old.state[q].items()}
+
+
 def _start_stage(config: FitConfig, source: BatchSource, stage: int, micro: int,
                  info: DistInfo, state: RunState, main: bool) -> Iterator[dict]:
     """The batches of `stage`: continuing a resumed position, or from the start (a new stage
@@ -596,6 +689,8 @@ def _log_values(parts: _Parts, window: dict[str, float], info: DistInfo, lr: flo
     w = dict(zip(keys, sums.tolist()))
     values: dict[str, float] = {"stage": stage + 1, "seq_len": config.stages[stage].seq_len,
                                 "lr": lr, "grad_norm": norm}
+    if parts.depths is not None:  # progressive stacking: the depth this step trained
+        values["layers"] = parts.depths[stage]
     values.update(parts.objective.summarise(w))
     values.update(parts.objective.log_extra())
     if parts.scaler is not None:

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from motian.errors import UserError
 from motian.model import CausalLM, LoadReport, MaskedLM, ModelConfig, PreTrainingModel
-from motian.model.heads import pair_loss_sum
+from motian.model.heads import ReplacedTokenDetection, pair_loss_sum
 from motian.train.distributed import DistInfo, all_reduce_sum
 from motian.train.fit import Objective
 from motian.train.recipe import ObjectiveSpec
@@ -35,13 +35,19 @@ from motian.train.recipe import ObjectiveSpec
 def task_names(objective: ObjectiveSpec, pair_task: str) -> list[str]:
     if objective.kind == "causal":
         return ["lm"]
-    return ["mlm"] if pair_task == "none" else ["mlm", "pair"]
+    tasks = ["mlm"] if pair_task == "none" else ["mlm", "pair"]
+    return tasks + ["sbo"] if objective.sbo else tasks  # span boundaries: motian.train.sbo
 
 
 def build_model(config: ModelConfig, objective: ObjectiveSpec, pair_task: str) -> nn.Module:
     """The head the objective needs: a pair task adds [CLS] classification to MLM."""
     if objective.kind == "causal":
         return CausalLM(config)
+    if objective.kind in ("electra", "mc-bert"):  # the discriminator, see train/replaced.py
+        if pair_task != "none":
+            raise UserError(f"objective.kind {objective.kind} trains no pair task; set "
+                            f"data.pair_task: none (got {pair_task})")
+        return ReplacedTokenDetection(config, multi_choice=objective.kind == "mc-bert")
     return MaskedLM(config) if pair_task == "none" else PreTrainingModel(config)
 
 
@@ -173,31 +179,17 @@ class Pretrainer(Objective):
         pair_labels, pair_weights = batch.get("pair_labels"), batch.get("pair_weights")
         out = self.model(**{k: v for k, v in batch.items()
                             if k not in ("pair_labels", "pair_weights")})
-        labels = batch["mlm_labels"]
-        token_loss = nn.functional.cross_entropy(out.logits.float(), labels, reduction="sum")
-        losses = {"mlm": token_loss / tokens_per_rank}
-        stats = {"mlm_loss_sum": token_loss.detach(), "mlm_tokens": labels.new_tensor(
-            labels.numel(), dtype=torch.float32),
-            "mlm_correct": (out.logits.detach().argmax(-1) == labels).sum().float()}
-        if out.pair_logits is not None and pair_labels is not None:
-            # The weighted mean over this micro-batch's pair rows (corpus rows carry -100),
-            # one micro-batch's share of the step; every micro-batch has the same number of
-            # pair rows (the loader's pair_fraction), so the shares are equal.
-            loss_sum, weight_sum = pair_loss_sum(out.pair_logits, pair_labels, pair_weights)
-            losses["pair"] = loss_sum / weight_sum.clamp(min=1e-12) / micro_steps
-            keep = pair_labels != -100
-            plain = nn.functional.cross_entropy(out.pair_logits.detach().float()[keep],
-                                                pair_labels[keep], reduction="sum")
-            stats["pair_loss_sum"] = plain
-            stats["pair_rows"] = keep.sum().float()
-            stats["pair_correct"] = (out.pair_logits.detach().argmax(-1)[keep]
-                                     == pair_labels[keep]).sum().float()
+        losses, stats = mlm_pair_losses(out.logits, out.pair_logits, labels=batch["mlm_labels"],
+                                        pair_labels=pair_labels, pair_weights=pair_weights,
+                                        tokens_per_rank=tokens_per_rank,
+                                        micro_steps=micro_steps)
         return self.weighting(losses, 1.0 / micro_steps), stats
 
     def _causal(self, batch: dict[str, Tensor], tokens_per_rank: float,
                 micro_steps: int) -> tuple[Tensor, dict[str, Tensor]]:
-        out = self.model(batch["input_ids"], batch.get("attention_mask"))
-        labels = batch["labels"][:, 1:].reshape(-1)  # (B * (L-1),), -100 at padding
+        out = self.model(**causal_inputs(batch))
+        # (B * (L-1),), -100 at padding and at each document's first token (next_token_labels)
+        labels = batch["labels"][:, 1:].reshape(-1)
         logits = out.logits[:, :-1].float().flatten(0, 1)
         token_loss = nn.functional.cross_entropy(logits, labels, ignore_index=-100,
                                                  reduction="sum")
@@ -205,6 +197,34 @@ class Pretrainer(Objective):
         stats = {"lm_loss_sum": token_loss.detach(), "lm_tokens": valid.sum().float(),
                  "lm_correct": ((logits.detach().argmax(-1) == labels) & valid).sum().float()}
         return self.weighting({"lm": token_loss / tokens_per_rank}, 1.0 / micro_steps), stats
+
+
+def mlm_pair_losses(logits: Tensor, pair_logits: Tensor | None, labels: Tensor,
+                    pair_labels: Tensor | None, pair_weights: Tensor | None,
+                    tokens_per_rank: float, micro_steps: int
+                    ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """(losses, statistics) of MLM and the pair task from the masked tokens' logits (N, vocab)
+    and the pair logits (B, 2) or None: the MLM loss is the token loss sum over the step's
+    masked tokens per rank (module docstring); the pair loss is the weighted mean over this
+    micro-batch's pair rows (corpus rows carry -100), one micro-batch's share of the step
+    (every micro-batch has the same number of pair rows, the loader's pair_fraction, so the
+    shares are equal). Also used by the objectives that read more of the encoder's output
+    (`motian.train.mlm_rows`)."""
+    token_loss = nn.functional.cross_entropy(logits.float(), labels, reduction="sum")
+    losses = {"mlm": token_loss / tokens_per_rank}
+    stats = {"mlm_loss_sum": token_loss.detach(), "mlm_tokens": labels.new_tensor(
+        labels.numel(), dtype=torch.float32),
+        "mlm_correct": (logits.detach().argmax(-1) == labels).sum().float()}
+    if pair_logits is not None and pair_labels is not None:
+        loss_sum, weight_sum = pair_loss_sum(pair_logits, pair_labels, pair_weights)
+        losses["pair"] = loss_sum / weight_sum.clamp(min=1e-12) / micro_steps
+        keep = pair_labels != -100
+        stats["pair_loss_sum"] = nn.functional.cross_entropy(
+            pair_logits.detach().float()[keep], pair_labels[keep], reduction="sum")
+        stats["pair_rows"] = keep.sum().float()
+        stats["pair_correct"] = (pair_logits.detach().argmax(-1)[keep]
+                                 == pair_labels[keep]).sum().float()
+    return losses, stats
 
 
 @torch.no_grad()
@@ -219,7 +239,7 @@ def evaluate_lm(model: nn.Module, batches: list[dict], info: DistInfo,
         batch = {k: v.to(info.device) for k, v in batch.items()}
         with autocast:
             if "labels" in batch:  # causal
-                logits = model(batch["input_ids"], batch["attention_mask"]).logits[:, :-1]
+                logits = model(**causal_inputs(batch)).logits[:, :-1]
                 labels = batch["labels"][:, 1:]
                 logits, labels = logits.flatten(0, 1), labels.reshape(-1)
                 keep = labels != -100
@@ -234,7 +254,18 @@ def evaluate_lm(model: nn.Module, batches: list[dict], info: DistInfo,
     all_reduce_sum(sums, info)
     model.train(was_training)
     n = max(float(sums[2]), 1.0)
-    return {"loss": float(sums[0]) / n, "accuracy": float(sums[1]) / n, "tokens": int(sums[2])}
+    result = {"loss": float(sums[0]) / n, "accuracy": float(sums[1]) / n,
+              "tokens": int(sums[2])}
+    if batches and "labels" in batches[0]:  # next-token: perplexity = exp(mean loss per token)
+        result["perplexity"] = math.exp(min(result["loss"], 50.0))
+    return result
+
+
+def causal_inputs(batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    """What a CausalLM reads of a `causal_batches` batch: tokens, padding and, when present,
+    document ids and restarting positions (document-aware packing)."""
+    return {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids", "document_ids")
+            if k in batch}
 
 
 @torch.no_grad()

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import typing
 from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 from importlib.resources import files
 from importlib.resources.abc import Traversable
@@ -35,6 +36,7 @@ from motian.train.settings import (
     RunSettings,
     Stage,
     accumulation,
+    depth_plan,
     stage_bounds,
 )
 
@@ -106,15 +108,97 @@ class DataSpec:
 
 @dataclass(frozen=True)
 class ObjectiveSpec:
-    """How the task losses combine. `kind="causal"` trains a decoder (next-token loss)."""
+    """How the task losses combine. `kind="causal"` trains a decoder (next-token loss);
+    `electra` and `mc-bert` train a discriminator beside a small generator
+    (motian.train.replaced; docs/objectives.md)."""
 
-    kind: Literal["mlm", "causal"] = "mlm"
+    kind: Literal["mlm", "causal", "electra", "mc-bert"] = "mlm"
     weighting: Literal["uncertainty", "fixed"] = "uncertainty"
     weights: dict = field(default_factory=lambda: {"mlm": 1.0, "pair": 1.0})  # fixed weighting
     # Learned (uncertainty) weighting only: every weight kept in [lo, hi] (None: unbounded),
     # and the fraction of the run before the weights start to learn (see TaskWeighting).
     weight_bounds: tuple[float, float] | None = None
     weight_warmup: float = 0.0
+    # electra / mc-bert only: the generator's width (heads, hidden, FFN) and depth (layers) as
+    # fractions of the discriminator's, the weight of replaced-token detection (lambda, 50 in
+    # both papers) and MC-BERT's candidates per masked position (k, 10 in the paper).
+    generator_width: float = 0.25
+    generator_depth: float = 1.0
+    rtd_weight: float = 50.0
+    candidates: int = 10
+    # SpanBERT's span boundary objective beside MLM (motian.train.sbo; needs span masking):
+    # its loss weight is weights["sbo"] (1 by default, as in the paper) and sbo_max_span the
+    # relative positions it learns (tokens; positions further into a span share the last).
+    sbo: bool = False
+    sbo_max_span: int = 32
+    # Taking Notes on the Fly (motian.train.notes): a rare word occurs at least notes_min_count
+    # and fewer than notes_threshold times in the training documents; its note is the mean
+    # output over the word and notes_window tokens each side, kept as note = (1 - gamma) note
+    # + gamma new, and enters its input embedding with weight notes_lambda.
+    notes: bool = False
+    notes_threshold: int = 100
+    notes_min_count: int = 5
+    notes_window: int = 16
+    notes_gamma: float = 0.1
+    notes_lambda: float = 0.5
+
+    def __post_init__(self) -> None:
+        # Checked whatever the kind, so a bad value fails where it is written, naming its field.
+        for name in ("generator_width", "generator_depth"):
+            value = getattr(self, name)
+            if not _is_number(value) or not 0.0 < value <= 1.0:
+                raise ValueError(f"objective.{name} must be a number in (0, 1], a fraction of "
+                                 f"the discriminator's size (ELECTRA: width 1/4 to 1/3, depth "
+                                 f"1), got {value!r}")
+        if not _is_number(self.rtd_weight) or not self.rtd_weight > 0:
+            raise ValueError(f"objective.rtd_weight must be a number > 0 (the weight lambda of "
+                             f"replaced-token detection; 50 in ELECTRA), got {self.rtd_weight!r}")
+        if isinstance(self.candidates, bool) or not isinstance(self.candidates, int) \
+                or self.candidates < 2:
+            raise ValueError(f"objective.candidates must be an integer >= 2 (MC-BERT's k: the "
+                             f"original token and k - 1 others; 10 in the paper), got "
+                             f"{self.candidates!r}")
+        _check_sbo_notes(self)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_sbo_notes(spec: ObjectiveSpec) -> None:
+    """The span boundary objective's and the note dictionary's fields (motian.train.sbo,
+    motian.train.notes), each error naming its field."""
+    if not _is_int(spec.sbo_max_span) or spec.sbo_max_span < 1:
+        raise ValueError(f"objective.sbo_max_span must be an integer >= 1 (relative positions "
+                         f"in a span, in tokens), got {spec.sbo_max_span!r}")
+    if not _is_int(spec.notes_threshold) or spec.notes_threshold < 1:
+        raise ValueError(f"objective.notes_threshold must be an integer >= 1 (a rare word "
+                         f"occurs fewer times than this), got {spec.notes_threshold!r}")
+    if not _is_int(spec.notes_min_count) or not 1 <= spec.notes_min_count:
+        raise ValueError(f"objective.notes_min_count must be an integer >= 1, got "
+                         f"{spec.notes_min_count!r}")
+    if spec.notes and spec.notes_min_count >= spec.notes_threshold:
+        raise ValueError(f"objective.notes_min_count ({spec.notes_min_count}) must be below "
+                         f"objective.notes_threshold ({spec.notes_threshold}), or no word is rare")
+    if not _is_int(spec.notes_window) or spec.notes_window < 0:
+        raise ValueError(f"objective.notes_window must be an integer >= 0 (tokens each side of "
+                         f"the word), got {spec.notes_window!r}")
+    if not _is_number(spec.notes_gamma) or not 0.0 < spec.notes_gamma <= 1.0:
+        raise ValueError(f"objective.notes_gamma must be in (0, 1] (the weight of a new note; "
+                         f"0.1 in TNF), got {spec.notes_gamma!r}")
+    if not _is_number(spec.notes_lambda) or not 0.0 <= spec.notes_lambda < 1.0:
+        raise ValueError(f"objective.notes_lambda must be in [0, 1) (the note's weight in the "
+                         f"input embedding; 0.5 in TNF), got {spec.notes_lambda!r}")
+    if (spec.sbo or spec.notes) and spec.kind != "mlm":
+        field_name = "sbo" if spec.sbo else "notes"
+        raise ValueError(f"objective.{field_name} adds to masked-LM pretraining; it needs "
+                         f"objective.kind: mlm, got {spec.kind}")
+    if spec.sbo and spec.notes:
+        raise ValueError("objective.sbo and objective.notes cannot be combined yet; choose one")
 
 
 @dataclass(frozen=True)
@@ -165,6 +249,14 @@ class Recipe:
 
         parse_every(self.checkpoint_every, f"recipe {self.name}: checkpoint_every")
         parse_every(self.eval.every, f"recipe {self.name}: eval.every")
+        masking = self.data.masking_config()
+        if self.objective.sbo and masking.strategy != "span":
+            raise UserError(f"recipe {self.name}: objective.sbo predicts masked spans from their "
+                            f"boundaries and needs span masking; set data.masking: spanbert (or "
+                            f"data.masking_overrides: {{strategy: span}}), got strategy "
+                            f"{masking.strategy!r} (data.masking: {self.data.masking})")
+        if any(s.layers for s in self.stages):  # progressive stacking: a plan that can run
+            depth_plan(self.stages, self.model.build().layers, f"recipe {self.name}")
 
     def stage_bounds(self) -> list[tuple[float, float]]:
         """[(start, end)] of each stage as fractions of the whole run."""
@@ -175,6 +267,19 @@ class Recipe:
         d = to_dict(self)
         d.pop("budget_minutes")  # a resumed run may be given more time
         d.pop("steps")
+        for stage in d["stages"]:  # a stage at full depth hashes as before stacking existed
+            if not stage.get("layers"):
+                stage.pop("layers", None)
+        if d["objective"]["kind"] not in ("electra", "mc-bert"):  # unused: hash as before
+            for key in ("generator_width", "generator_depth", "rtd_weight", "candidates"):
+                d["objective"].pop(key, None)
+        if not d["objective"].get("sbo"):  # unused: hash as before
+            d["objective"].pop("sbo", None)
+            d["objective"].pop("sbo_max_span", None)
+        if not d["objective"].get("notes"):
+            for key in ("notes", "notes_threshold", "notes_min_count", "notes_window",
+                        "notes_gamma", "notes_lambda"):
+                d["objective"].pop(key, None)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -212,6 +317,15 @@ def _build(cls: type, data: Any, where: str) -> Any:
         elif isinstance(value, list):
             value = tuple(value)
         kwargs[key] = value
+    # A choice field (Literal) takes one of its values only: a misspelled objective.kind or
+    # data.pair_task would otherwise train something else without a word.
+    hints = typing.get_type_hints(cls)
+    for key, value in kwargs.items():
+        choices = typing.get_args(hints.get(key)) if typing.get_origin(
+            hints.get(key)) is Literal else ()
+        if choices and value not in choices:
+            raise UserError(f"{where}: {key} is {value!r}; choose one of "
+                            f"{', '.join(map(str, choices))}")
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as e:

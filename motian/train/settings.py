@@ -50,13 +50,16 @@ class OptimSettings:
 @dataclass(frozen=True)
 class Stage:
     """A part of the run: `fraction` of all steps (or of the time budget) at `seq_len` tokens
-    with `global_batch` rows per optimizer step, after its own warm-up (fraction of the stage)."""
+    with `global_batch` rows per optimizer step, after its own warm-up (fraction of the stage).
+    `layers` > 0 trains that many Transformer blocks in this stage (progressive stacking, see
+    `depth_plan`); 0 = the model's full depth."""
 
     fraction: float = 1.0
     seq_len: int = 128
     global_batch: int = 32
     warmup: float = 0.06
     name: str = ""
+    layers: int = 0
 
 
 def stage_bounds(stages: tuple[Stage, ...]) -> list[tuple[float, float]]:
@@ -66,6 +69,45 @@ def stage_bounds(stages: tuple[Stage, ...]) -> list[tuple[float, float]]:
         bounds.append((start, start + s.fraction))
         start += s.fraction
     return bounds
+
+
+def depth_plan(stages: tuple[Stage, ...], layers: int, where: str) -> list[int] | None:
+    """The number of blocks each stage trains, or None when no stage sets `layers` (the whole
+    run at the model's depth).
+
+    Progressive stacking (Gong et al. 2019, "Efficient Training of BERT by Progressively
+    Stacking", ICML): train a shallow model, then stack copies of its trained blocks on top and
+    go on training. `layers` (the model's) is the depth the run ends at; a stage's `layers`
+    (0 = that full depth) may only grow from one stage to the next, and at most double: from
+    L to M blocks, blocks L..M-1 are copies of the top M-L trained ones (M = 2L: all of them,
+    in order, as the paper stacks 3 -> 6 -> 12). More than doubling would copy blocks that
+    were never trained apart from their source; shrinking would throw trained blocks away.
+    UserError naming the stage otherwise."""
+    if not any(s.layers for s in stages):
+        return None
+    plan: list[int] = []
+    for i, s in enumerate(stages):
+        name = f"{where}: stage {i + 1}" + (f" ({s.name})" if s.name else "")
+        depth = s.layers or layers
+        if s.layers < 0 or s.layers > layers:
+            raise UserError(f"{name}: layers {s.layers} is not between 1 and the model's "
+                            f"layers ({layers}, the depth the run ends at); 0 or no layers "
+                            "means the full depth")
+        if plan and depth < plan[-1]:
+            raise UserError(f"{name}: {depth} layers after {plan[-1]} in the stage before; "
+                            "stacking only grows a model (it copies trained blocks on top), so "
+                            "give each stage at least the layers of the one before")
+        if plan and depth > 2 * plan[-1]:
+            raise UserError(f"{name}: grows from {plan[-1]} to {depth} layers; a stage may at "
+                            "most double the depth (the new blocks copy the trained ones, as "
+                            f"3 -> 6 -> 12 in Gong et al. 2019); add a stage at {2 * plan[-1]} "
+                            "layers between them")
+        plan.append(depth)
+    if plan[-1] != layers:
+        raise UserError(f"{where}: the last stage trains {plan[-1]} layers but the model has "
+                        f"{layers}: the model's layers is the depth the run ends at, so the "
+                        f"last stage must reach it (layers: {layers}, or leave it out)")
+    return plan
 
 
 @dataclass(frozen=True)

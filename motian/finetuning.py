@@ -44,6 +44,12 @@ from motian.model.heads import MLMHead
 from motian.model.io import from_pretrained, load_weights, save_pretrained
 from motian.reporting.tables import results_table, summarise
 from motian.runtime import pick_device
+from motian.task_generation import (
+    check_generation_run,
+    generate_predictions,
+    lead_baseline,
+    max_new_tokens,
+)
 from motian.task_training import (
     TaskObjective,
     TaskTraining,
@@ -54,7 +60,13 @@ from motian.tasks.builtin import BUILTIN_TASKS, load_builtin
 from motian.tasks.clue import clue_name, load_clue, write_submission
 from motian.tasks.features import Featurizer
 from motian.tasks.heads import build_head, predict
-from motian.tasks.metrics import accuracy, entity_prf, macro_f1, squad_scores
+from motian.tasks.metrics import (
+    accuracy,
+    entity_prf,
+    generation_scores,
+    macro_f1,
+    squad_scores,
+)
 from motian.tasks.types import Example, Task
 from motian.tasks.user import USER_TASKS, load_user_task, write_predictions
 from motian.train import distributed as dist_utils
@@ -67,7 +79,8 @@ DEFAULT_SEEDS = [1, 2, 3]
 
 def load_task(name: str, data: Path | None = None,
               scheme: Literal["BIO", "BIOES"] = "BIO", own_name: str | None = None) -> Task:
-    """A bundled task (reviews-sentiment, pd98-ner, pd98-seg, pd98-headline), a CLUE task read from `data`, or
+    """A bundled task (reviews-sentiment, pd98-ner, pd98-seg, pd98-headline,
+    pd98-headline-gen), a CLUE task read from `data`, or
     the user's own files in `data` (text-classification, text-pair, ner: motian/tasks/user.py),
     named `own_name` (default: the directory's name)."""
     if own_name is not None and name not in USER_TASKS:
@@ -112,6 +125,8 @@ def score(task: Task, examples: list[Example], predictions: list) -> dict[str, f
         return {"accuracy": accuracy([e.label for e in examples], predictions)}
     if task.type == "token":
         return entity_prf([e.entities for e in examples], predictions)
+    if task.type == "generation":
+        return generation_scores([e.target for e in examples], predictions)
     return squad_scores([[a for a, _ in e.answers] for e in examples], predictions)
 
 
@@ -347,8 +362,11 @@ def _evaluate_split(model: nn.Module, task: Task, split: str, examples: list[Exa
     """Scores of a labelled split; for an unlabelled CLUE split, the submission file. The
     user's own tasks always get their predictions file (under their label names), scored or
     not: that file is what they came for. With `write` false nothing is written."""
-    predictions = predict(model, task, featurize(examples), examples, pad, device, batch_size,
-                          precision)
+    if task.type == "generation":  # decoded token by token (greedy), not read off one pass
+        predictions = generate_predictions(model, task, examples, featurize, device, batch_size)
+    else:
+        predictions = predict(model, task, featurize(examples), examples, pad, device,
+                              batch_size, precision)
     scores = score(task, examples, predictions) if _all_gold(task, examples) else None
     if not write:
         return scores, None
@@ -385,7 +403,8 @@ def finetune(task: str, out: Path, model: Path | None = None, tokenizer: Path | 
     split across the processes; rank 0 writes).
 
     Args:
-        task: reviews-sentiment, pd98-ner, pd98-seg, pd98-headline; a CLUE task (afqmc, tnews,
+        task: reviews-sentiment, pd98-ner, pd98-seg, pd98-headline, pd98-headline-gen
+            (headline generation: needs a causal --model); a CLUE task (afqmc, tnews,
             iflytek, ocnli, cmnli, cluewsc2020, csl, cluener, cmrc2018, c3, chid) with --data; or your
             own JSON lines with --data: text-classification ({"text", "label"}), text-pair
             ({"text_a", "text_b", "label"}), ner ({"text", "entities": [[start, end, type]]}).
@@ -431,6 +450,8 @@ def finetune(task: str, out: Path, model: Path | None = None, tokenizer: Path | 
     if not the_task.splits.get("train"):
         raise UserError(f"{task}: the training split is empty")
     require_scored_split(the_task, data, max_eval)
+    if the_task.type == "generation":
+        check_generation_run(the_task, model, training.aux_mlm)
     tok_path = find_tokenizer(model, tokenizer)
     tok = load_tokenizer(tok_path)
     vocab_hash = tokenizer_vocab_hash(tok)
@@ -474,6 +495,11 @@ def finetune(task: str, out: Path, model: Path | None = None, tokenizer: Path | 
         split: subset(the_task.splits.get(split, []), max_eval) for split in ("dev", "test")})
     if majority is not None:
         result["majority_class"] = majority
+    if the_task.type == "generation":  # the floor of a generation result, as majority is above
+        result["decoding"] = {"method": "greedy", "stop": "[SEP]",
+                              "max_new_tokens": max_new_tokens(the_task, featurize)}
+        result["lead_baseline"] = lead_baseline(train_examples, {
+            split: subset(the_task.splits.get(split, []), max_eval) for split in ("dev", "test")})
     if info.is_main:
         write_json_atomic(out / "results.json", result)
         write_text_atomic(out / "results.md", results_table(result))
@@ -585,7 +611,7 @@ def save_fine_tuned(model: nn.Module, task: Task, tok: Tokenizer, max_length: in
 
 def evaluate(model: Path, split: Literal["train", "dev", "test"] = "dev",
              data: Path | None = None, out: Path | None = None, max_eval: int | None = None,
-             batch_size: int = 64, device: str = "auto") -> dict:
+             batch_size: int = 64, device: str = "auto", num_beams: int = 1) -> dict:
     """Score a fine-tuned model on a split, or write predictions where the split is unlabelled.
 
     Args:
@@ -599,6 +625,8 @@ def evaluate(model: Path, split: Literal["train", "dev", "test"] = "dev",
         max_eval: use only the first N examples.
         batch_size: examples per forward pass.
         device: auto, cpu or cuda.
+        num_beams: generation tasks: beam search with this many beams (1: greedy, as
+            `finetune` scores).
     """
     model = Path(model)
     card = TaskCard.read(model)
@@ -612,8 +640,12 @@ def evaluate(model: Path, split: Literal["train", "dev", "test"] = "dev",
     dev = pick_device(device)
     net = from_pretrained(model).to(dev)
     featurize = Featurizer(task, tok, special, card.max_length)
-    predictions = predict(net, task, featurize(examples), examples, special["pad"], dev,
-                          batch_size)
+    if task.type == "generation":
+        predictions = generate_predictions(net, task, examples, featurize, dev, batch_size,
+                                           num_beams)
+    else:
+        predictions = predict(net, task, featurize(examples), examples, special["pad"], dev,
+                              batch_size)
     result: dict = {"task": task.name, "split": split, "examples": len(examples),
                     "model_sha256": sha256_file(model / "model.safetensors")}
     target = Path(out) if out else model

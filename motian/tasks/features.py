@@ -13,6 +13,9 @@ tokenizer are kept for the tasks that answer in characters:
   the context's characters.
 * choice: one sequence per candidate, (B, C, L); a batch mixing 3- and 4-choice questions pads
   with empty candidates that `choice_mask` removes from the softmax.
+* generation: one causal-LM row [CLS] source [SEP] target [SEP]; `label` repeats the target's
+  tokens and the final [SEP] (the stop token the decoder must learn) and is -100 elsewhere,
+  so the loss is on the target only; the prompt at decoding is [CLS] source [SEP].
 """
 
 from __future__ import annotations
@@ -71,6 +74,8 @@ class Featurizer:
             return self._token(examples)
         if kind == "span":
             return self._span(examples)
+        if kind == "generation":
+            return self._generation(examples)
         return self._choice(examples)
 
     def _pack(self, a: list[int], b: list[int] | None) -> tuple[list[int], list[int]]:
@@ -137,6 +142,25 @@ class Featurizer:
                     break
         return out
 
+    def _generation(self, examples: list[Example]) -> list[Feature]:
+        """[CLS] source [SEP] target [SEP]; the target keeps up to half of max_length, the
+        source is cut from its end to fit (its lead is what a headline says). `start` is the
+        prompt's length. Without a target (unlabelled), the row is the prompt alone."""
+        sources = self._encode([e.text for e in examples])
+        targets = self._encode([e.target or "" for e in examples])
+        out = []
+        for i, (e, src, tgt) in enumerate(zip(examples, sources, targets)):
+            target = tgt.ids[:max(self.max_length // 2 - 1, 1)] if e.target is not None else []
+            budget = self.max_length - 3 - len(target) if e.target is not None else \
+                self.max_length - 2
+            prompt = [self.cls] + src.ids[:max(budget, 1)] + [self.sep]
+            ids, label = list(prompt), None
+            if e.target is not None:
+                ids += target + [self.sep]
+                label = [-100] * len(prompt) + target + [self.sep]
+            out.append(Feature(i, ids, [0] * len(ids), label, start=len(prompt)))
+        return out
+
     def _choice(self, examples: list[Example]) -> list[Feature]:
         flat_a, flat_b, owners = [], [], []
         for i, e in enumerate(examples):
@@ -190,6 +214,13 @@ def collate(task_type: str, features: list[Feature], pad_id: int) -> dict[str, T
     if task_type == "choice":
         return _collate_choice(features, pad_id)
     L = max(len(f.input_ids) for f in features)
+    if task_type == "generation":  # a causal LM: no segment ids; labels already per token
+        batch = {"input_ids": torch.tensor(_pad([f.input_ids for f in features], pad_id, L)),
+                 "attention_mask": torch.tensor(_pad([[1] * len(f.input_ids)
+                                                      for f in features], 0, L))}
+        if features[0].label is not None:
+            batch["labels"] = torch.tensor(_pad([f.label for f in features], -100, L))
+        return batch
     batch = {
         "input_ids": torch.tensor(_pad([f.input_ids for f in features], pad_id, L)),
         "attention_mask": torch.tensor(_pad([[1] * len(f.input_ids) for f in features], 0, L)),

@@ -12,8 +12,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from motian.errors import UserError
 from motian.model.config import ModelConfig
 from motian.model.heads import (
+    CausalLM,
     MultipleChoice,
     SequenceClassification,
     SpanExtraction,
@@ -25,6 +27,10 @@ from motian.train.fit import autocast_context, resolve_precision
 
 
 def build_head(task: Task, config: ModelConfig) -> nn.Module:
+    if task.type == "generation":
+        if not config.causal:
+            raise UserError(GENERATION_NEEDS_CAUSAL)
+        return CausalLM(config)
     if task.type in ("single", "pair"):
         return SequenceClassification(config, num_labels=len(task.labels))
     if task.type == "token":
@@ -32,6 +38,12 @@ def build_head(task: Task, config: ModelConfig) -> nn.Module:
     if task.type == "span":
         return SpanExtraction(config)
     return MultipleChoice(config)
+
+
+GENERATION_NEEDS_CAUSAL = (
+    "a generation task needs a causal model: a bidirectional (masked-LM) encoder sees the "
+    "token it must predict and cannot produce text left to right. Start from a causal LM "
+    "(motian pretrain --recipe gpt-demo, then --model RUN/final)")
 
 
 def batch_loss(task_type: str, model: nn.Module, batch: dict[str, Tensor]):
@@ -52,7 +64,10 @@ def predict(model: nn.Module, task: Task, features: list[Feature], examples: lis
             pad_id: int, device: torch.device, batch_size: int = 64,
             precision: str = "fp32") -> list:
     """One prediction per example: class/choice index, character spans, or answer text
-    (the best-scoring span over all of an example's windows; "" if none fits)."""
+    (the best-scoring span over all of an example's windows; "" if none fits). Generation
+    decodes token by token: `motian.task_generation.generate_predictions` (serving's layer)."""
+    if task.type == "generation":
+        raise ValueError("generation tasks are predicted by motian.task_generation")
     model.eval()
     autocast = autocast_context(resolve_precision(precision, device), device)
     kind = task.type

@@ -1,9 +1,9 @@
-"""The downstream task model: five task types, one `Example` record and the `Task` that holds the
+"""The downstream task model: six task types, one `Example` record and the `Task` that holds the
 splits.
 
 Every reader (CLUE files, bundled corpora, the user's own) produces `Example`s; everything after
 that (features, the fine-tuning loop, metrics, submission files) depends only on the task type,
-never on which dataset the examples came from. One record with optional fields serves all five
+never on which dataset the examples came from. One record with optional fields serves all six
 types, because the types differ in two or three fields and a class per type would multiply the
 code that dispatches on them.
 """
@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-TaskType = Literal["single", "pair", "token", "span", "choice"]
+TaskType = Literal["single", "pair", "token", "span", "choice", "generation"]
 TASK_TYPES: tuple[str, ...] = TaskType.__args__
 Scheme = Literal["BIO", "BIOES"]
 
@@ -28,6 +28,7 @@ class Example:
     - span: `text` is the context, `text_b` the question, `answers` = [(answer, char start)].
     - choice: `text` is the context, `text_b` the question (may be empty), `choices` the
       candidates, `label` the index of the right one.
+    - generation: `text` is the source, `target` the text to produce (a headline).
     `where` is "file:line" (or "file:record N") so any later error can point at the source.
     """
 
@@ -38,6 +39,7 @@ class Example:
     entities: list[tuple[int, int, str]] | None = None
     answers: list[tuple[str, int]] | None = None
     choices: list[str] | None = None
+    target: str | None = None
     where: str = ""
 
 
@@ -76,6 +78,8 @@ def _has_gold(task_type: str, e: Example) -> bool:
         return e.entities is not None
     if task_type == "span":
         return bool(e.answers)
+    if task_type == "generation":
+        return e.target is not None
     return e.label is not None
 
 

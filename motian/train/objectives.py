@@ -26,7 +26,8 @@ from torch import Tensor, nn
 
 from motian.errors import UserError
 from motian.model import CausalLM, LoadReport, MaskedLM, ModelConfig, PreTrainingModel
-from motian.model.heads import ReplacedTokenDetection, pair_loss_sum
+from motian.model.heads import ReplacedTokenDetection, UnifiedLM, pair_loss_sum
+from motian.model.seq2seq import Seq2SeqLM
 from motian.train.distributed import DistInfo, all_reduce_sum
 from motian.train.fit import Objective
 from motian.train.recipe import ObjectiveSpec
@@ -48,6 +49,11 @@ def build_model(config: ModelConfig, objective: ObjectiveSpec, pair_task: str) -
             raise UserError(f"objective.kind {objective.kind} trains no pair task; set "
                             f"data.pair_task: none (got {pair_task})")
         return ReplacedTokenDetection(config, multi_choice=objective.kind == "mc-bert")
+    if objective.kind in ("unilm", "mass"):  # motian.train.unilm, motian.train.mass
+        if pair_task != "none":
+            raise UserError(f"objective.kind {objective.kind} trains no pair task; set "
+                            f"data.pair_task: none (got {pair_task})")
+        return UnifiedLM(config) if objective.kind == "unilm" else Seq2SeqLM(config)
     return MaskedLM(config) if pair_task == "none" else PreTrainingModel(config)
 
 
@@ -272,16 +278,22 @@ def causal_inputs(batch: dict[str, Tensor]) -> dict[str, Tensor]:
 def evaluate_pairs(model: PreTrainingModel, batches: list[dict], info: DistInfo,
                    autocast) -> dict[str, float]:
     """Held-out pair-task loss and accuracy (unweighted: every held-out pair counts once), and
-    the accuracy of always answering the majority label, to read it against."""
+    the accuracy of always answering the majority label, to read it against. The rows are
+    read whole: the masked tokens are put back first, since the pair task is used (and
+    fine-tuned) on unmasked text, and the evaluation's [MASK] tokens are a token a recipe
+    with Motian masking (synonyms and random words) never trains on."""
     was_training = model.training
     model.eval()
     sums = torch.zeros(4, dtype=torch.float64)  # loss sum, correct, rows, positive labels
     for batch in batches[info.rank::info.world_size]:
         batch = {k: v.to(info.device) for k, v in batch.items()}
         labels = batch["pair_labels"]
+        whole = batch["input_ids"].clone()
+        whole.view(-1)[batch["mlm_positions"]] = batch["mlm_labels"]
         with autocast:
             logits = model(**{k: v for k, v in batch.items() if k not in (
-                "mlm_labels", "pair_labels", "pair_weights")}).pair_logits.float()
+                "mlm_labels", "pair_labels", "pair_weights", "input_ids")},
+                input_ids=whole).pair_logits.float()
         sums[0] += float(nn.functional.cross_entropy(logits, labels, reduction="sum"))
         sums[1] += float((logits.argmax(-1) == labels).sum())
         sums[2] += labels.numel()

@@ -112,7 +112,7 @@ class ObjectiveSpec:
     `electra` and `mc-bert` train a discriminator beside a small generator
     (motian.train.replaced; docs/objectives.md)."""
 
-    kind: Literal["mlm", "causal", "electra", "mc-bert"] = "mlm"
+    kind: Literal["mlm", "causal", "electra", "mc-bert", "unilm", "mass"] = "mlm"
     weighting: Literal["uncertainty", "fixed"] = "uncertainty"
     weights: dict = field(default_factory=lambda: {"mlm": 1.0, "pair": 1.0})  # fixed weighting
     # Learned (uncertainty) weighting only: every weight kept in [lo, hi] (None: unbounded),
@@ -141,6 +141,13 @@ class ObjectiveSpec:
     notes_window: int = 16
     notes_gamma: float = 0.1
     notes_lambda: float = 0.5
+    # unilm only (motian.train.unilm): the share of rows trained under each attention mask
+    # (UNILM's 1/3 bidirectional, 1/3 seq2seq, 1/6 left-to-right, 1/6 right-to-left; a mode
+    # left out gets 0). mass only (motian.train.mass): the masked fragment's share of a row.
+    unilm_modes: dict = field(default_factory=lambda: {
+        "bidirectional": 1 / 3, "seq2seq": 1 / 3, "left_to_right": 1 / 6,
+        "right_to_left": 1 / 6})
+    mass_span: float = 0.5
 
     def __post_init__(self) -> None:
         # Checked whatever the kind, so a bad value fails where it is written, naming its field.
@@ -159,6 +166,31 @@ class ObjectiveSpec:
                              f"original token and k - 1 others; 10 in the paper), got "
                              f"{self.candidates!r}")
         _check_sbo_notes(self)
+        _check_unilm_mass(self)
+
+
+def unilm_mode_shares(spec: ObjectiveSpec) -> tuple[float, ...]:
+    """`objective.unilm_modes` as shares in the order of motian.model.masks.MODES."""
+    from motian.model.masks import MODES
+
+    return tuple(float(spec.unilm_modes.get(mode, 0.0)) for mode in MODES)
+
+
+def _check_unilm_mass(spec: ObjectiveSpec) -> None:
+    from motian.model.masks import MODES
+
+    modes = spec.unilm_modes
+    if not isinstance(modes, dict) or set(modes) - set(MODES) or not all(
+            _is_number(v) and v >= 0 for v in modes.values()):
+        raise ValueError(f"objective.unilm_modes must map some of {', '.join(MODES)} to shares "
+                         f">= 0, got {modes!r}")
+    if abs(sum(modes.values()) - 1.0) > 1e-3:
+        raise ValueError(f"objective.unilm_modes must sum to 1 (UNILM: 1/3 bidirectional, 1/3 "
+                         f"seq2seq, 1/6 left_to_right, 1/6 right_to_left), got "
+                         f"{sum(modes.values()):g} from {modes!r}")
+    if not _is_number(spec.mass_span) or not 0.0 < spec.mass_span < 1.0:
+        raise ValueError(f"objective.mass_span must be a number in (0, 1), the share of a row "
+                         f"the masked fragment covers (0.5 in MASS), got {spec.mass_span!r}")
 
 
 def _is_number(value: Any) -> bool:
@@ -276,6 +308,10 @@ class Recipe:
         if not d["objective"].get("sbo"):  # unused: hash as before
             d["objective"].pop("sbo", None)
             d["objective"].pop("sbo_max_span", None)
+        if d["objective"]["kind"] != "unilm":  # unused: hash as before
+            d["objective"].pop("unilm_modes", None)
+        if d["objective"]["kind"] != "mass":
+            d["objective"].pop("mass_span", None)
         if not d["objective"].get("notes"):
             for key in ("notes", "notes_threshold", "notes_min_count", "notes_window",
                         "notes_gamma", "notes_lambda"):

@@ -29,6 +29,7 @@ VERBS: dict[str, str] = {
     "pretrain": "motian.pretraining:pretrain",
     "inspect-batch": "motian.pretraining:inspect_batch",
     "hf-convert": "motian.model.hf:convert_hf",
+    "longformer-convert": "motian.model.longformer:longformer_convert",
     "export": "motian.serving.export:export",
     "predict": "motian.serving.predict:predict",
     "fill-mask": "motian.serving.predict:fill_mask",

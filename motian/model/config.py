@@ -19,12 +19,17 @@ Activation = Literal["gelu", "geglu"]
 Norm = Literal["pre", "post"]
 Pooling = Literal["cls", "mean"]
 Position = Literal["absolute", "sinusoidal", "t5", "nezha", "deberta", "rope", "alibi", "tupe"]
+AttentionKind = Literal["full", "sliding"]
+GlobalAttention = Literal["none", "cls"]
 
 POSITIONS: tuple[str, ...] = Position.__args__
 # Schemes with no table indexed by absolute position: they run at lengths longer than trained
 # (stage 2 at 512 after stage 1 at 128). Relative ones clip or bucket distances beyond their
 # range; sinusoidal/RoPE are functions of the position, defined for every integer.
 EXTRAPOLATING: frozenset[str] = frozenset({"sinusoidal", "t5", "nezha", "deberta", "rope", "alibi"})
+# Schemes whose terms sparse_attention.py computes inside the band: DeBERTa's and TUPE's would
+# need their own banded re-implementation (TUPE also has a table indexed by absolute position).
+SLIDING_POSITIONS: tuple[str, ...] = ("absolute", "sinusoidal", "rope", "alibi", "t5", "nezha")
 
 
 @dataclass(frozen=True)
@@ -57,6 +62,14 @@ class ModelConfig:
     # mean over real tokens, which an MLM-only pretraining (no pair task) trains where [CLS]
     # stays untrained (docs/finetune.md measures it). The pretraining pair task always reads [CLS].
     classifier_pooling: Pooling = "cls"
+    # Longformer attention (Beltagy et al. 2020, arXiv:2004.05150; model/sparse_attention.py):
+    # "sliding" lets each token see `attention_window` tokens per side (every
+    # `attention_dilation`-th one; an int or one per head), plus the global tokens, in O(L * w)
+    # memory. `global_attention` "cls": position-0 tokens ([CLS]) see and are seen by all.
+    attention: AttentionKind = "full"
+    attention_window: int = 256
+    attention_dilation: int | list[int] = 1
+    global_attention: GlobalAttention = "none"
 
     def __post_init__(self) -> None:
         self._check_choice("activation", Activation.__args__)
@@ -74,6 +87,28 @@ class ModelConfig:
                 raise UserError(f"model config: {name} must be >= 1, got {getattr(self, name)}")
         if not 0.0 <= self.dropout < 1.0 or not 0.0 <= self.attention_dropout < 1.0:
             raise UserError("model config: dropout and attention_dropout must be in [0, 1)")
+        self._check_choice("attention", AttentionKind.__args__)
+        self._check_choice("global_attention", GlobalAttention.__args__)
+        if self.attention == "sliding":
+            self._check_sliding()
+
+    def _check_sliding(self) -> None:
+        """Refuse Longformer settings that cannot work, naming the option to change."""
+        if self.attention_window < 1:
+            raise UserError(f"model config: attention_window must be >= 1 (tokens seen on each "
+                            f"side), got {self.attention_window}")
+        dilation = self.attention_dilation
+        values = list(dilation) if isinstance(dilation, list | tuple) else [dilation]
+        if isinstance(dilation, list | tuple) and len(values) != self.heads:
+            raise UserError(f"model config: attention_dilation has {len(values)} values but the "
+                            f"model has heads={self.heads}; give one per head or one int")
+        if any(not isinstance(d, int) or isinstance(d, bool) or d < 1 for d in values):
+            raise UserError(f"model config: attention_dilation must be integers >= 1, got "
+                            f"{dilation}")
+        if self.position not in SLIDING_POSITIONS:
+            raise UserError(f"model config: attention='sliding' does not support position="
+                            f"{self.position!r}; use one of {', '.join(SLIDING_POSITIONS)} or "
+                            "attention='full'")
 
     def _check_choice(self, name: str, allowed: tuple[str, ...]) -> None:
         if getattr(self, name) not in allowed:

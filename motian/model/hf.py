@@ -228,7 +228,7 @@ def is_bert_shaped(model: nn.Module) -> bool:
     c: ModelConfig = model.config
     return (type(model).__name__ in _HEAD_TO_BERT and c.norm == "post" and c.position == "absolute"
             and c.activation == "gelu" and not c.causal and c.type_vocab_size > 0
-            and c.classifier_pooling == "cls")
+            and c.classifier_pooling == "cls" and c.attention == "full")
 
 
 def export_hf(model: nn.Module, directory: str | Path,
@@ -246,7 +246,26 @@ def export_hf(model: nn.Module, directory: str | Path,
         _export_remote(model, directory)
     if tokenizer is not None:
         write_hf_tokenizer(tokenizer, directory, model.config.max_positions)
+        if type(model).__name__ == "CausalLM":
+            write_generation_config(tokenizer, directory)
     return directory
+
+
+def write_generation_config(tokenizer: str | Path, directory: str | Path) -> Path:
+    """generation_config.json for a decoder, so transformers' `generate()` decodes as
+    `motian generate` does by default: greedy, at most 50 new tokens, ending at [SEP] (which
+    ends every document of the pretraining stream), never choosing [PAD], [CLS], [MASK] or
+    [UNK]. The prompt is the caller's: [CLS] + its tokens, without a closing [SEP]
+    (docs/generate.md, "Exporting a decoder")."""
+    from motian.data.tokenizer import special_token_ids
+
+    special = special_token_ids(tokenizer)
+    path = Path(directory) / "generation_config.json"
+    _write_json(path, {"do_sample": False, "num_beams": 1, "max_new_tokens": 50,
+                       "bos_token_id": special["cls"], "eos_token_id": special["sep"],
+                       "pad_token_id": special["pad"],
+                       "bad_words_ids": [[special[k]] for k in ("pad", "cls", "mask", "unk")]})
+    return path
 
 
 HF_TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json",
@@ -337,7 +356,8 @@ def motian_to_bert(state: dict[str, Tensor], head: str, layers: int) -> dict[str
     return out
 
 
-REMOTE_SOURCES = ("config.py", "dropout.py", "positions.py", "transformer.py", "heads.py", "hf_remote.py")
+REMOTE_SOURCES = ("config.py", "dropout.py", "positions.py", "sparse_attention.py", "transformer.py",
+                  "heads.py", "hf_remote.py")
 
 
 def modeling_source() -> str:

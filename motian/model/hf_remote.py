@@ -10,10 +10,10 @@ model runs motian's own code, written once, and needs nothing but torch and tran
 from __future__ import annotations
 
 import torch.nn.functional as F
-from transformers import PretrainedConfig, PreTrainedModel
+from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import (
     BaseModelOutput,
-    CausalLMOutput,
+    CausalLMOutputWithPast,
     MaskedLMOutput,
     MultipleChoiceModelOutput,
     QuestionAnsweringModelOutput,
@@ -23,6 +23,7 @@ from transformers.modeling_outputs import (
 
 from motian.model.config import ModelConfig
 from motian.model.heads import HEADS
+from motian.model.transformer import KVCache
 
 
 class MotianConfig(PretrainedConfig):
@@ -35,6 +36,8 @@ class MotianConfig(PretrainedConfig):
         self.motian = dict(motian or {})
         self.head = head
         self.head_kwargs = dict(head_kwargs or {})
+        # read by generate() (beam search sizes its scores with it); the ModelConfig holds it
+        self.vocab_size = self.motian.get("vocab_size")
         kwargs.setdefault("tie_word_embeddings", False)  # motian ties inside its own head
         super().__init__(**kwargs)
 
@@ -93,10 +96,51 @@ class MotianForTokenClassification(MotianPreTrainedModel):
         return TokenClassifierOutput(loss=out.loss, logits=out.logits)
 
 
-class MotianForCausalLM(MotianPreTrainedModel):
-    def forward(self, input_ids, attention_mask=None, position_ids=None, labels=None, **kwargs):
-        out = self.motian(input_ids, attention_mask, position_ids, labels=labels)
-        return CausalLMOutput(loss=out.loss, logits=out.logits)
+class MotianForCausalLM(MotianPreTrainedModel, GenerationMixin):
+    """AutoModelForCausalLM: logits (B, L, vocab), and `generate()` (transformers'
+    GenerationMixin: greedy, sampling, beam search) with motian's own `KVCache` as
+    `past_key_values`, decoding exactly as `motian generate` does: positions count real tokens
+    only (a left-padded prompt reads as it would alone), and the cache is the one
+    motian.serving.generate fills. Not GPT-2's classes: motian's embeddings end in a LayerNorm,
+    which GPT-2 has no place for, so no motian decoder is a GPT2LMHeadModel.
+
+    A plain call (no `past_key_values`, `use_cache` not set) is the motian forward unchanged,
+    what the export parity check compares. TUPE and DeBERTa positions have no cache: their
+    models generate by recomputing the whole sequence every step."""
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        return False  # generate() must not make a DynamicCache: the model keeps a KVCache
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, labels=None,
+                past_key_values=None, use_cache=None, token_type_ids=None, **kwargs):
+        # token_type_ids: accepted and ignored, as CausalLM reads no segments; the exported
+        # BertTokenizer returns them, and generate() refuses inputs the model does not name.
+        cache = past_key_values if isinstance(past_key_values, KVCache) else None
+        cacheable = self.config.motian.get("position") not in ("tupe", "deberta")
+        if cache is None and use_cache and cacheable:
+            cache = KVCache(self.motian.config.layers)
+        if cache is not None and attention_mask is not None \
+                and attention_mask.shape[-1] > input_ids.shape[1]:
+            attention_mask = attention_mask[:, -input_ids.shape[1]:]  # HF passes the full mask
+        out = self.motian(input_ids, attention_mask, position_ids, labels=labels, cache=cache)
+        return CausalLMOutputWithPast(loss=out.loss, logits=out.logits, past_key_values=cache)
+
+    def prepare_inputs_for_generation(self, input_ids, past_key_values=None,
+                                      attention_mask=None, use_cache=None, **kwargs):
+        """The tokens the cache has not read yet (all of them without a cache), with positions
+        counted over real tokens as motian.serving.generate counts them."""
+        if attention_mask is None:
+            attention_mask = input_ids.new_ones(input_ids.shape)
+        positions = (attention_mask.cumsum(1) - 1).clamp(min=0)  # (B, T)
+        read = past_key_values.length if isinstance(past_key_values, KVCache) else 0
+        return {"input_ids": input_ids[:, read:], "attention_mask": attention_mask[:, read:],
+                "position_ids": positions[:, read:], "past_key_values": past_key_values,
+                "use_cache": use_cache}
+
+    def _reorder_cache(self, past_key_values, beam_idx):
+        past_key_values.reorder(beam_idx)  # beam search keeps the rows of its chosen beams
+        return past_key_values
 
 
 class MotianForQuestionAnswering(MotianPreTrainedModel):

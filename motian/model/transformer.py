@@ -36,6 +36,7 @@ from motian.model.positions import (
     rotary_tables,
     sinusoid,
 )
+from motian.model.sparse_attention import SlidingPlan, sliding_attention, sliding_plan
 
 
 class Embeddings(nn.Module):
@@ -76,6 +77,7 @@ class AttentionContext:
     rotary: tuple[Tensor, Tensor] | None = None  # RoPE cos, sin (B|1, 1, L, d)
     relative_index: Tensor | None = None  # nezha / deberta: (B|1, L, L) row into the table
     relative_table: Tensor | None = None  # nezha: (2K+1, d); deberta: (2*span, hidden)
+    sliding: SlidingPlan | None = None  # attention="sliding": banded masks (sparse_attention.py)
 
 
 class LayerCache:
@@ -185,6 +187,14 @@ class Attention(nn.Module):
         # q, k, v: (B, heads, L, head_dim)
         if ctx.rotary is not None:
             q, k = apply_rotary(q, *ctx.rotary), apply_rotary(k, *ctx.rotary)
+        if ctx.sliding is not None:  # Longformer: banded + global attention, O(L * w) memory
+            if self.keep_probs:
+                raise UserError("attention-map capture needs attention='full'; this model uses "
+                                "sliding attention: match hidden states only")
+            y = sliding_attention(q, k, v, ctx.sliding,
+                                  c.attention_dropout if self.training else 0.0)
+            y = y.transpose(1, 2).reshape(B, L, H)  # (B, L, hidden)
+            return self.out(y if rows is None else y.reshape(-1, H)[rows])
         if kv is not None:
             k, v = kv.append(k, v)  # (B, heads, T + L, head_dim)
         mask = None if ctx.mask is None else ctx.mask.to(q.dtype)
@@ -379,7 +389,7 @@ class MotianModel(nn.Module):
                 token_type_ids: Tensor | None = None, position_ids: Tensor | None = None,
                 document_ids: Tensor | None = None,
                 output_positions: Tensor | None = None,
-                cache: KVCache | None = None) -> Tensor:
+                cache: KVCache | None = None, global_mask: Tensor | None = None) -> Tensor:
         """input_ids (B, L) -> hidden states (B, L, hidden); see the batch contract in
         docs/model.md. `document_ids` is ignored unless `cross_document_attention` is False.
 
@@ -390,7 +400,10 @@ class MotianModel(nn.Module):
 
         `cache` (causal models): the `KVCache` of the tokens read before these; the new tokens
         attend to them and are added to it. `attention_mask` is then (B, L) for the new tokens
-        and `position_ids` default to continuing after the cached ones."""
+        and `position_ids` default to continuing after the cached ones.
+
+        `global_mask` (B, L), attention="sliding" only: 1 marks a global token (Longformer),
+        which sees and is seen by every token; ignored by full attention, where all are."""
         c = self.config
         L = input_ids.shape[1]
         start = 0 if cache is None else cache.length
@@ -404,7 +417,8 @@ class MotianModel(nn.Module):
                             f"'{c.position}' scheme, which cannot extrapolate; use a longer "
                             "max_positions or a relative scheme (t5, alibi, rope, nezha, deberta)")
         x = self.embeddings(input_ids, token_type_ids, position_ids)
-        ctx = self._attention_context(attention_mask, document_ids, position_ids, L, cache)
+        ctx = self._attention_context(attention_mask, document_ids, position_ids, L, cache,
+                                      global_mask)
         for i, block in enumerate(self.blocks):
             rows = output_positions if i == len(self.blocks) - 1 else None
             kv = None if cache is None else cache.layers[i]
@@ -416,10 +430,21 @@ class MotianModel(nn.Module):
 
     def _attention_context(self, attention_mask: Tensor | None, document_ids: Tensor | None,
                            position_ids: Tensor, L: int,
-                           cache: KVCache | None = None) -> AttentionContext:
+                           cache: KVCache | None = None,
+                           global_mask: Tensor | None = None) -> AttentionContext:
         c, device = self.config, position_ids.device
         if c.cross_document_attention:
             document_ids = None
+        if c.attention == "sliding":  # no (L, L) mask or bias anywhere: see sparse_attention.py
+            if cache is not None:
+                raise UserError("a KV cache needs attention='full'; this model uses sliding "
+                                "attention: generate without a cache")
+            plan = sliding_plan(c, attention_mask, document_ids, position_ids, global_mask,
+                                self.t5_bias)
+            rotary = (rotary_tables(position_ids, c.head_dim, c.rope_base)
+                      if c.position == "rope" else None)
+            return AttentionContext(mask=None, is_causal=False, scale=plan.scale, rotary=rotary,
+                                    sliding=plan)
         key_ids = None  # positions of the keys when they are not the queries (a KV cache)
         if cache is not None:
             if (not c.causal and not cache.prefix) or c.position in ("tupe", "deberta"):

@@ -268,18 +268,7 @@ def check_hf(model: nn.Module, directory: Path, batches: list[dict[str, Tensor]]
     """Load the exported directory with `transformers` (trust_remote_code for motian's own
     code) and compare its outputs at real (unpadded) positions: BERT's QA head does not push
     padding to -1e4 as motian's does, and no one reads a padding position's output."""
-    try:
-        import transformers
-    except ImportError:
-        raise UserError("checking the Hugging Face export needs transformers: pip install "
-                        "'motian[hf]' (or export with --no-check)") from None
-    config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
-    if "auto_map" in config:
-        auto = next(k for k in config["auto_map"] if k != "AutoConfig")
-        hf = getattr(transformers, auto).from_pretrained(directory, trust_remote_code=True)
-    else:
-        hf = getattr(transformers, config["architectures"][0]).from_pretrained(directory)
-    hf.eval()
+    hf = load_hf(directory)
     worst: dict[str, float] = {}
     for batch in batches:
         with torch.no_grad():
@@ -296,6 +285,48 @@ def check_hf(model: nn.Module, directory: Path, batches: list[dict[str, Tensor]]
                                        if v is not None}, mask)
         compare(ours, theirs, worst)
     return Parity(worst, [list(b["input_ids"].shape) for b in batches])
+
+
+def load_hf(directory: Path) -> nn.Module:
+    """The exported directory as `transformers` loads it (remote code trusted: it is motian's)."""
+    try:
+        import transformers
+    except ImportError:
+        raise UserError("checking the Hugging Face export needs transformers: pip install "
+                        "'motian[hf]' (or export with --no-check)") from None
+    config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
+    if "auto_map" in config:
+        auto = next(k for k in config["auto_map"] if k != "AutoConfig")
+        return getattr(transformers, auto).from_pretrained(directory,
+                                                           trust_remote_code=True).eval()
+    return getattr(transformers, config["architectures"][0]).from_pretrained(directory).eval()
+
+
+def check_hf_generation(model: nn.Module, directory: Path, tokenizer_dir: Path,
+                        new_tokens: int = 8) -> bool:
+    """A decoder's export, decoded: greedy `generate()` of transformers (the exported
+    generation_config.json: stop at [SEP], special tokens banned, its KV cache) on three real
+    left-padded prompts against motian's own `generate_ids`. True if every token agrees;
+    logits within 1e-4 can still flip a near-tie, so a mismatch is reported, not fatal."""
+    from motian.serving.generate import Decoding, generate_ids, left_pad
+
+    tok = load_tokenizer(tokenizer_dir)
+    special = special_token_ids(tok)
+    texts = [t for t, _, _ in islice(iter_reviews(), 0, 30, 10)]
+    prompts = [[special["cls"]] + tok.encode(t[:n], add_special_tokens=False).ids
+               for t, n in zip(texts, (4, 9, 6))]
+    c = model.config
+    if not c.extrapolates:  # learned absolute positions end at max_positions
+        new_tokens = min(new_tokens, c.max_positions - max(map(len, prompts)))
+    banned = [special[k] for k in ("pad", "cls", "mask", "unk")]
+    decoding = Decoding(max_new_tokens=new_tokens, cache=c.position not in ("tupe", "deberta"))
+    ours = generate_ids(model, prompts, decoding, special["pad"], [special["sep"]], banned)
+    ids, mask = left_pad(prompts, special["pad"], torch.device("cpu"))
+    with torch.no_grad():
+        out = load_hf(directory).generate(ids, attention_mask=mask, max_new_tokens=new_tokens)
+    theirs = [row[:row.index(special["sep"])] if special["sep"] in row else row
+              for row in out[:, ids.shape[1]:].tolist()]
+    return theirs == ours.tokens
 
 
 def _zero_padding(model: nn.Module, outputs: dict[str, np.ndarray],
@@ -364,6 +395,8 @@ def export(checkpoint: Path, out: Path, format: Literal["onnx", "hf", "both"] = 
     """
     checkpoint, out = resolve_model_dir(checkpoint), Path(out)
     model = from_pretrained(checkpoint).eval()
+    if type(model).__name__ not in OUTPUTS:
+        raise UserError(no_export_path(type(model).__name__, checkpoint))
     card = TaskCard.read_optional(checkpoint)
     tokenizer_dir = find_tokenizer(checkpoint, tokenizer)
     load_tokenizer(tokenizer_dir)  # fails early, naming the file, if it is not a tokenizer
@@ -382,6 +415,22 @@ def export(checkpoint: Path, out: Path, format: Literal["onnx", "hf", "both"] = 
                                             tolerance, output_labels(card))
     write_json_atomic(out / MANIFEST, manifest)
     return manifest
+
+
+def no_export_path(head: str, checkpoint: Path) -> str:
+    """Why a head has no ONNX / Hugging Face export, and what to do instead."""
+    instead = {
+        "UnifiedLM": "a UNILM decodes as a prefix LM, re-reading a [MASK] at every step, which "
+                     f"neither format's classes express: serve it with `motian generate "
+                     f"--model {checkpoint}`",
+        "Seq2SeqLM": "a MASS encoder-decoder decodes through its own decoder state: serve it "
+                     f"with `motian generate --model {checkpoint}`",
+        "ReplacedTokenDetection": "an ELECTRA discriminator is a pretraining head: fine-tune "
+                                  f"it (`motian finetune --model {checkpoint} ...`) and export "
+                                  "the task model",
+    }.get(head, "fine-tune it into one of those heads first")
+    return (f"{checkpoint}: no export path for a {head} model (exportable heads: "
+            f"{', '.join(OUTPUTS)}); {instead}")
 
 
 def _export_onnx_checked(model: nn.Module, out: Path, opset: int,
@@ -416,6 +465,11 @@ def _export_hf_checked(model: nn.Module, directory: Path, tokenizer_dir: Path,
         result.update(asdict(parity))
         _report("hugging face", parity)
         require_parity(parity, tolerance, f"the Hugging Face export ({directory})")
+        if type(model).__name__ == "CausalLM":
+            result["generate_matches"] = check_hf_generation(model, directory, tokenizer_dir)
+            print("motian: hugging face generate() vs motian generate, greedy on 3 real "
+                  f"prompts: {'same tokens' if result['generate_matches'] else 'DIFFERENT tokens'}",
+                  flush=True)
     print(f"motian: wrote {directory} ({'native BERT' if result['native_bert'] else 'trust_remote_code'})",
           flush=True)
     return result

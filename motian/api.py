@@ -34,6 +34,7 @@ VERBS: dict[str, str] = {
     "predict": "motian.serving.predict:predict",
     "fill-mask": "motian.serving.predict:fill_mask",
     "generate": "motian.serving.generate:generate",
+    "serve": "motian.serving.server:serve",
     "finetune": "motian.finetuning:finetune",
     "evaluate": "motian.finetuning:evaluate",
     "report": "motian.reporting.run:report",

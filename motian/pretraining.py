@@ -31,6 +31,7 @@ from motian.data.loader import LoaderConfig
 from motian.data.masking import MaskingConfig
 from motian.data.shards import EncodedDataset
 from motian.data.splits import SplitLoader, causal_batches, mass_batches
+from motian.data.stream import StreamLoader, document_stream
 from motian.errors import UserError
 from motian.model.artifact import check_vocab, model_vocab_hash, resolve_model_dir
 from motian.model.config import ModelConfig
@@ -55,6 +56,7 @@ from motian.train.replaced import ReplacedTokens, replaced_eval_line
 from motian.train.sbo import SpanBoundaryPretrainer
 from motian.train.settings import RunSettings, Stage
 from motian.train.unilm import UnifiedPretrainer
+from motian.train.xl import build_xl_objective, check_xl_recipe
 
 LOG_EVERY = 10  # optimizer steps between metric records
 
@@ -69,7 +71,8 @@ def pretrain(recipe: str = "demo", data: Path = Path("runs/demo/encoded"),
 
     Args:
         recipe: a recipe name (demo, motian-demo, bert-base, roberta-base, motian-base,
-            motian-1b, spanbert-demo, notes-demo, gpt-demo, unilm-demo, mass-demo) or a YAML
+            motian-1b, spanbert-demo, notes-demo, gpt-demo, unilm-demo, mass-demo,
+            xl-demo) or a YAML
             file.
         data: a directory written by `motian encode` (or `motian prepare`'s out/encoded).
         out: run directory: checkpoints/, final/, metrics.jsonl, tensorboard/, run.json.
@@ -106,6 +109,9 @@ def pretrain(recipe: str = "demo", data: Path = Path("runs/demo/encoded"),
         ppl = f", perplexity {e['perplexity']:.1f}" if "perplexity" in e else ""
         print(f"held-out {kind} accuracy {e['accuracy']:.2%}, loss {e['loss']:.3f}{ppl} "
               f"({e['tokens']:,} tokens)")
+        if "perplexity_no_memory" in e:  # Transformer-XL: the same stream without memory
+            print(f"held-out without memory: loss {e['loss_no_memory']:.3f}, perplexity "
+                  f"{e['perplexity_no_memory']:.1f}")
         if "rtd_accuracy" in e:  # ELECTRA / MC-BERT: the line above is the generator's
             print(replaced_eval_line(e))
     print(f"final model: {summary['final']}\ncheckpoint:  {summary['checkpoint']}\n"
@@ -126,6 +132,8 @@ class PretrainBatches:
     def start(self, stage: int, spec: Stage, micro: int, info: DistInfo,
               state: dict | None) -> Iterator[dict]:
         d = self.recipe.data
+        if self.recipe.objective.kind == "transformer-xl":
+            return self._stream(spec, micro, info, state)
         config = LoaderConfig(seq_len=spec.seq_len, batch_size=micro, seed=d.seed,
                               cross_document_attention=d.cross_document_attention,
                               rank=info.rank, world_size=info.world_size,
@@ -142,6 +150,16 @@ class PretrainBatches:
             return causal_batches(self.loader)
         if self.recipe.objective.kind == "mass":
             return mass_batches(self.loader)
+        return iter(self.loader)
+
+    def _stream(self, spec: Stage, micro: int, info: DistInfo, state: dict | None
+                ) -> Iterator[dict]:
+        """Transformer-XL: each part's segments in order, one part per row (data/stream.py)."""
+        check_xl_recipe(self.recipe, info.world_size)
+        tokens, _ = document_stream(self.data, self.recipe.eval.holdout_every, held_out=False)
+        self.loader = StreamLoader(tokens, spec.seq_len, spec.global_batch, micro)
+        if state is not None:
+            self.loader.load_state_dict(state)
         return iter(self.loader)
 
     def state_dict(self) -> dict:
@@ -222,6 +240,9 @@ def build_objective(recipe: Recipe, data: Path, run: RunSettings
                     ) -> Pretrainer | ReplacedTokens | MaskedSeq2Seq:
     """The model the recipe describes (the same initial weights on every rank and every run)
     inside its objective, with the common evaluation set."""
+    check_xl_recipe(recipe)
+    if recipe.objective.kind == "transformer-xl":  # its own model, batches and eval: train/xl.py
+        return build_xl_objective(recipe, data, run.checkpoint_activations)
     causal = recipe.objective.kind == "causal"
     evalset, vocab_size = eval_batches(data, recipe.eval, causal,
                                        recipe.data.cross_document_attention)

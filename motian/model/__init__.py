@@ -27,11 +27,12 @@ from motian.model.io import (
 )
 from motian.model.seq2seq import Seq2SeqLM  # registers the head in HEADS
 from motian.model.transformer import MotianModel
+from motian.model.xl import TransformerXLLM  # registers the head in HEADS
 
 __all__ = [
     "EXTRAPOLATING", "POSITIONS", "PRESETS", "HEADS", "ModelConfig", "preset", "MotianModel",
     "ModelOutput", "MaskedLM", "PreTrainingModel", "SequenceClassification",
     "TokenClassification", "SpanExtraction", "MultipleChoice", "CausalLM", "LoadReport",
     "count_parameters", "from_pretrained", "load_weights", "save_pretrained",
-    "strip_wrapper_prefixes", "unwrap_model", "Seq2SeqLM",
+    "strip_wrapper_prefixes", "unwrap_model", "Seq2SeqLM", "TransformerXLLM",
 ]

@@ -112,7 +112,8 @@ class ObjectiveSpec:
     `electra` and `mc-bert` train a discriminator beside a small generator
     (motian.train.replaced; docs/objectives.md)."""
 
-    kind: Literal["mlm", "causal", "electra", "mc-bert", "unilm", "mass"] = "mlm"
+    kind: Literal["mlm", "causal", "electra", "mc-bert", "unilm", "mass",
+                  "transformer-xl"] = "mlm"
     weighting: Literal["uncertainty", "fixed"] = "uncertainty"
     weights: dict = field(default_factory=lambda: {"mlm": 1.0, "pair": 1.0})  # fixed weighting
     # Learned (uncertainty) weighting only: every weight kept in [lo, hi] (None: unbounded),
@@ -148,6 +149,9 @@ class ObjectiveSpec:
         "bidirectional": 1 / 3, "seq2seq": 1 / 3, "left_to_right": 1 / 6,
         "right_to_left": 1 / 6})
     mass_span: float = 0.5
+    # transformer-xl only (motian.train.xl): tokens of the previous segments each layer keeps
+    # as memory (Dai et al. 2019's M; 0 = none).
+    memory: int = 0
 
     def __post_init__(self) -> None:
         # Checked whatever the kind, so a bad value fails where it is written, naming its field.
@@ -167,6 +171,9 @@ class ObjectiveSpec:
                              f"{self.candidates!r}")
         _check_sbo_notes(self)
         _check_unilm_mass(self)
+        if isinstance(self.memory, bool) or not isinstance(self.memory, int) or self.memory < 0:
+            raise ValueError(f"objective.memory must be an integer >= 0 (tokens of earlier "
+                             f"segments kept per layer, Transformer-XL), got {self.memory!r}")
 
 
 def unilm_mode_shares(spec: ObjectiveSpec) -> tuple[float, ...]:
@@ -312,6 +319,8 @@ class Recipe:
             d["objective"].pop("unilm_modes", None)
         if d["objective"]["kind"] != "mass":
             d["objective"].pop("mass_span", None)
+        if not d["objective"].get("memory"):  # unused: hash as before
+            d["objective"].pop("memory", None)
         if not d["objective"].get("notes"):
             for key in ("notes", "notes_threshold", "notes_min_count", "notes_window",
                         "notes_gamma", "notes_lambda"):

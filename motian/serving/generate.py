@@ -48,7 +48,7 @@ from motian.model.io import from_pretrained
 from motian.model.seq2seq import Seq2SeqLM
 from motian.model.transformer import KVCache
 from motian.runtime import pick_device
-from motian.serving.prefix_decoding import PrefixSequences, Seq2SeqSequences
+from motian.serving.prefix_decoding import GrowingBatch, PrefixSequences, Seq2SeqSequences
 
 GENERATORS = (CausalLM, UnifiedLM, Seq2SeqLM)  # UNILM and MASS: motian.serving.prefix_decoding
 
@@ -96,16 +96,14 @@ class Generation:
     logits: list[Tensor] | None = None
 
 
-class _Sequences:
-    """The batch being decoded: left-padded prompts plus new tokens, their padding mask and
-    positions (counting real tokens only), and the model's KV cache; `logits` runs the model on
-    what it has not read yet (everything again without a cache)."""
+class _Sequences(GrowingBatch):
+    """The batch being decoded by a causal LM (`GrowingBatch`); `logits` runs the model on what
+    it has not read yet (everything again without a cache)."""
 
     def __init__(self, model: CausalLM, ids: Tensor, mask: Tensor, use_cache: bool):
-        self.model, self.ids, self.mask = model, ids, mask
-        self.positions = (mask.cumsum(1) - 1).clamp(min=0)  # (B, P): a prompt starts at 0
-        self.cache = KVCache(model.config.layers) if use_cache else None
-        self.unread = ids.shape[1]
+        super().__init__(ids, mask, KVCache(model.config.layers) if use_cache else None,
+                         unread=ids.shape[1])
+        self.model = model
 
     @torch.no_grad()
     def logits(self) -> Tensor:
@@ -115,18 +113,6 @@ class _Sequences:
                          cache=self.cache)
         self.unread = 0
         return out.logits[:, -1].float()
-
-    def append(self, tokens: Tensor) -> None:
-        """One new column (B,). Rows that have finished get a token too (it is never read)."""
-        self.ids = torch.cat([self.ids, tokens[:, None]], dim=1)
-        self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
-        self.positions = torch.cat([self.positions, self.positions[:, -1:] + 1], dim=1)
-        self.unread += 1
-
-    def reorder(self, rows: Tensor) -> None:
-        self.ids, self.mask, self.positions = self.ids[rows], self.mask[rows], self.positions[rows]
-        if self.cache is not None:
-            self.cache.reorder(rows)
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device: torch.device

@@ -30,16 +30,39 @@ from motian.model.seq2seq import Seq2SeqLM
 from motian.model.transformer import KVCache
 
 
-class PrefixSequences:
+class GrowingBatch:
+    """What every decoding state of a decoder-only model keeps: the left-padded prompts plus
+    new tokens (`ids`), their padding `mask`, `positions` counting real tokens only (a prompt
+    starts at 0), the KV cache and how many columns it has not read (`unread`). Subclasses
+    say how the model reads them (`logits`)."""
+
+    def __init__(self, ids: Tensor, mask: Tensor, cache: KVCache | None, unread: int):
+        self.ids, self.mask, self.cache, self.unread = ids, mask, cache, unread
+        self.positions = (mask.cumsum(1) - 1).clamp(min=0)  # (B, P)
+
+    def append(self, tokens: Tensor) -> None:
+        """One new column (B,). Rows that have finished get a token too (it is never read)."""
+        self.ids = torch.cat([self.ids, tokens[:, None]], dim=1)
+        self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
+        self.positions = torch.cat([self.positions, self.positions[:, -1:] + 1], dim=1)
+        self.unread += 1
+
+    def reorder(self, rows: Tensor) -> None:
+        self.ids, self.mask, self.positions = self.ids[rows], self.mask[rows], self.positions[rows]
+        if self.cache is not None:
+            self.cache.reorder(rows)
+
+
+class PrefixSequences(GrowingBatch):
     """A UNILM model decoding as a prefix LM (module docstring)."""
 
     def __init__(self, model: UnifiedLM, ids: Tensor, mask: Tensor, use_cache: bool,
                  mask_id: int):
-        self.model, self.ids, self.mask, self.mask_id = model, ids, mask, mask_id
+        # unread: new tokens not yet in the cache (the prompt is read on the first call)
+        super().__init__(ids, mask, KVCache(model.config.layers, prefix=True)
+                         if use_cache else None, unread=0)
+        self.model, self.mask_id = model, mask_id
         self.prefix = ids.shape[1]  # the (left-padded) prompt columns
-        self.positions = (mask.cumsum(1) - 1).clamp(min=0)
-        self.cache = KVCache(model.config.layers, prefix=True) if use_cache else None
-        self.unread = 0  # new tokens not yet in the cache
 
     def _columns(self, n: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """The last `n` columns plus a [MASK] after them: ids, padding, positions, segments."""
@@ -70,18 +93,6 @@ class PrefixSequences:
             self.cache.truncate(self.cache.length - 1)  # the [MASK] makes way for the token
             self.unread = 0
         return masked_lm_logits(self.model, h[:, -1]).float()
-
-    def append(self, tokens: Tensor) -> None:
-        self.ids = torch.cat([self.ids, tokens[:, None]], dim=1)
-        self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
-        self.positions = torch.cat([self.positions, self.positions[:, -1:] + 1], dim=1)
-        self.unread += 1
-
-    def reorder(self, rows: Tensor) -> None:
-        self.ids, self.mask, self.positions = self.ids[rows], self.mask[rows], self.positions[rows]
-        if self.cache is not None:
-            self.cache.reorder(rows)
-
 
 class Seq2SeqSequences:
     """A MASS encoder-decoder writing the masked continuation of prompts (module docstring)."""

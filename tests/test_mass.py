@@ -23,6 +23,7 @@ from motian.model.artifact import load_backbone_state
 from motian.serving.generate import Decoding, generate_ids
 from motian.train.recipe import load_recipe, with_fields
 from motian.train.settings import RunSettings
+from tests.decoding_helpers import assert_cache_equals_recomputation
 from tests.pretrain_helpers import final_weights, max_difference, write_recipe
 
 PROMPTS = [[2, 7, 8, 9, 10, 11], [2, 12], [2, 13, 14, 15]]
@@ -80,19 +81,7 @@ def test_the_decoder_at_step_t_reads_no_later_decoder_input(position):
 @pytest.mark.parametrize("position", ["alibi", "absolute", "rope", "t5"])
 def test_cached_encoder_decoder_decoding_equals_recomputation(position):
     model = tiny_mass(position)
-    greedy = Decoding(max_new_tokens=6)
-    cached = generate_ids(model, PROMPTS, greedy, pad_id=0, keep_logits=True, mask_id=MASK)
-    full = generate_ids(model, PROMPTS, Decoding(max_new_tokens=6, cache=False), pad_id=0,
-                        keep_logits=True, mask_id=MASK)
-    assert cached.tokens == full.tokens and all(len(t) == 6 for t in cached.tokens)
-    for a, b in zip(cached.logits, full.logits):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
-    for prompt, tokens in zip(PROMPTS, cached.tokens):  # left padding changes nothing
-        assert generate_ids(model, [prompt], greedy, 0, mask_id=MASK).tokens == [tokens]
-    beams = [generate_ids(model, PROMPTS, Decoding(max_new_tokens=5, num_beams=3, cache=c), 0,
-                          mask_id=MASK) for c in (True, False)]
-    assert beams[0].tokens == beams[1].tokens
-    np.testing.assert_allclose(beams[0].scores, beams[1].scores, atol=1e-5)
+    assert_cache_equals_recomputation(model, PROMPTS, MASK)
 
 
 def test_the_first_step_is_the_teacher_forced_model_at_the_fragment_start():

@@ -3,6 +3,7 @@ weights of a run."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import torch
@@ -45,3 +46,18 @@ def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
 def max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     assert a.keys() == b.keys()
     return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+def run_then_resume(recipe, settings, data: Path, root: Path, step: int) -> tuple[Path, Path]:
+    """A whole run under root/full, then a run that stopped after its step-`step` checkpoint
+    (only that checkpoint copied) resumed under root/resumed; returns the two run dirs."""
+    from motian.model.artifact import checkpoint_name
+    from motian.pretraining import pretrain_recipe
+
+    full, resumed = root / "full", root / "resumed"
+    pretrain_recipe(recipe, settings, data, full)
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copytree(full / "checkpoints" / checkpoint_name(step),
+                    resumed / "checkpoints" / checkpoint_name(step))
+    pretrain_recipe(recipe, settings, data, resumed, resume=True)
+    return full, resumed

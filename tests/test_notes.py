@@ -6,7 +6,6 @@ fine-tuning of its final model, exact resume with the dictionary, and the refuse
 from __future__ import annotations
 
 import json
-import shutil
 
 import numpy as np
 import pytest
@@ -32,7 +31,7 @@ from motian.train.notes import NotesPretrainer, rare_words_for
 from motian.train.objectives import TaskWeighting, build_model, predicted_tokens
 from motian.train.recipe import ObjectiveSpec, RunSettings, load_recipe, with_fields
 from tests.conftest import write_dataset, write_vocab
-from tests.pretrain_helpers import final_weights, max_difference, write_recipe
+from tests.pretrain_helpers import final_weights, max_difference, run_then_resume, write_recipe
 
 CPU = RunSettings(device="cpu", threads=1, progress=False)
 NOTES_DATA = "{masking: bert, pair_task: none}"
@@ -189,12 +188,8 @@ def test_notes_recipe_through_the_api_then_finetune_the_plain_final_model(pd98_e
 def test_resume_restores_the_note_dictionary_exactly(pd98_encoded, tmp_path, capsys):
     recipe = load_recipe(write_recipe(tmp_path, steps=8, checkpoint_every=4, eval_every=0,
                                       optim="adamw", data=NOTES_DATA, objective=NOTES_OBJECTIVE))
-    pretrain_recipe(recipe, CPU, pd98_encoded, tmp_path / "full")
-    resumed = tmp_path / "resumed" / "checkpoints"
-    resumed.mkdir(parents=True)
-    shutil.copytree(tmp_path / "full" / "checkpoints" / "step-00000004",
-                    resumed / "step-00000004")
-    pretrain_recipe(recipe, CPU, pd98_encoded, tmp_path / "resumed", resume=True)
+    # A run that stopped after its step-4 checkpoint, resumed.
+    run_then_resume(recipe, CPU, pd98_encoded, tmp_path, step=4)
     assert "resumed from" in capsys.readouterr().err
     assert max_difference(final_weights(tmp_path / "resumed"),
                           final_weights(tmp_path / "full")) == 0.0
@@ -202,7 +197,8 @@ def test_resume_restores_the_note_dictionary_exactly(pd98_encoded, tmp_path, cap
              for d in (tmp_path / "full", tmp_path / "resumed")]
     assert set(state[0]) == {"notes", "notes_taken"}
     assert max_difference(*state) == 0.0
-    halfway = load_file(str(resumed / "step-00000004" / "objective.safetensors"))
+    halfway = load_file(str(tmp_path / "resumed" / "checkpoints" / "step-00000004"
+                             / "objective.safetensors"))
     assert float((state[0]["notes_taken"] - halfway["notes_taken"]).sum()) > 0  # it moved on
 
 

@@ -5,8 +5,6 @@ for a recipe that cannot work."""
 
 from __future__ import annotations
 
-import shutil
-
 import numpy as np
 import pytest
 import torch
@@ -20,12 +18,11 @@ from motian.data.spans import span_boundaries
 from motian.errors import UserError
 from motian.model import from_pretrained, preset
 from motian.model.sbo import SpanBoundaryHead, output_embedding
-from motian.pretraining import pretrain_recipe
 from motian.train.metrics import read_metrics
 from motian.train.objectives import TaskWeighting, build_model, predicted_tokens, task_names
 from motian.train.recipe import ObjectiveSpec, RunSettings, load_recipe, with_fields
 from motian.train.sbo import SpanBoundaryPretrainer
-from tests.pretrain_helpers import final_weights, max_difference, write_recipe
+from tests.pretrain_helpers import final_weights, max_difference, run_then_resume, write_recipe
 
 CPU = RunSettings(device="cpu", threads=1, progress=False)
 SBO_DATA = "{masking: spanbert, pair_task: none}"
@@ -140,13 +137,8 @@ def test_spanbert_demo_through_the_cli_trains_sbo_and_saves_a_plain_model(pd98_e
 def test_resume_continues_exactly(pd98_encoded, tmp_path, capsys):
     recipe = load_recipe(write_recipe(tmp_path, steps=8, checkpoint_every=4, eval_every=0,
                                       optim="adamw", data=SBO_DATA, objective=SBO_OBJECTIVE))
-    pretrain_recipe(recipe, CPU, pd98_encoded, tmp_path / "full")
     # A run that stopped after its step-4 checkpoint, resumed.
-    resumed = tmp_path / "resumed" / "checkpoints"
-    resumed.mkdir(parents=True)
-    shutil.copytree(tmp_path / "full" / "checkpoints" / "step-00000004",
-                    resumed / "step-00000004")
-    pretrain_recipe(recipe, CPU, pd98_encoded, tmp_path / "resumed", resume=True)
+    run_then_resume(recipe, CPU, pd98_encoded, tmp_path, step=4)
     assert "resumed from" in capsys.readouterr().err
     assert max_difference(final_weights(tmp_path / "resumed"),
                           final_weights(tmp_path / "full")) == 0.0

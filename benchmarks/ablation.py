@@ -325,16 +325,15 @@ def _length(args: argparse.Namespace) -> str:
     return f"{args.steps} steps" if args.steps else f"{args.minutes:g} min"
 
 
-MARK_BEGIN, MARK_END = "<!-- ablation-results -->", "<!-- /ablation-results -->"
-
-
-def update_report(path: Path, table: str) -> None:
-    """Put the table between the result markers of `path` (appended if it has none)."""
+def update_report(path: Path, table: str, marker: str = "ablation-results") -> None:
+    """Put the table between the `marker` result comments of `path` (appended if it has
+    none)."""
+    begin, end = f"<!-- {marker} -->", f"<!-- /{marker} -->"
     text = path.read_text(encoding="utf-8") if path.is_file() else ""
-    block = f"{MARK_BEGIN}\n{table}\n{MARK_END}"
-    if MARK_BEGIN in text and MARK_END in text:
-        head, _, rest = text.partition(MARK_BEGIN)
-        text = head + block + rest.partition(MARK_END)[2]
+    block = f"{begin}\n{table}\n{end}"
+    if begin in text and end in text:
+        head, _, rest = text.partition(begin)
+        text = head + block + rest.partition(end)[2]
     else:
         text = text + ("\n" if text else "") + block + "\n"
     path.write_text(text, encoding="utf-8")

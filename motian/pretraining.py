@@ -229,7 +229,8 @@ def pair_eval_batches(data: Path, recipe: Recipe) -> list[dict[str, torch.Tensor
 def fit_config(recipe: Recipe) -> FitConfig:
     """The recipe's loop settings: its stages on the "stages" schedule, its checkpoints."""
     return FitConfig(optim=recipe.optim, stages=recipe.stages, steps=recipe.steps,
-                     budget_minutes=recipe.budget_minutes, schedule="stages", seed=recipe.seed,
+                     budget_minutes=recipe.budget_minutes, budget_clock=recipe.budget_clock,
+                     schedule="stages", seed=recipe.seed,
                      eval_every=recipe.eval.every, checkpoint_every=recipe.checkpoint_every,
                      keep_last=recipe.keep_last, max_bad_steps=recipe.max_bad_steps,
                      log_every=LOG_EVERY, label=f"pretrain {recipe.name}",

@@ -252,3 +252,56 @@ def test_each_ablation_arm_changes_only_its_ingredient():
                                        "stages", "budget_minutes", "eval.seq_len",
                                        "eval.rows", "eval.seed")]) for r in recipes.values()}
     assert len(same) == 1  # one model size, schedule, budget and held-out evaluation
+
+
+# ---------------------------------------------------------------- benchmarks/objectives.py
+
+
+def test_objective_arms_are_the_bundled_recipes_at_one_budget_and_clock(tmp_path):
+    from benchmarks.objectives import ARMS, parse_args, pretrain_job
+    from motian.train.recipe import load_recipe, to_dict
+
+    args = parse_args(["--out", str(tmp_path), "--minutes", "2", "--clock", "cpu"])
+    reference = _flat(to_dict(load_recipe("demo")))
+    for arm in ARMS:
+        pretrain_job(args, arm, 3)
+        saved = _flat(to_dict(load_recipe(str(tmp_path / arm.slug / "seed3" / "recipe.yaml"))))
+        bundled = _flat(to_dict(load_recipe(arm.recipe)))
+        assert (saved["budget_minutes"], saved["budget_clock"], saved["seed"]) == (2.0, "cpu", 3)
+        changed = {k for k in saved.keys() | bundled.keys() if saved.get(k) != bundled.get(k)}
+        assert changed <= {"budget_minutes", "budget_clock", "seed", "data.seed"}, arm.slug
+        # one model size for every arm (stacking reaches it by its last stage)
+        assert all(saved[k] == reference[k] for k in ("model.overrides.hidden",
+                                                      "model.overrides.layers"))
+
+
+def test_objective_waves_pair_different_arms_and_rotate(tmp_path):
+    from benchmarks.objectives import ARMS, parse_args, waves
+
+    args = parse_args(["--out", str(tmp_path), "--seeds", "1", "2"])
+    plan = waves(args, list(ARMS))
+    assert sum(len(w) for w in plan) == 2 * len(ARMS)
+    assert all(len({a.slug for a, _ in w}) == len(w) for w in plan)
+    pairs = [frozenset(a.slug for a, _ in w) for w in plan]
+    assert len(set(pairs)) == len(pairs)  # no two arms share a wave under both seeds
+
+
+def test_time_to_target_interpolates_between_evaluations():
+    from benchmarks.objectives import elapsed_at, time_to_target
+
+    train = [{"step": 10, "elapsed_s": 10.0}, {"step": 20, "elapsed_s": 30.0}]
+    assert elapsed_at(train, 15) == 20.0 and elapsed_at(train, 25) is None
+    evals = [{"step": 0, "loss": 9.0}, {"step": 10, "loss": 7.0}, {"step": 20, "loss": 5.0}]
+    assert time_to_target(evals, train, 6.0, 100.0) == pytest.approx(0.2)  # half-way 10 -> 30 s
+    assert time_to_target(evals, train, 9.5, 100.0) == 0.0  # reached at the start
+    assert time_to_target(evals, train, 4.0, 100.0) is None  # never reached
+
+
+def test_recipe_budget_clock_is_validated_and_not_in_the_fingerprint():
+    from motian.train.recipe import load_recipe, with_fields
+
+    demo = load_recipe("demo")
+    cpu = with_fields(demo, ["budget_clock=cpu"])
+    assert cpu.budget_clock == "cpu" and cpu.fingerprint() == demo.fingerprint()
+    with pytest.raises(UserError, match="budget_clock"):
+        with_fields(demo, ["budget_clock=gpu"])

@@ -104,6 +104,31 @@ def test_progress_measures_wall_time_between_updates():
     assert 0.04 < progress.elapsed < 5.0
 
 
+def test_cpu_clock_counts_work_not_waiting():
+    """A "cpu" budget does not advance while the process waits (another job holding the
+    cores looks like this) and does advance while it computes; "wall" advances on both."""
+    wall, cpu = Progress(budget_seconds=100.0), Progress(budget_seconds=100.0, clock="cpu")
+    time.sleep(0.3)
+    wall.update()
+    cpu.update()
+    assert wall.elapsed > 0.25 and cpu.elapsed < 0.1
+    start = time.process_time()
+    while time.process_time() - start < 0.3:  # busy: CPU seconds pass
+        sum(range(1000))
+    cpu.update()
+    assert cpu.elapsed > 0.25
+    with pytest.raises(UserError, match="budget clock must be one of"):
+        Progress(budget_seconds=1.0, clock="gpu")
+
+
+def test_progress_refuses_to_resume_on_another_clock():
+    state = Progress(budget_seconds=60.0, clock="cpu").state_dict()
+    with pytest.raises(UserError, match="clock='cpu' but this run has 'wall'"):
+        Progress(budget_seconds=60.0).load_state_dict(state)
+    old = {k: v for k, v in Progress(budget_seconds=60.0).state_dict().items() if k != "clock"}
+    Progress(budget_seconds=60.0).load_state_dict(old)  # a checkpoint from before: wall
+
+
 def test_progress_state_round_trip_excludes_downtime():
     progress = Progress(total_steps=100, budget_seconds=60.0)
     progress.update(steps=3, seconds=12.5)

@@ -164,6 +164,7 @@ class FitConfig:
     stages: tuple[Stage, ...] = (Stage(),)
     steps: int | None = 1000  # optimizer steps over all stages (None: budget only)
     budget_minutes: float = 0.0  # > 0: the schedule is keyed to wall-clock time
+    budget_clock: Literal["wall", "cpu"] = "wall"  # the budget's clock: schedule.CLOCKS
     # "stages": peak x one decay over the run x each stage's own warm-up (pretraining);
     # "warmup-decay": warm-up over the first fraction, then decay to the end (fine-tuning).
     schedule: Literal["stages", "warmup-decay"] = "stages"
@@ -411,7 +412,7 @@ def fit(objective: Objective, source: BatchSource, config: FitConfig, run: RunSe
         stacking.set_depth(objective.model, depths[0])
     scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
     budget = config.budget_minutes * 60 if config.budget_minutes > 0 else None
-    progress = Progress(None if budget else config.steps, budget)
+    progress = Progress(None if budget else config.steps, budget, config.budget_clock)
     parts = _Parts(objective, objective, _build_optimizer(objective, config), scaler,
                    autocast_context(precision, info.device), progress, micro_plan, depths,
                    run.compile)

@@ -268,6 +268,9 @@ class Recipe:
     stages: tuple[Stage, ...] = (Stage(),)
     steps: int = 1000  # optimizer steps over all stages (unless budget_minutes is set)
     budget_minutes: float = 0.0  # > 0: the schedule is keyed to wall-clock time instead
+    # The clock of budget_minutes: "wall", or "cpu" (the process's CPU seconds: the same work
+    # whatever else loads the machine; see motian.train.schedule.CLOCKS)
+    budget_clock: Literal["wall", "cpu"] = "wall"
     eval: EvalSpec = field(default_factory=EvalSpec)
     checkpoint_every: int | str = 500  # steps (0 = only at the end), "2m" or "10%": as eval.every
     keep_last: int = 3
@@ -305,6 +308,7 @@ class Recipe:
         """A hash of everything that decides the result (resume refuses another recipe)."""
         d = to_dict(self)
         d.pop("budget_minutes")  # a resumed run may be given more time
+        d.pop("budget_clock")  # the checkpoint's progress refuses another clock itself
         d.pop("steps")
         for stage in d["stages"]:  # a stage at full depth hashes as before stacking existed
             if not stage.get("layers"):

@@ -53,18 +53,30 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr * group.get("lr_scale", 1.0)
 
 
+# The clocks a time budget can be kept on. "wall": seconds as a watch counts them (what a user
+# pays for on a machine of their own). "cpu": this process's CPU seconds (all its threads), so a
+# budget means the same work whatever else runs on the machine: equal-cost comparisons on a
+# shared machine (benchmarks/objectives.py) use it. With one thread per process the two agree on
+# an idle machine; with T threads a CPU-second budget buys about 1/T of the wall time.
+CLOCKS = {"wall": time.monotonic, "cpu": time.process_time}
+
+
 class Progress:
     """How far training is: optimizer steps done and seconds spent training.
 
     `fraction()` is steps / total_steps; with a `budget_seconds` it is seconds / budget, and
     with both it is whichever is further along (the run ends at the first limit reached, and the
-    schedule ends with it). Seconds are measured between `update` calls on a monotonic clock;
+    schedule ends with it). Seconds are measured between `update` calls on `clock` (CLOCKS);
     the time between a checkpoint and its resume is not counted (the clock restarts on
     `load_state_dict` and on `restart_clock`). Step-keyed runs resume exactly; time-keyed runs
     depend on the machine's speed by design.
     """
 
-    def __init__(self, total_steps: int | None = None, budget_seconds: float | None = None):
+    def __init__(self, total_steps: int | None = None, budget_seconds: float | None = None,
+                 clock: str = "wall"):
+        if clock not in CLOCKS:
+            raise UserError(f"training length: budget clock must be one of {sorted(CLOCKS)}, "
+                            f"got {clock!r}")
         if total_steps is None and budget_seconds is None:
             raise UserError("training length: give total_steps, budget_seconds, or both")
         if total_steps is not None and total_steps < 1:
@@ -73,18 +85,20 @@ class Progress:
             raise UserError(f"training length: budget_seconds must be > 0, got {budget_seconds}")
         self.total_steps = total_steps
         self.budget_seconds = budget_seconds
+        self.clock = clock
+        self._now = CLOCKS[clock]
         self.steps = 0
         self.elapsed = 0.0
-        self._mark = time.monotonic()
+        self._mark = self._now()
 
     def restart_clock(self) -> None:
         """Start measuring from now (call after set-up that should not count, e.g. compile)."""
-        self._mark = time.monotonic()
+        self._mark = self._now()
 
     def update(self, steps: int = 1, seconds: float | None = None) -> None:
         """Count `steps` more optimizer steps and `seconds` more training time (default: the
         wall time since the last update or clock restart)."""
-        now = time.monotonic()
+        now = self._now()
         self.steps += steps
         self.elapsed += (now - self._mark) if seconds is None else seconds
         self._mark = now
@@ -106,12 +120,13 @@ class Progress:
 
     def state_dict(self) -> dict:
         return {"steps": self.steps, "elapsed": self.elapsed, "total_steps": self.total_steps,
-                "budget_seconds": self.budget_seconds}
+                "budget_seconds": self.budget_seconds, "clock": self.clock}
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from `state`. The saved length must equal this one: a different length
         would silently reshape the learning-rate schedule of the resumed run."""
-        for key in ("total_steps", "budget_seconds"):
+        state = {"clock": "wall", **state}  # checkpoints from before the clock choice
+        for key in ("total_steps", "budget_seconds", "clock"):
             if state.get(key) != getattr(self, key):
                 raise UserError(f"resume: the checkpoint was trained with {key}="
                                 f"{state.get(key)!r} but this run has {getattr(self, key)!r}; "

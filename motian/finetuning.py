@@ -47,6 +47,7 @@ from motian.runtime import pick_device
 from motian.task_generation import (
     check_generation_run,
     generate_predictions,
+    generation_rows,
     lead_baseline,
     max_new_tokens,
 )
@@ -59,7 +60,7 @@ from motian.task_training import (
 from motian.tasks.builtin import BUILTIN_TASKS, load_builtin
 from motian.tasks.clue import clue_name, load_clue, write_submission
 from motian.tasks.features import Featurizer
-from motian.tasks.heads import build_head, predict
+from motian.tasks.heads import SEQ2SEQ_GENERATORS, build_head, predict
 from motian.tasks.metrics import (
     accuracy,
     entity_prf,
@@ -151,11 +152,13 @@ def load_start(task: Task, model: Path | None, preset: str, vocab_size: int,
         raise UserError(f"{model}: the tokenizer has {vocab_size} tokens but the model only "
                         f"{config.vocab_size}; use the tokenizer the model was trained with")
     config = replace(config, **(overrides or {}))
-    head = build_head(task, config)
+    pretrained_head = start_facts(model, preset, vocab_size)[1]
+    head = build_head(task, config, pretrained_head)
     if random_init:  # no weights, hence no hash: the result does not depend on them
         return head, {"source": f"random init, shape of {model}"}, {}
     report = load_weights(head, state, str(model), quiet=True)
-    missing = [k for k in report.missing if k.startswith("backbone.")]
+    missing = [k for k in report.missing if k.startswith("backbone.")
+               or pretrained_head in SEQ2SEQ_GENERATORS]  # + their LM head / decoder
     if missing or report.mismatched:
         raise UserError(f"{model}: backbone weights did not load: "
                         f"{', '.join((missing + report.mismatched)[:6])}")
@@ -559,7 +562,8 @@ class _Seeds:
             if mlm_state:
                 mlm.load_state_dict(mlm_state)
         model.vocab_hash = tokenizer_vocab_hash(self.tok)  # saved with the fine-tuned model
-        objective = TaskObjective(model, task.type, self.training, self.special, mlm)
+        objective = TaskObjective(model, task.type, self.training, self.special, mlm,
+                                  prepare=generation_rows(model, task, self.featurize))
         t0 = time.perf_counter()
         stats = train_on_features(objective, self.train_features, task.type, self.special["pad"],
                                   self.training, self.optim, self.run_settings, info, seed,

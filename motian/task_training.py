@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -184,8 +184,13 @@ class TaskObjective(Objective):
     rates and gradual unfreezing."""
 
     def __init__(self, model: nn.Module, task_type: str, settings: TaskTraining,
-                 special: dict[str, int], mlm: MLMHead | None = None):
+                 special: dict[str, int], mlm: MLMHead | None = None,
+                 prepare: Callable[[dict[str, Tensor]], dict[str, Tensor]] | None = None):
+        """`prepare`: what a batch becomes before the head reads it (a UNILM or MASS model's
+        own generation rows: motian.task_generation.generation_rows); units are counted on
+        the batch as collated."""
         super().__init__()
+        self.prepare = prepare
         self.model, self.task_type, self.settings, self.special = model, task_type, settings, \
             special
         self.mlm = mlm if settings.aux_mlm else None
@@ -197,7 +202,8 @@ class TaskObjective(Objective):
     def forward(self, batch: dict[str, Tensor], units_per_rank: float,
                 micro_steps: int) -> tuple[Tensor, dict[str, Tensor]]:
         n = self.units(batch)
-        loss, _ = batch_loss(self.task_type, self.model, batch)
+        loss, _ = batch_loss(self.task_type, self.model,
+                             batch if self.prepare is None else self.prepare(batch))
         stats = {"loss_sum": loss.detach() * n, "units": torch.tensor(n)}
         total = loss * (n / units_per_rank)
         if self.mlm is not None:

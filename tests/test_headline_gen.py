@@ -20,10 +20,14 @@ from motian.data.clicks import article_side
 from motian.errors import UserError
 from motian.model import CausalLM, MaskedLM, preset, save_pretrained
 from motian.model.heads import UnifiedLM
+from motian.model.seq2seq import Seq2SeqLM
+from motian.serving.generate import left_pad
+from motian.serving.prefix_decoding import PrefixSequences, Seq2SeqSequences
 from motian.task_generation import lead_baseline
 from motian.task_training import TaskTraining, task_units
 from motian.tasks.builtin import MAX_SOURCE_CHARS, pd98_headline_gen, pd98_heldout_lines
 from motian.tasks.features import Featurizer, collate
+from motian.tasks.generation_rows import mass_rows, unilm_rows
 from motian.tasks.metrics import corpus_bleu, generation_scores, rouge_l, rouge_n
 from motian.tasks.types import Example, Task
 from motian.train.settings import RunSettings
@@ -186,7 +190,105 @@ def test_a_bidirectional_model_is_refused_with_a_clear_error(tmp_path):
         motian.finetune("pd98-headline-gen", tmp_path / "out", model=mlm)
     with pytest.raises(UserError, match="needs a causal model.*give --model"):
         motian.finetune("pd98-headline-gen", tmp_path / "out")
-    unilm = tmp_path / "unilm"  # generates, but is not fine-tuned as a generator (yet)
+    unilm = tmp_path / "unilm"  # generation-pretrained: accepted, but not with --aux-mlm
     save_pretrained(UnifiedLM(preset("tiny", vocab_size=40, hidden=32, heads=2, ffn=64)), unilm)
-    with pytest.raises(UserError, match="UnifiedLM .*trains a causal LM only"):
-        motian.finetune("pd98-headline-gen", tmp_path / "out", model=unilm)
+    with pytest.raises(UserError, match="--aux-mlm 0.5: .*own generation rows"):
+        motian.finetune("pd98-headline-gen", tmp_path / "out", model=unilm,
+                        training=TaskTraining(aux_mlm=0.5))
+
+
+# --------------------------------------------------------------------------- UNILM and MASS
+
+
+def _rows(tmp_path):
+    """A real tokenizer, two generation rows of different lengths, collated (right-padded)."""
+    tok, special = char_tokenizer(tmp_path, ["中国经济发展今日北京新闻报道"])
+    task = Task("g", "generation")
+    featurize = Featurizer(task, tok, special, 32)
+    rows = featurize([Example("a", "中国经济今日", target="发展报道"),
+                      Example("b", "北京", target="新闻")])
+    return tok, special, featurize, collate("generation", rows, special["pad"])
+
+
+def test_unilm_rows_mask_target_tokens_under_the_seq2seq_mask(tmp_path):
+    _, special, _, batch = _rows(tmp_path)
+    target = batch["labels"] != -100
+    rows = unilm_rows(batch, special["mask"], rate=1.0)
+    assert torch.equal(rows["input_ids"] == special["mask"], target)  # every target token
+    assert torch.equal(rows["labels"], batch["labels"])
+    assert rows["token_type_ids"][0].tolist() == [0] * 8 + [1] * 5  # [CLS] 6 [SEP] | 4 [SEP]
+    assert rows["token_type_ids"][1].tolist() == [0] * 4 + [1] * 3 + [0] * 6  # + padding
+    visible = rows["attention_mask"][0]
+    assert visible[:8, :8].all() and not visible[:8, 8:].any()  # the source: both ways, only
+    assert visible[9, :10].all() and not visible[9, 10:].any()  # a target token: source + past
+    assert not rows["attention_mask"][1][:, 7:].any()  # padding is never seen
+    one = unilm_rows(batch, special["mask"], rate=0.0)  # none drawn: one per row still
+    assert ((one["labels"] != -100).sum(1) == 1).all()
+    assert ((one["labels"] != -100) <= target).all()
+    half = unilm_rows(batch, special["mask"], rate=0.5, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(half["input_ids"] == special["mask"], half["labels"] != -100)
+    assert torch.equal(half["input_ids"][~target], batch["input_ids"][~target])
+
+
+def test_mass_rows_prompt_plus_masks_then_the_target_shifted(tmp_path):
+    _, special, _, batch = _rows(tmp_path)
+    m, pad = special["mask"], special["pad"]
+    rows = mass_rows(batch, m, pad, fill=5, max_length=32)
+    ids = batch["input_ids"]
+    assert rows["input_ids"][0].tolist() == ids[0, :8].tolist() + [m] * 5
+    assert rows["input_ids"][1].tolist() == ids[1, :4].tolist() + [m] * 5 + [pad] * 4
+    assert rows["decoder_input_ids"][0].tolist() == [m] + ids[0, 8:12].tolist()
+    assert rows["decoder_labels"][0].tolist() == ids[0, 8:13].tolist()  # target + [SEP]
+    assert rows["decoder_labels"][1].tolist() == ids[1, 4:7].tolist() + [-100] * 2
+    assert rows["decoder_position_ids"][0].tolist() == [8, 9, 10, 11, 12]
+    assert rows["decoder_position_ids"][1].tolist() == [4, 5, 6, 0, 0]
+    assert rows["decoder_attention_mask"][1].tolist() == [1, 1, 1, 0, 0]
+    cut = mass_rows(batch, m, pad, fill=5, max_length=12)  # room for 6 prompt tokens
+    assert cut["input_ids"][0].tolist() == ids[0, :5].tolist() + [special["sep"]] + [m] * 5
+
+
+@pytest.mark.parametrize("family", ["unilm", "mass"])
+def test_fine_tuning_rows_read_the_first_target_token_as_the_decoder_does(tmp_path, family):
+    """The first target token is predicted in fine-tuning exactly as the first decoding step
+    predicts it (same inputs, attention and positions): what the model learns is what it
+    generates with."""
+    tok, special, featurize, batch = _rows(tmp_path)
+    torch.manual_seed(0)
+    config = preset("tiny", vocab_size=tok.get_vocab_size(), hidden=32, heads=2, ffn=64,
+                    layers=2)
+    model = (UnifiedLM if family == "unilm" else Seq2SeqLM)(config).eval()
+    prompts = [batch["input_ids"][b, :n].tolist() for b, n in ((0, 8), (1, 4))]
+    ids, mask = left_pad(prompts, special["pad"], torch.device("cpu"))
+    with torch.no_grad():
+        if family == "unilm":
+            out = model(**unilm_rows(batch, special["mask"], rate=1.0))
+            firsts = out.logits[[0, 5]]  # row 0's 5 masked targets come first
+            decoded = PrefixSequences(model, ids, mask, False, special["mask"]).logits()
+        else:
+            out = model(**mass_rows(batch, special["mask"], special["pad"], 5, 32))
+            firsts = out.logits[[0, 5]]
+            decoded = Seq2SeqSequences(model, ids, mask, False, special["mask"], 5).logits()
+    torch.testing.assert_close(firsts.float(), decoded, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("recipe", ["unilm-demo", "mass-demo"])
+def test_unilm_and_mass_fine_tune_on_headlines_in_their_own_family(pd98_encoded, tmp_path,
+                                                                   recipe):
+    run = tmp_path / "pre"
+    motian.pretrain(recipe=recipe, data=pd98_encoded, out=run, steps=2,
+                    override=["model.overrides.hidden=32", "model.overrides.ffn=64",
+                              "model.overrides.heads=2", "eval.rows=16", "eval.batch=8",
+                              "eval.every=0"],
+                    run=RunSettings(device="cpu", threads=1, progress=False))
+    head = "UnifiedLM" if recipe == "unilm-demo" else "Seq2SeqLM"
+    result = motian.finetune("pd98-headline-gen", tmp_path / "ft", model=run / "final",
+                             seeds=[1], max_train=16, max_eval=4, max_length=64,
+                             training=TaskTraining(epochs=1, batch_size=8),
+                             run=RunSettings(device="cpu", threads=1, progress=False))
+    assert result["runs"][0]["steps"] == 2 and math.isfinite(result["runs"][0]["final_loss"])
+    assert set(result["runs"][0]["test"]) == {"rouge_1", "rouge_2", "rouge_l", "bleu"}
+    saved = json.loads((tmp_path / "ft" / "seed-1" / "model" / "config.json").read_text("utf-8"))
+    assert saved["head"] == head  # still a UNILM / MASS model: `motian generate` decodes it
+    scored = motian.evaluate(tmp_path / "ft" / "seed-1" / "model", split="test", max_eval=2,
+                             device="cpu")
+    assert set(scored["scores"]) == {"rouge_1", "rouge_2", "rouge_l", "bleu"}

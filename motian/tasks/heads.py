@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from motian.errors import UserError
 from motian.model.config import ModelConfig
 from motian.model.heads import (
+    HEADS,
     CausalLM,
     MultipleChoice,
     SequenceClassification,
@@ -26,8 +27,13 @@ from motian.tasks.types import Example, Task, tag_names
 from motian.train.fit import autocast_context, resolve_precision
 
 
-def build_head(task: Task, config: ModelConfig) -> nn.Module:
+def build_head(task: Task, config: ModelConfig, pretrained_head: str | None = None
+               ) -> nn.Module:
+    """The task model of `config`. A generation task keeps the generating family the model was
+    pretrained as (`pretrained_head`: UNILM's UnifiedLM, MASS's Seq2SeqLM), else a CausalLM."""
     if task.type == "generation":
+        if pretrained_head in SEQ2SEQ_GENERATORS:
+            return HEADS[pretrained_head](config)
         if not config.causal:
             raise UserError(GENERATION_NEEDS_CAUSAL)
         return CausalLM(config)
@@ -40,6 +46,8 @@ def build_head(task: Task, config: ModelConfig) -> nn.Module:
     return MultipleChoice(config)
 
 
+# Generation-pretrained families fine-tuned on their own rows (motian.tasks.generation_rows).
+SEQ2SEQ_GENERATORS = ("UnifiedLM", "Seq2SeqLM")
 GENERATION_NEEDS_CAUSAL = (
     "a generation task needs a causal model: a bidirectional (masked-LM) encoder sees the "
     "token it must predict and cannot produce text left to right. Start from a causal LM "

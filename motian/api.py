@@ -28,6 +28,7 @@ VERBS: dict[str, str] = {
     "demo": "motian.pipeline:demo",
     "pretrain": "motian.pretraining:pretrain",
     "inspect-batch": "motian.pretraining:inspect_batch",
+    "plan": "motian.train.plan:plan",
     "hf-convert": "motian.model.hf:convert_hf",
     "longformer-convert": "motian.model.longformer:longformer_convert",
     "export": "motian.serving.export:export",

@@ -1,8 +1,15 @@
-"""Efficient pretraining objectives against MLM at equal cost: which buys the most model per
+"""Pretraining objectives against each other at equal cost: which buys the most model per
 CPU-minute on the bundled corpus?
 
-    python benchmarks/objectives.py --data runs/demo/encoded --minutes 5 --clock cpu \
+    python benchmarks/objectives.py --data runs/demo/encoded --minutes 3 --clock cpu \
         --seeds 1 2 3 --out runs/objectives --report docs/objectives.md
+    python benchmarks/objectives.py --suite generators --data runs/demo/encoded --minutes 3 \
+        --clock cpu --seeds 1 2 3 --out runs/generators --report docs/generate.md
+
+Suite "encoders" (the default) compares the efficient objectives with MLM; suite "generators"
+compares the generating families (GPT, UNILM, MASS) on `pd98-headline-gen` (test ROUGE-L,
+fine-tuned with the options docs/generate.md used), beside random initialisation and the lead
+baseline.
 
 Arms are the bundled recipes, unchanged but for their length, clock and seed: `demo` (MLM, the
 reference), `electra-demo`, `mc-bert-demo`, `spanbert-demo` (span masking + SBO),
@@ -42,13 +49,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.ablation import run_parallel, update_report, verdict  # noqa: E402
-from benchmarks.downstream import MAIN_METRIC, tfidf_accuracy  # noqa: E402
+from benchmarks.downstream import tfidf_accuracy  # noqa: E402
 from benchmarks.pretrain import with_settings  # noqa: E402
 from motian.data.shards import write_json_atomic  # noqa: E402
 from motian.tasks.metrics import mean_std  # noqa: E402
 from motian.train.recipe import save_recipe  # noqa: E402
-
-TASKS = tuple(MAIN_METRIC)  # reviews-sentiment (accuracy), pd98-ner (f1)
 
 
 @dataclass(frozen=True)
@@ -66,8 +71,31 @@ ARMS = (
     Arm("Taking Notes on the Fly", "notes", "notes-demo"),
     Arm("Progressive stacking", "stacking", "stacking-demo"),
 )
-REFERENCE = "mlm"
-TIME_TO_TARGET = ("notes", "stacking")  # arms whose papers claim a faster way to MLM quality
+GENERATOR_ARMS = (
+    Arm("GPT (causal LM)", "gpt", "gpt-demo"),
+    Arm("UNILM", "unilm", "unilm-demo"),
+    Arm("MASS", "mass", "mass-demo"),
+)
+
+
+@dataclass(frozen=True)
+class Suite:
+    arms: tuple[Arm, ...]
+    tasks: dict[str, str]  # task -> its main test metric
+    reference: str  # the arm the others are compared with
+    ft_options: tuple[str, ...] = ()  # `motian finetune` options beyond the defaults
+    time_to_target: tuple[str, ...] = ()  # arms whose papers claim a faster way to its loss
+    own_eval: tuple[str, ...] = ()  # arms whose held-out numbers are not the reference's kind
+
+
+SUITES = {
+    "encoders": Suite(ARMS, {"reviews-sentiment": "accuracy", "pd98-ner": "f1"}, "mlm",
+                      time_to_target=("notes", "stacking"), own_eval=("electra", "mc-bert")),
+    # docs/generate.md's headline options: 209 training articles need several epochs
+    "generators": Suite(GENERATOR_ARMS, {"pd98-headline-gen": "rouge_l"}, "gpt",
+                        ("--epochs", "8", "--batch-size", "16", "--lr", "2e-3", "--max-length",
+                         "128"), own_eval=("unilm", "mass")),
+}
 
 
 def run_dir(args: argparse.Namespace, arm: Arm, seed: int) -> Path:
@@ -112,7 +140,8 @@ def finetune_job(args: argparse.Namespace, model: Path, out: Path, task: str,
                  seeds: list[int], random_init: bool = False) -> tuple[list[str], Path]:
     cmd = [sys.executable, "-m", "motian.cli", "finetune", "--task", task, "--out", str(out),
            "--model", str(model), "--seeds", *map(str, seeds), "--max-train",
-           str(args.ft_max_train), "--no-save-model", "--device", "cpu", "--no-progress"]
+           str(args.ft_max_train), "--no-save-model", "--device", "cpu", "--no-progress",
+           *SUITES[args.suite].ft_options]
     if args.ft_max_eval:
         cmd += ["--max-eval", str(args.ft_max_eval)]
     if random_init:
@@ -139,6 +168,7 @@ def waves(args: argparse.Namespace, arms: list[Arm]) -> list[list[tuple[Arm, int
 
 
 def run_all(args: argparse.Namespace, arms: list[Arm]) -> None:
+    tasks = SUITES[args.suite].tasks
     plan = waves(args, arms)
     for n, wave in enumerate(plan, 1):
         names = " + ".join(f"{a.slug}/seed{s}" for a, s in wave)
@@ -157,12 +187,12 @@ def run_all(args: argparse.Namespace, arms: list[Arm]) -> None:
             d = run_dir(args, arm, seed)
             if not (d / "pretrain" / "summary.json").is_file():
                 continue
-            for task in TASKS:
+            for task in tasks:
                 if not (d / task / "results.json").is_file():
                     jobs.append(finetune_job(args, d / "pretrain" / "final", d / task, task,
                                              ft_seeds(args, seed)))
-    reference = run_dir(args, ARMS[0], args.seeds[0]) / "pretrain" / "final"
-    for task in TASKS:
+    reference = run_dir(args, arms[0], args.seeds[0]) / "pretrain" / "final"
+    for task in tasks:
         out = args.out / "random-init" / task
         if reference.is_dir() and not (out / "results.json").is_file():
             seeds = [s for seed in args.seeds for s in ft_seeds(args, seed)]
@@ -204,11 +234,11 @@ def time_to_target(evals: list[dict], train: list[dict], target: float,
 def collect_run(args: argparse.Namespace, arm: Arm, seed: int) -> dict | None:
     from motian.train.metrics import read_metrics
 
-    d = run_dir(args, arm, seed)
+    d, tasks = run_dir(args, arm, seed), SUITES[args.suite].tasks
     try:
         summary = json.loads((d / "pretrain" / "summary.json").read_text(encoding="utf-8"))
         down = {task: json.loads((d / task / "results.json").read_text(encoding="utf-8"))
-                for task in TASKS}
+                for task in tasks}
     except FileNotFoundError:
         return None
     conditions = d / "conditions.json"
@@ -219,8 +249,10 @@ def collect_run(args: argparse.Namespace, arm: Arm, seed: int) -> dict | None:
             "evals": read_metrics(metrics, "eval"), "train": read_metrics(metrics, "train"),
             **(json.loads(conditions.read_text(encoding="utf-8")) if conditions.is_file()
                else {}),
-            "downstream": {task: [r["test"][MAIN_METRIC[task]] for r in down[task]["runs"]
-                                  if "test" in r] for task in TASKS}}
+            "downstream": {task: [r["test"][metric] for r in down[task]["runs"] if "test" in r]
+                           for task, metric in tasks.items()},
+            "baselines": {task: down[task].get("lead_baseline", {}).get("test", {}).get(metric)
+                          for task, metric in tasks.items()}}
 
 
 def _pm(values: list[float], scale: float = 100.0, digits: int = 2) -> str:
@@ -258,58 +290,70 @@ def markdown(args: argparse.Namespace, arms: list[Arm], runs: list[dict],
              random_init: dict[str, list[float]], tfidf: float | None) -> str:
     import torch
 
+    suite = SUITES[args.suite]
+    tasks = suite.tasks
     by_arm = {a.slug: [r for r in runs if r["arm"] == a.slug] for a in arms}
-    ref = by_arm.get(REFERENCE, [])
-    ref_down = {t: [v for r in ref for v in r["downstream"][t]] for t in TASKS}
-    lines = [f"### Objectives at equal cost: {args.minutes:g} {args.clock}-clock minutes of "
-             f"pretraining each ({time.strftime('%Y-%m-%d')})", "",
+    ref = by_arm.get(suite.reference, [])
+    ref_down = {t: [v for r in ref for v in r["downstream"][t]] for t in tasks}
+    task_heads = "".join(f" {t} test {m} % | vs {suite.reference} |" for t, m in tasks.items())
+    lines = [f"### {args.suite.capitalize()} at equal cost: {args.minutes:g} {args.clock}-clock "
+             f"minutes of pretraining each ({time.strftime('%Y-%m-%d')})", "",
              f"Command: `python {shlex.join(sys.argv)}`", "",
              f"Machine: {platform.platform()}, {os.cpu_count()} CPU cores, torch "
              f"{torch.__version__}, fp32, 1 thread per process, runs two at a time (other jobs "
              "shared the machine; the cpu clock keeps each run's work equal regardless).",
              f"Pretraining seeds {', '.join(map(str, args.seeds))}; each model fine-tuned with "
-             f"{args.ft_seeds} seed(s) per task, `motian finetune` defaults for the model, "
-             f"{args.ft_max_train} training examples, test split "
+             f"{args.ft_seeds} seed(s) per task, `motian finetune` defaults for the model"
+             + (f" and {' '.join(suite.ft_options)}" if suite.ft_options else "")
+             + f", at most {args.ft_max_train} training examples, test split "
              f"({args.ft_max_eval or 'all'} examples). Downstream cells: mean ± std over all "
              "(pretraining seed, fine-tuning seed) runs of the arm.", "",
-             "| arm | runs | steps | held-out MLM loss | held-out MLM acc % | reviews acc % | "
-             "vs MLM | NER F1 % | vs MLM |", "|---|---:|---:|---:|---:|---:|---|---:|---|"]
+             f"| arm | runs | steps | held-out loss | held-out acc % |{task_heads}",
+             "|---|---:|---:|---:|---:|" + "---:|---|" * len(tasks)]
     for arm in arms:
         rs = by_arm[arm.slug]
         if not rs:
-            lines.append(f"| {arm.name} | 0 | — | — | — | — | — | — | — |")
+            lines.append(f"| {arm.name} | 0 |" + " — |" * (3 + 2 * len(tasks)))
             continue
-        down = {t: [v for r in rs for v in r["downstream"][t]] for t in TASKS}
-        steps = _pm([r["steps"] for r in rs], 1.0, 0)
-        loss = _pm([r["eval"]["loss"] for r in rs], 1.0, 3)
-        acc = _pm([r["eval"]["accuracy"] for r in rs])
-        head = " (generator)" if arm.slug in ("electra", "mc-bert") else ""
-        lines.append(
-            f"| {arm.name} | {len(rs)} | {steps} | {loss}{head} | {acc}{head} | "
-            f"{_pm(down['reviews-sentiment'])} | "
-            f"{'ref.' if arm.slug == REFERENCE else _vs_reference(ref_down['reviews-sentiment'], down['reviews-sentiment'])} | "  # noqa: E501
-            f"{_pm(down['pd98-ner'])} | "
-            f"{'ref.' if arm.slug == REFERENCE else _vs_reference(ref_down['pd98-ner'], down['pd98-ner'])} |")  # noqa: E501
-    lines.append(f"| random initialisation | — | — | — | — | "
-                 f"{_pm(random_init.get('reviews-sentiment', []))} | "
-                 f"{_vs_reference(ref_down['reviews-sentiment'], random_init.get('reviews-sentiment', []))} | "  # noqa: E501
-                 f"{_pm(random_init.get('pd98-ner', []))} | "
-                 f"{_vs_reference(ref_down['pd98-ner'], random_init.get('pd98-ner', []))} |")
-    if tfidf is not None:
-        lines.append(f"| TF-IDF char 1-2-gram + LR ({args.ft_max_train} train) | — | — | — | — | "
-                     f"{100 * tfidf:.2f} | — | — | — |")
-    lines += ["", "\"vs MLM\": arm − MLM in points; better/worse only when the difference "
-              "exceeds √(std₁² + std₂²), the spread of a difference of single runs (a one-sigma "
-              "rule, not a significance test). ELECTRA's and MC-BERT's held-out MLM numbers are "
-              "their small generator's, not comparable with the others'.", ""]
-    if ref:
+        own = " (own)" if arm.slug in suite.own_eval else ""
+        cells = [arm.name, str(len(rs)), _pm([r["steps"] for r in rs], 1.0, 0),
+                 _pm([r["eval"]["loss"] for r in rs], 1.0, 3) + own,
+                 _pm([r["eval"]["accuracy"] for r in rs]) + own]
+        for t in tasks:
+            values = [v for r in rs for v in r["downstream"][t]]
+            cells += [_pm(values), "ref." if arm.slug == suite.reference
+                      else _vs_reference(ref_down[t], values)]
+        lines.append("| " + " | ".join(cells) + " |")
+    cells = ["random initialisation", "—", "—", "—", "—"]
+    for t in tasks:
+        cells += [_pm(random_init.get(t, [])), _vs_reference(ref_down[t], random_init.get(t, []))]
+    lines.append("| " + " | ".join(cells) + " |")
+    lead = {t: next((r["baselines"][t] for r in runs if r["baselines"].get(t) is not None),
+                    None) for t in tasks}
+    baselines = [("lead baseline (the source's first N characters)", lead),
+                 (f"TF-IDF char 1-2-gram + LR ({args.ft_max_train} train)",
+                  {"reviews-sentiment": tfidf})]
+    for name, values in baselines:
+        if any(values.get(t) is not None for t in tasks):
+            cells = [name, "—", "—", "—", "—"]
+            for t in tasks:
+                cells += ["—" if values.get(t) is None else f"{100 * values[t]:.2f}", "—"]
+            lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", f"\"vs {suite.reference}\": arm − {suite.reference} in points; better/worse "
+              "only when the difference exceeds √(std₁² + std₂²), the spread of a difference of "
+              "single runs (a one-sigma rule, not a significance test). Held-out numbers marked "
+              "(own) are that arm's own evaluation (ELECTRA's and MC-BERT's small generator's "
+              "MLM; UNILM's masked tokens; MASS's fragments), not comparable with the others'.",
+              ""]
+    if ref and suite.time_to_target:
         target = sum(r["eval"]["loss"] for r in ref) / len(ref)
-        lines += [f"Time to the MLM arm's final held-out loss ({target:.3f}, mean of its "
-                  "seeds), as a share of the budget (interpolated between the evaluations at "
-                  "every 10%):", "", "| arm | " + " | ".join(f"seed {s}" for s in args.seeds)
-                  + " |", "|---|" + "---:|" * len(args.seeds)]
+        lines += [f"Time to the {suite.reference} arm's final held-out loss ({target:.3f}, mean "
+                  "of its seeds), as a share of the budget (interpolated between the "
+                  "evaluations at every 10%):", "", "| arm | "
+                  + " | ".join(f"seed {s}" for s in args.seeds) + " |",
+                  "|---|" + "---:|" * len(args.seeds)]
         budget = args.minutes * 60
-        for slug in (REFERENCE, *TIME_TO_TARGET):
+        for slug in (suite.reference, *suite.time_to_target):
             cells = []
             for seed in args.seeds:
                 r = next((r for r in by_arm.get(slug, []) if r["seed"] == seed), None)
@@ -324,6 +368,7 @@ def markdown(args: argparse.Namespace, arms: list[Arm], runs: list[dict],
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--suite", choices=sorted(SUITES), default="encoders")
     p.add_argument("--data", type=Path, default=Path("runs/demo/encoded"))
     p.add_argument("--out", type=Path, default=Path("runs/objectives"))
     p.add_argument("--minutes", type=float, default=5.0, help="pretraining budget per run")
@@ -346,26 +391,28 @@ def main() -> int:
     if not (args.data / "manifest.json").is_file():
         sys.exit(f"{args.data}: no encoded shards (manifest.json); run `motian prepare --inputs "
                  "pd98 reviews --out runs/demo` first")
-    unknown = set(args.arms or []) - {a.slug for a in ARMS}
+    suite = SUITES[args.suite]
+    unknown = set(args.arms or []) - {a.slug for a in suite.arms}
     if unknown:
-        sys.exit(f"--arms: unknown {sorted(unknown)}; choose from {[a.slug for a in ARMS]}")
-    arms = [a for a in ARMS if args.arms is None or a.slug in args.arms]
+        sys.exit(f"--arms: unknown {sorted(unknown)}; choose from "
+                 f"{[a.slug for a in suite.arms]}")
+    arms = [a for a in suite.arms if args.arms is None or a.slug in args.arms]
     check_settings(args)
     if not args.table_only:
         run_all(args, arms)
     runs = [r for a in arms for s in args.seeds if (r := collect_run(args, a, s)) is not None]
     random_init = {}
-    for task in TASKS:
+    for task, metric in suite.tasks.items():
         path = args.out / "random-init" / task / "results.json"
         if path.is_file():
             done = json.loads(path.read_text(encoding="utf-8"))
-            random_init[task] = [r["test"][MAIN_METRIC[task]] for r in done["runs"]
-                                 if "test" in r]
-    table = markdown(args, arms, runs, random_init, tfidf_row(args))
+            random_init[task] = [r["test"][metric] for r in done["runs"] if "test" in r]
+    tfidf = tfidf_row(args) if "reviews-sentiment" in suite.tasks else None
+    table = markdown(args, arms, runs, random_init, tfidf)
     print(table)
     (args.out / "objectives.md").write_text(table, encoding="utf-8")
     if args.report:
-        update_report(args.report, table, "objectives-results")
+        update_report(args.report, table, f"{args.suite}-results")
     return 0 if len(runs) == len(arms) * len(args.seeds) else 1
 
 

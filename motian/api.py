@@ -27,6 +27,7 @@ VERBS: dict[str, str] = {
     "prepare": "motian.pipeline:prepare",
     "demo": "motian.pipeline:demo",
     "pretrain": "motian.pretraining:pretrain",
+    "consolidate": "motian.train.sharded:consolidate",
     "inspect-batch": "motian.pretraining:inspect_batch",
     "plan": "motian.train.plan:plan",
     "hf-convert": "motian.model.hf:convert_hf",
@@ -36,11 +37,16 @@ VERBS: dict[str, str] = {
     "fill-mask": "motian.serving.predict:fill_mask",
     "generate": "motian.serving.generate:generate",
     "serve": "motian.serving.server:serve",
+    "adapt": "motian.adaptation:adapt",
     "finetune": "motian.finetuning:finetune",
     "evaluate": "motian.finetuning:evaluate",
+    "multitask": "motian.multitasking:multitask",
     "report": "motian.reporting.run:report",
     "distill": "motian.distillation:distill",
     "distill-corpus": "motian.distillation:distill_corpus",
+    "early-exit": "motian.early_exiting:early_exit",
+    "early-exit-curve": "motian.early_exiting:early_exit_curve",
+    "prune": "motian.pruning:prune",
 }
 
 

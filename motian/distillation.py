@@ -421,7 +421,7 @@ def distill(teacher: Path, out: Path, task: str | None = None, student_layers: i
         "epochs": epochs, "batch_size": batch_size, "warmup": warmup,
         **{k: v for k, v in settings_record(settings, optim).items()
            if k in ("optimizer", "lr", "weight_decay", "clip_norm", "betas", "eps", "decay",
-                    "min_ratio")}}
+                    "min_ratio", "cut_frac", "ratio")}}
     tok = load_tokenizer(Path(teacher) / "tokenizer.json")
     special = special_token_ids(tok)
     runner = _Run(the_task, tok, special, Featurizer(the_task, tok, special, card.max_length),

@@ -385,6 +385,71 @@ def _all_gold(task: Task, examples: list[Example]) -> bool:
     return probe.labelled("x")
 
 
+def open_tokenizer(model: Path | None, tokenizer: Path | None, allow_vocab_mismatch: bool
+                   ) -> tuple[Path, Tokenizer, dict[str, int]]:
+    """(path, tokenizer, special token ids) a run uses: `tokenizer`, else the model's own,
+    refused when its vocabulary is not the one the model was trained with (unless allowed)."""
+    tok_path = find_tokenizer(model, tokenizer)
+    tok = load_tokenizer(tok_path)
+    if model is not None:
+        check_vocab(model_vocab_hash(resolve_model_dir(Path(model))), tokenizer_vocab_hash(tok),
+                    model, tok_path, allow_vocab_mismatch)
+    return tok_path, tok, special_token_ids(tok)
+
+
+def resolve_defaults(task_type: str, model: Path | None, preset: str, vocab_size: int,
+                     random_init: bool, optim: OptimSettings, pooling: str | None,
+                     dropout: float | None, info: DistInfo
+                     ) -> tuple[dict, OptimSettings, dict]:
+    """(`choose_defaults`' record, the optimiser with its rate, the ModelConfig overrides:
+    pooling and dropout); rank 0 prints what was chosen for the user."""
+    chosen = choose_defaults(task_type, model, preset, vocab_size, random_init, optim.lr,
+                             pooling)
+    optim = replace(optim, lr=chosen["lr"]["value"])
+    pooling = chosen["pooling"]["value"] if "pooling" in chosen else pooling
+    line = defaults_line(chosen)
+    if line and info.is_main:
+        print(line, file=sys.stderr, flush=True)
+    overrides = {k: v for k, v in (("classifier_pooling", pooling), ("dropout", dropout),
+                                   ("attention_dropout", dropout)) if v is not None}
+    return chosen, optim, overrides
+
+
+def finished_seed(seed_dir: Path, config: dict, seed: int, info: DistInfo) -> dict | None:
+    """The result of a seed finished earlier with the same `config` (seed_dir/result.json),
+    else None, with `seed_dir` made (rank 0)."""
+    done = seed_dir / "result.json"
+    if done.is_file():
+        previous = json.loads(done.read_text("utf-8"))
+        if previous.get("config") == config:
+            if info.is_main:
+                print(f"seed {seed}: finished earlier, reusing {done}", file=sys.stderr)
+            return previous["result"]
+    if info.is_main:
+        seed_dir.mkdir(parents=True, exist_ok=True)
+    return None
+
+
+def evaluate_splits(model: nn.Module, task: Task, featurize: Featurizer, pad: int,
+                    max_eval: int | None, device: torch.device, out_dir: Path, precision: str,
+                    write: bool) -> dict:
+    """{split: scores} of the labelled dev and test splits (at most `max_eval` examples each),
+    and {split_submission / split_predictions: path} for the files written (`_evaluate_split`)."""
+    out: dict = {}
+    for split in ("dev", "test"):
+        examples = subset(task.splits.get(split, []), max_eval)
+        if not examples:
+            continue
+        scores, submission = _evaluate_split(model, task, split, examples, featurize, pad,
+                                             device, 64, out_dir, precision, write=write)
+        if scores is not None:
+            out[split] = scores
+        if submission is not None:
+            kind = "predictions" if task.format else "submission"
+            out[f"{split}_{kind}"] = str(submission)
+    return out
+
+
 @dist_utils.in_process_group
 def finetune(task: str, out: Path, model: Path | None = None, tokenizer: Path | None = None,
              data: Path | None = None, preset: str = "tiny", seeds: list[int] | None = None,
@@ -455,22 +520,10 @@ def finetune(task: str, out: Path, model: Path | None = None, tokenizer: Path | 
     require_scored_split(the_task, data, max_eval)
     if the_task.type == "generation":
         check_generation_run(the_task, model, training.aux_mlm)
-    tok_path = find_tokenizer(model, tokenizer)
-    tok = load_tokenizer(tok_path)
-    vocab_hash = tokenizer_vocab_hash(tok)
-    if model is not None:
-        check_vocab(model_vocab_hash(resolve_model_dir(Path(model))), vocab_hash, model, tok_path,
-                    allow_vocab_mismatch)
-    special = special_token_ids(tok)
-    chosen = choose_defaults(the_task.type, model, preset, tok.get_vocab_size(), random_init,
-                             optim.lr, pooling)
-    optim = replace(optim, lr=chosen["lr"]["value"])
-    pooling = chosen["pooling"]["value"] if "pooling" in chosen else pooling
-    line = defaults_line(chosen)
-    if line and info.is_main:
-        print(line, file=sys.stderr, flush=True)
-    overrides = {k: v for k, v in (("classifier_pooling", pooling), ("dropout", dropout),
-                                   ("attention_dropout", dropout)) if v is not None}
+    tok_path, tok, special = open_tokenizer(model, tokenizer, allow_vocab_mismatch)
+    chosen, optim, overrides = resolve_defaults(the_task.type, model, preset,
+                                                tok.get_vocab_size(), random_init, optim,
+                                                pooling, dropout, info)
     _, start_info, _ = load_start(the_task, model, preset, tok.get_vocab_size(), random_init,
                                   overrides)
     config = {"task": the_task.name, "model": str(model) if model else None,
@@ -516,6 +569,9 @@ def settings_record(training: TaskTraining, optim: OptimSettings) -> dict:
     record = {**asdict(training), **asdict(optim)}
     record["optimizer"] = record.pop("name")
     record["betas"] = list(record["betas"])
+    if record["decay"] != "stlr":  # unused: results and checkpoints are reused as before
+        record.pop("cut_frac")
+        record.pop("ratio")
     return record
 
 
@@ -543,15 +599,9 @@ class _Seeds:
 
     def run(self, seed: int, seed_dir: Path) -> dict:
         task, config, info = self.task, self.config, self.info
-        done = seed_dir / "result.json"
-        if done.is_file():
-            previous = json.loads(done.read_text("utf-8"))
-            if previous.get("config") == config:
-                if info.is_main:
-                    print(f"seed {seed}: finished earlier, reusing {done}", file=sys.stderr)
-                return previous["result"]
-        if info.is_main:
-            seed_dir.mkdir(parents=True, exist_ok=True)
+        previous = finished_seed(seed_dir, config, seed, info)
+        if previous is not None:
+            return previous
         seed_everything(seed)
         model, _, mlm_state = load_start(task, self.model_path, self.preset,
                                          self.tok.get_vocab_size(), config["random_init"],
@@ -575,22 +625,12 @@ class _Seeds:
                         "steps": stats["steps"], "final_loss": stats["final_loss"],
                         "skipped_steps": stats["skipped_steps"]}
         # Every rank evaluates (no rank waits on another's evaluation); rank 0 writes.
-        for split in ("dev", "test"):
-            examples = subset(task.splits.get(split, []), self.max_eval)
-            if not examples:
-                continue
-            scores, submission = _evaluate_split(model, task, split, examples, self.featurize,
-                                                 self.special["pad"], device, 64, seed_dir,
-                                                 precision, write=info.is_main)
-            if scores is not None:
-                result[split] = scores
-            if submission is not None:
-                kind = "predictions" if task.format else "submission"
-                result[f"{split}_{kind}"] = str(submission)
+        result.update(evaluate_splits(model, task, self.featurize, self.special["pad"],
+                                      self.max_eval, device, seed_dir, precision, info.is_main))
         if info.is_main:
             if self.save_model:
                 save_fine_tuned(model, task, self.tok, config["max_length"], seed_dir / "model")
-            write_json_atomic(done, {"config": config, "result": result})
+            write_json_atomic(seed_dir / "result.json", {"config": config, "result": result})
             remove_checkpoints(seed_dir)  # the seed is done: its model and result are kept
         return result
 

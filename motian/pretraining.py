@@ -38,6 +38,7 @@ from motian.model.config import ModelConfig
 from motian.train import distributed as dist_utils
 from motian.train.checkpoint import latest_checkpoint
 from motian.train.distributed import DistInfo
+from motian.train.elmo import build_elmo_objective
 from motian.train.fit import FitConfig, fit, resolve_precision
 from motian.train.lock import hold_run_dir
 from motian.train.mass import MaskedSeq2Seq, mass_eval_batches
@@ -57,6 +58,7 @@ from motian.train.sbo import SpanBoundaryPretrainer
 from motian.train.settings import RunSettings, Stage
 from motian.train.unilm import UnifiedPretrainer
 from motian.train.xl import build_xl_objective, check_xl_recipe
+from motian.train.xlnet import PermutationLM, xlnet_eval_batches
 
 LOG_EVERY = 10  # optimizer steps between metric records
 
@@ -72,7 +74,7 @@ def pretrain(recipe: str = "demo", data: Path = Path("runs/demo/encoded"),
     Args:
         recipe: a recipe name (demo, motian-demo, bert-base, roberta-base, motian-base,
             motian-1b, spanbert-demo, notes-demo, gpt-demo, unilm-demo, mass-demo,
-            xl-demo) or a YAML
+            xl-demo, xlnet-demo, ernie-demo, elmo-demo) or a YAML
             file.
         data: a directory written by `motian encode` (or `motian prepare`'s out/encoded).
         out: run directory: checkpoints/, final/, metrics.jsonl, tensorboard/, run.json.
@@ -106,12 +108,20 @@ def pretrain(recipe: str = "demo", data: Path = Path("runs/demo/encoded"),
         kind = "next-token" if "perplexity" in e else "masked-token"
         if spec.objective.kind == "mass":
             kind = "masked-fragment (MASS decoder)"
+        if spec.objective.kind == "elmo":
+            kind = "biLM (forward and backward next-token)"
+        if spec.objective.kind == "xlnet":
+            kind = f"permutation-LM (last 1/{spec.objective.xlnet_k} of each order)"
         ppl = f", perplexity {e['perplexity']:.1f}" if "perplexity" in e else ""
         print(f"held-out {kind} accuracy {e['accuracy']:.2%}, loss {e['loss']:.3f}{ppl} "
               f"({e['tokens']:,} tokens)")
         if "perplexity_no_memory" in e:  # Transformer-XL: the same stream without memory
             print(f"held-out without memory: loss {e['loss_no_memory']:.3f}, perplexity "
                   f"{e['perplexity_no_memory']:.1f}")
+        if "perplexity_forward" in e:  # ELMo: the line above is both directions'
+            print(f"held-out forward LM: loss {e['loss_forward']:.3f}, perplexity "
+                  f"{e['perplexity_forward']:.1f}; backward LM: loss {e['loss_backward']:.3f}, "
+                  f"perplexity {e['perplexity_backward']:.1f}")
         if "rtd_accuracy" in e:  # ELECTRA / MC-BERT: the line above is the generator's
             print(replaced_eval_line(e))
     print(f"final model: {summary['final']}\ncheckpoint:  {summary['checkpoint']}\n"
@@ -146,7 +156,7 @@ class PretrainBatches:
                                   held_out=False)
         if state is not None:
             self.loader.load_state_dict(state)
-        if self.recipe.objective.kind == "causal":
+        if self.recipe.objective.kind in ("causal", "xlnet", "elmo"):  # rows read whole
             return causal_batches(self.loader)
         if self.recipe.objective.kind == "mass":
             return mass_batches(self.loader)
@@ -244,8 +254,11 @@ def build_objective(recipe: Recipe, data: Path, run: RunSettings
     check_xl_recipe(recipe)
     if recipe.objective.kind == "transformer-xl":  # its own model, batches and eval: train/xl.py
         return build_xl_objective(recipe, data, run.checkpoint_activations)
+    if recipe.objective.kind == "elmo":  # a biLSTM LM on the causal LM's rows: train/elmo.py
+        return build_elmo_objective(recipe, *eval_batches(data, recipe.eval, causal=True))
     causal = recipe.objective.kind == "causal"
-    evalset, vocab_size = eval_batches(data, recipe.eval, causal,
+    xlnet = recipe.objective.kind == "xlnet"
+    evalset, vocab_size = eval_batches(data, recipe.eval, causal or xlnet,
                                        recipe.data.cross_document_attention)
     torch.manual_seed(recipe.seed)
     config = recipe.model.build(vocab_size).replace(
@@ -260,6 +273,9 @@ def build_objective(recipe: Recipe, data: Path, run: RunSettings
                             "whole; set data.cross_document_attention: true")
         return MaskedSeq2Seq(model, mass_eval_batches(data, recipe.eval,
                                                       recipe.objective.mass_span))
+    if xlnet:  # permutation LM on the rows read whole, own held-out orders: train/xlnet.py
+        k = recipe.objective.xlnet_k
+        return PermutationLM(model, k, xlnet_eval_batches(evalset, k, recipe.eval.seed))
     if recipe.objective.kind in REPLACED_KINDS:  # ELECTRA / MC-BERT: + generator, own eval
         return ReplacedTokens(model, recipe.objective, evalset)
     weighting = TaskWeighting(task_names(recipe.objective, recipe.data.pair_task),
@@ -333,7 +349,7 @@ def _pretrain(recipe: Recipe, run: RunSettings, data: Path, run_dir: Path, info:
     open_logger = (lambda: _start_logging(recipe, run, run_dir, info, precision, data)) \
         if info.is_main else None
     summary = fit(objective, PretrainBatches(data, recipe), fit_config(recipe), run, run_dir,
-                  info, resume=resume, open_logger=open_logger)
+                  info, resume=resume, open_logger=open_logger, fsdp_ok=True)
     return _finish(run_dir, objective, summary, info)
 
 
@@ -364,8 +380,9 @@ def _finish(run_dir: Path, objective: Pretrainer, summary: dict, info: DistInfo)
 
     summary = {k: v for k, v in summary.items() if k not in ("last", "skipped_steps")}
     summary.update({"final": str(run_dir / "final"), "metrics": str(run_dir / "metrics.jsonl")})
+    whole = dist_utils.full_model_state(objective.model)  # --parallel fsdp: every rank gathers
     if info.is_main:
-        save_pretrained(objective.model, run_dir / "final")
+        save_pretrained(objective.model, run_dir / "final", whole)
         for name in ("tokenizer.json", "vocab.txt"):  # the copy _start_logging made
             if (run_dir / name).is_file():
                 shutil.copyfile(run_dir / name, run_dir / "final" / name)
@@ -421,9 +438,13 @@ def _recipe_loader(data: Path, name: str):
     from motian.train.recipe import load_recipe
 
     recipe = load_recipe(name)
-    if recipe.objective.kind == "causal":
+    if recipe.objective.kind in ("causal", "elmo"):
         raise UserError(f"recipe {recipe.name} trains a decoder on next tokens: nothing is "
                         "masked, so there is nothing for inspect-batch to show")
+    if recipe.objective.kind == "xlnet":
+        raise UserError(f"recipe {recipe.name} trains XLNet's permutation LM on rows read "
+                        "whole (its orders are drawn in the objective): nothing is masked, so "
+                        "there is nothing for inspect-batch to show")
     stage = recipe.stages[0]
     source = PretrainBatches(data, recipe)
     source.start(0, stage, stage.global_batch, DistInfo(), None)

@@ -44,7 +44,7 @@ from motian.train.checkpoint import (
     read_checkpoint_state,
 )
 from motian.train.distributed import DistInfo
-from motian.train.fit import FitConfig, Objective, fit
+from motian.train.fit import BatchSource, FitConfig, Objective, fit
 from motian.train.metrics import MetricsLogger
 from motian.train.optim import param_groups
 from motian.train.settings import OptimSettings, RunSettings, Stage
@@ -280,6 +280,19 @@ def train_on_features(objective: Objective, features: list[Feature], task_type: 
     to run_dir/checkpoints and an interrupted run continues from the latest one made with the
     same `fingerprint` (one made with other settings is discarded: a changed run starts over).
     One metrics.jsonl record per step. Returns fit's summary with "final_loss"."""
+    steps = total_steps(len(features), settings.epochs, settings.batch_size)
+    return train_on_batches(objective, FeatureBatches(features, task_type, pad_id, seed), steps,
+                            settings, optim, run, info, seed, run_dir, fingerprint,
+                            checkpoint_every, label, max_length)
+
+
+def train_on_batches(objective: Objective, source: BatchSource, steps: int,
+                     settings: TaskTraining, optim: OptimSettings, run: RunSettings,
+                     info: DistInfo, seed: int, run_dir: Path, fingerprint: str,
+                     checkpoint_every: int, label: str, max_length: int) -> dict:
+    """`train_on_features` for any batch source (multi-task training draws its batches from
+    several tasks): `steps` optimizer steps of `settings.batch_size` rows, the same
+    checkpoints, resume and log."""
     run_dir = Path(run_dir)
     latest = latest_checkpoint(run_dir)
     if latest is not None and _fingerprint(latest) not in (fingerprint, None):
@@ -293,14 +306,12 @@ def train_on_features(objective: Objective, features: list[Feature], task_type: 
     resume = bool(checkpoint_dirs(run_dir))
     if not resume and info.is_main:
         (run_dir / "metrics.jsonl").unlink(missing_ok=True)  # a new run logs afresh
-    steps = total_steps(len(features), settings.epochs, settings.batch_size)
     config = FitConfig(optim=optim, stages=(Stage(seq_len=max_length, global_batch=settings.batch_size,
                                      warmup=settings.warmup),),
                        steps=steps, schedule="warmup-decay", seed=seed,
                        checkpoint_every=checkpoint_every, keep_last=1, log_every=1,
                        label=label, log_kind="finetune", fingerprint=fingerprint)
-    summary = fit(objective, FeatureBatches(features, task_type, pad_id, seed), config, run,
-                  run_dir, info, resume=resume,
+    summary = fit(objective, source, config, run, run_dir, info, resume=resume,
                   open_logger=(lambda: MetricsLogger(run_dir)) if info.is_main else None)
     summary["final_loss"] = summary["last"].get("loss", math.nan)
     return summary

@@ -12,7 +12,9 @@ Per chunk of documents (one chunk = one shard, see `motian.data.shards` for the 
    aligned by its start like any token. Sentence starts follow 。！？!?… (and ". "), paragraph
    starts follow a newline;
 4. a word start gets the row of its word in the synonym table when its tokens span exactly
-   the jieba word and the row's candidates have its token count.
+   the jieba word and the row's candidates have its token count;
+5. with ``entities``, named entities (from POS tags or an entity list) are marked as runs of
+   tokens in the flags (`motian.data.entities`), for ERNIE's entity-level masking.
 
 Shard i holds documents [i * shard_docs, (i + 1) * shard_docs) of the input stream (closed
 earlier once it holds shard_mb MB of text), so the output is the same for any number of
@@ -41,8 +43,10 @@ from typing import Literal
 
 import numpy as np
 
+from motian.data.entities import DEFAULT_TAGS, EntityList, mark_entities
 from motian.data.shards import (
     ARRAYS,
+    ENTITY_START,
     FORMAT_VERSION,
     PARAGRAPH_START,
     SENTENCE_START,
@@ -166,9 +170,9 @@ _WORKER: dict = {}
 
 
 def _init_worker(tokenizer: str, user_dict: str | None, synonyms_file: str | None,
-                 out: str) -> None:
-    """Load the tokenizer, jieba (with the user dictionary) and the synonym index once per
-    process."""
+                 out: str, entity_list: str | None = None) -> None:
+    """Load the tokenizer, jieba (with the user dictionary), the synonym index and the entity
+    list once per process."""
     import jieba
 
     if mp.parent_process() is not None:
@@ -186,7 +190,8 @@ def _init_worker(tokenizer: str, user_dict: str | None, synonyms_file: str | Non
         tok=tok, cutter=cutter, out=Path(out), unk=tok.token_to_id("[UNK]"),
         dtype=np.uint16 if len(tokens) <= 1 << 16 else np.uint32,
         is_continuation=continuation_mask(tok),
-        rows={w: r for r, w in enumerate(table.words)}, row_length=table.length)
+        rows={w: r for r, w in enumerate(table.words)}, row_length=table.length,
+        entity_list=EntityList.load(entity_list) if entity_list else None)
 
 
 def _tokenize(tok, texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -213,12 +218,13 @@ def continuation_mask(tok) -> np.ndarray:
 
 
 def encode_texts(texts: list[str], tok, cutter, rows: dict[str, int], row_length: np.ndarray,
-                 is_continuation: np.ndarray
+                 is_continuation: np.ndarray, entities: list[list[tuple[int, int]]] | None = None
                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """The whole per-document work of `motian encode`, for any caller that needs the same
     tokens and word flags (the pair task encodes click logs with it): jieba `cutter`, the
-    tokenizer, `align_chunk`. Returns (tokens (T,) int64, flags (T,) uint8, synonym rows (T,)
-    int32, docs (D + 1,) int64 offsets)."""
+    tokenizer, `align_chunk`, and the `entities` (character spans per document) marked in the
+    flags when given. Returns (tokens (T,) int64, flags (T,) uint8, synonym rows (T,) int32,
+    docs (D + 1,) int64 offsets)."""
     # Keep only what alignment needs of jieba's words: lengths and synonym rows (compact
     # arrays, not a million str objects).
     word_len, word_row = array("q"), array("q")
@@ -230,21 +236,29 @@ def encode_texts(texts: list[str], tok, cutter, rows: dict[str, int], row_length
     flags, synonyms, docs = align_chunk(
         texts, np.frombuffer(word_len, np.int64), np.frombuffer(word_row, np.int64),
         tokens, span, n_tok, is_continuation, row_length)
+    if entities is not None:
+        flags = mark_entities(flags, span, n_tok, entities, [len(t) for t in texts])
     return tokens, flags, synonyms, docs
 
 
-def encode_chunk(index: int, texts: list[str]) -> dict:
+def encode_chunk(index: int, texts: list[str],
+                 entities: list[list[tuple[int, int]]] | None = None) -> dict:
     """Encode one chunk of documents into shard `index` (in a worker set up by
-    `_init_worker`); return its manifest entry."""
+    `_init_worker`); return its manifest entry. `entities`: the documents' entity spans from
+    their tags, if any; else those the worker's entity list finds, if it has one."""
     w = _WORKER
+    if entities is None and w["entity_list"] is not None:
+        entities = [w["entity_list"].find(t) for t in texts]
     tokens, flags, synonyms, docs = encode_texts(texts, w["tok"], w["cutter"], w["rows"],
-                                                 w["row_length"], w["is_continuation"])
+                                                 w["row_length"], w["is_continuation"],
+                                                 entities)
     entry = write_shard(w["out"], index, tokens.astype(w["dtype"]), flags, synonyms, docs)
     entry.update(
         unk_tokens=int((tokens == w["unk"]).sum()),
         word_starts=int(np.count_nonzero(flags & WORD_START)),
         sentence_starts=int(np.count_nonzero(flags & SENTENCE_START)),
         synonym_words=int(np.count_nonzero(synonyms >= 0)),
+        entities=int(np.count_nonzero(flags & ENTITY_START)),
         text_bytes=sum(len(t.encode("utf-8")) for t in texts))
     return entry
 
@@ -344,7 +358,8 @@ def _summary(manifest: dict, seconds: float, out: Path, new_bytes: int) -> str:
             f"([UNK] {100 * c['unk_tokens'] / tokens:.3f}%), "
             f"word starts {100 * c['word_starts'] / tokens:.1f}% of tokens, "
             f"words with a synonym {100 * c['synonym_words'] / words:.1f}%, "
-            f"{len(manifest['shards'])} shards -> {out} "
+            + (f"entities {c['entities']:,}, " if "entities" in manifest["settings"] else "")
+            + f"{len(manifest['shards'])} shards -> {out} "
             f"({mb:.1f} MB of text in {seconds:.1f} s, {mb / max(seconds, 1e-9):.2f} MB/s"
             f"{resumed})")
 
@@ -353,6 +368,7 @@ def encode(inputs: list[str], out: Path, tokenizer: Path, user_dict: Path | None
            synonyms: bool = True, synonym_min_chars: int = 2, workers: int = 0,
            shard_docs: int = 8192, shard_mb: float = 4.0, resume: bool = True,
            txt_mode: Literal["line", "blank"] = "line", text_field: str = "text",
+           entities: str | None = None, entity_tags: str = ",".join(DEFAULT_TAGS),
            progress: bool = True) -> dict:
     """Tokenise, segment words with jieba and attach Cilin synonyms into memory-mapped shards.
 
@@ -376,6 +392,11 @@ def encode(inputs: list[str], out: Path, tokenizer: Path, user_dict: Path | None
         resume: continue an earlier run in `out` (--no-resume encodes everything again).
         txt_mode: .txt documents: one per line, or separated by blank lines.
         text_field: the field of .jsonl records that holds the text.
+        entities: mark named entities for entity masking (`data.masking: ernie`): "tags" takes
+            them from POS tags (pd98's nr/ns/nt; user .txt files are then read as tagger
+            output, one document per line of word/TAG tokens); a file path is an entity list
+            (one entity per line), matched leftmost-longest in the text.
+        entity_tags: with --entities tags: the tags that mark an entity, comma-separated.
         progress: show a progress bar.
     """
     t0 = time.perf_counter()
@@ -383,11 +404,14 @@ def encode(inputs: list[str], out: Path, tokenizer: Path, user_dict: Path | None
     if shard_docs < 1 or shard_mb <= 0:
         raise UserError("shard_docs and shard_mb must be positive")
     user_dict = _check_user_dict(user_dict)
+    entity_spec, tags, entity_list = _entity_settings(entities, entity_tags)
     out.mkdir(parents=True, exist_ok=True)
     tok, vocab_tmp, digest = _prepare_vocab(tokenizer, out)
     settings = _settings(inputs, tok, digest, user_dict,
                          synonym_min_chars if synonyms else None, shard_docs, shard_mb, txt_mode,
                          text_field)
+    if entity_spec is not None:  # absent otherwise: runs without entities resume as before
+        settings["entities"] = entity_spec
     try:
         stage, done = _previous_run(out, settings, resume)
     except UserError:
@@ -402,15 +426,17 @@ def encode(inputs: list[str], out: Path, tokenizer: Path, user_dict: Path | None
     }
     synonyms_file = _write_synonyms(tok, out, synonym_min_chars if synonyms else None, manifest)
     skips = SkipLog()
-    docs = iter_documents(inputs, txt_mode=txt_mode, text_field=text_field, skips=skips)
+    docs = iter_documents(inputs, txt_mode=txt_mode, text_field=text_field, skips=skips,
+                          tags=tags)
     workers = workers if workers > 0 else (os.cpu_count() or 1)
     total = None
     if progress or workers > 1:
-        total, n_shards = _plan(inputs, txt_mode, text_field, shard_docs, int(shard_mb * 1e6))
+        total, n_shards = _plan(inputs, txt_mode, text_field, shard_docs, int(shard_mb * 1e6),
+                                tags)
         workers = max(1, min(workers, n_shards - len(done)))
     bar = ByteProgress("encode", total, progress)
     init = (str(tokenizer), str(user_dict) if user_dict else None,
-            str(synonyms_file) if synonyms_file else None, str(out))
+            str(synonyms_file) if synonyms_file else None, str(out), entity_list)
     try:
         finished = _run_chunks(_chunks(docs, shard_docs, int(shard_mb * 1e6)), done, init,
                                workers, manifest, stage, bar)
@@ -443,20 +469,20 @@ def _finish(manifest: dict, finished: dict[int, dict], skips: SkipLog, resumed: 
     """Totals, skipped input and `complete: true`, written atomically: the run is done."""
     manifest["shards"] = [finished[i] for i in sorted(finished)]
     keys = ("n_docs", "n_tokens", "unk_tokens", "word_starts", "sentence_starts",
-            "synonym_words", "text_bytes")
-    sums = {k: sum(e[k] for e in manifest["shards"]) for k in keys}
+            "synonym_words", "entities", "text_bytes")
+    sums = {k: sum(e.get(k, 0) for e in manifest["shards"]) for k in keys}
     manifest["counts"] = {"docs": sums.pop("n_docs"), "tokens": sums.pop("n_tokens"), **sums}
     manifest.update(complete=True, skipped=skips.to_dict(), resumed_shards=resumed)
     stage.commit(manifest)
 
 
 def _plan(inputs: list[str], txt_mode: str, text_field: str, shard_docs: int,
-          shard_bytes: int) -> tuple[int, int]:
+          shard_bytes: int, tags: tuple[str, ...] | None = None) -> tuple[int, int]:
     """(bytes of text, number of shards) of the run: one quick read of the input (reading is
     ~20x faster than jieba, a few percent of the run) that gives the progress bar an exact ETA
     and keeps a big machine from starting more workers than there are shards."""
     docs = iter_documents(inputs, txt_mode=txt_mode, text_field=text_field,
-                          skips=SkipLog(warn=False))
+                          skips=SkipLog(warn=False), tags=tags)
     total = n_shards = 0
     for _index, chunk in _chunks(docs, shard_docs, shard_bytes):
         total += sum(len(d.text.encode("utf-8")) for d in chunk)
@@ -470,7 +496,8 @@ def _run_chunks(chunks: Iterator[tuple[int, list[Document]]], done: dict[int, di
     """Encode every chunk not in `done` (in this process or a pool of `workers`), committing
     each finished shard as it lands, in order; return index → entry of all shards."""
     finished = dict(done)
-    jobs = (((index, _where(chunk[0])), (index, [d.text for d in chunk]))
+    jobs = (((index, _where(chunk[0])),
+             (index, [d.text for d in chunk], _chunk_entities(chunk)))
             for index, chunk in chunks if not _check_done(index, chunk, done, bar))
     with contextlib.closing(ordered_pool(encode_chunk, jobs, workers, _init_worker,
                                          init)) as results:
@@ -482,6 +509,27 @@ def _run_chunks(chunks: Iterator[tuple[int, list[Document]]], done: dict[int, di
             stage.commit(manifest, [stage.out / f"{entry['name']}.{k}.npy" for k in ARRAYS])
             bar.advance(entry["text_bytes"])
     return finished
+
+
+def _chunk_entities(chunk: list[Document]) -> list[list[tuple[int, int]]] | None:
+    """The entity spans of a chunk's documents when they were read with tags, else None."""
+    return None if chunk[0].entities is None else [d.entities or [] for d in chunk]
+
+
+def _entity_settings(entities: str | None, entity_tags: str
+                     ) -> tuple[dict | None, tuple[str, ...] | None, str | None]:
+    """(settings.entities, the tags to read, the entity list file) of `encode --entities`;
+    an entity list is read once here so a bad line stops the run before any work."""
+    if entities is None:
+        return None, None, None
+    if str(entities) == "tags":
+        tags = tuple(t.strip() for t in entity_tags.split(",") if t.strip())
+        if not tags:
+            raise UserError("--entity-tags lists no tag; give e.g. nr,ns,nt")
+        return {"source": "tags", "tags": list(tags)}, tags, None
+    found = EntityList.load(entities)
+    return ({"source": "list", "file": str(entities), "sha256": sha256_file(Path(entities)),
+             "entities": len(found.entities)}, None, str(entities))
 
 
 def _where(doc: Document) -> str:

@@ -65,7 +65,7 @@ from motian.data.pairs import (
 )
 from motian.data.rare_words import RareWords, rare_occurrences
 from motian.data.seq2seq_rows import mass_rows, unilm_rows
-from motian.data.shards import WORD_START, EncodedDataset, Shard
+from motian.data.shards import ENTITY_START, IN_ENTITY, WORD_START, EncodedDataset, Shard
 from motian.data.spans import span_boundaries
 from motian.data.tokenizer import load_tokenizer, special_token_ids, vocab_tokens
 from motian.errors import UserError
@@ -167,6 +167,7 @@ class PackedLoader:
                             f"{tokenizer}; token ids would mean different tokens. Use the "
                             "tokenizer they were encoded with (the default, data/vocab.txt), "
                             "or run `motian encode` again")
+        check_entities(self.dataset, config.masking)
         random_ids = [i for i, t in enumerate(self.vocab) if not re.fullmatch(r"\[.*\]", t)]
         self.masker = Masker(config.masking, self.special["mask"], np.asarray(random_ids),
                              self.dataset.synonyms())
@@ -359,8 +360,12 @@ class PackedLoader:
         if extra is not None:
             pairs = self._pair_rows(extra[0].pairs, extra[1])
             arrays = {k: np.concatenate([v, pairs[k]]) for k, v in arrays.items()}
-        word_start, content = arrays.pop("flags") & WORD_START > 0, arrays.pop("content")
-        masked = self.masker(arrays["tokens"], word_start, content, arrays.pop("synonyms"), rng)
+        flags, content = arrays.pop("flags"), arrays.pop("content")
+        word_start = flags & WORD_START > 0
+        entities = {"entity_start": flags & ENTITY_START > 0, "in_entity": flags & IN_ENTITY > 0} \
+            if self.config.masking.entity_prob > 0 else {}
+        masked = self.masker(arrays["tokens"], word_start, content, arrays.pop("synonyms"), rng,
+                             **entities)
         c = self.config
         if c.span_boundaries:
             arrays.update(span_boundaries(masked.mlm_positions, c.seq_len))
@@ -455,6 +460,18 @@ class PackedLoader:
 
 _CLICK_CACHE: dict[tuple, tuple[Shard, PairPlan]] = {}
 PAIR_STREAM = 7919  # tags the pair stream's random orders apart from the corpus stream's
+
+
+def check_entities(dataset: EncodedDataset, masking: MaskingConfig) -> None:
+    """Entity masking needs shards that mark entities: UserError for shards encoded without
+    --entities (or by a motian from before entities, whose flags have no entity bits)."""
+    if masking.entity_prob > 0 and "entities" not in dataset.manifest.get("settings", {}):
+        raise UserError(f"{dataset.directory / 'manifest.json'}: these shards carry no entity "
+                        f"spans (encoded without --entities, or by an older motian), but the "
+                        f"masking asks for entity units (entity_prob {masking.entity_prob:g}); "
+                        f"encode them again with `motian encode ... --entities tags` (pd98 or "
+                        "word/TAG tagger output) or `--entities LIST.txt` (one entity per line), "
+                        "or set entity_prob to 0")
 
 
 def _restarting_positions(document_ids: np.ndarray) -> np.ndarray:

@@ -17,6 +17,13 @@ epoch sees new masks: RoBERTa's dynamic masking):
    (``span``, SpanBERT, mean 3.8 words). Each row is cut into consecutive units of random
    lengths; because units are then picked uniformly, the lengths of *picked* units follow the
    configured law.
+   **Entities** (ERNIE 1.0's knowledge masking, ``entity_prob`` > 0; the shards must be
+   encoded with ``--entities``): each named entity is one word of its own (its tokens merged,
+   whatever jieba cut inside it) and one unit of its own, and the word and phrase units are
+   cut from the words around it. Units are then picked in a random order in which each next
+   pick is an entity with probability ``entity_prob`` while the row still has entities left
+   (an exponential race: entity and other units arrive at rates ``entity_prob`` and
+   ``1 - entity_prob``), so an entity is masked whole or not at all.
 3. **Budget.** A row with n content tokens gets ``budget = max(1, round(rate * n))`` tokens.
    Units are visited in random order, word by word; a word is taken while the tokens taken
    before it are fewer than the budget, and the word that crosses the budget is taken only if
@@ -48,7 +55,7 @@ import numpy as np
 from motian.data.shards import SynonymTable
 
 Strategy = Literal["token", "whole_word", "ngram", "span"]
-Preset = Literal["bert", "wwm", "spanbert", "motian"]
+Preset = Literal["bert", "wwm", "spanbert", "motian", "ernie"]
 # Per-token action codes (`MaskedBatch.actions`), for inspection and tests.
 NONE, MASK, RANDOM, KEEP, SYNONYM = 0, 1, 2, 3, 4
 ACTION_NAMES = {MASK: "mask", RANDOM: "random", KEEP: "keep", SYNONYM: "synonym"}
@@ -77,8 +84,15 @@ class MaskingConfig:
     # words more (1 = in proportion to their counts).
     synonym_weighting: Literal["uniform", "frequency"] = "uniform"
     synonym_alpha: float = 0.5
+    # ERNIE 1.0: the share of picked units that are named entities (while a row has any);
+    # 0 = entities are ordinary words. Needs shards encoded with --entities.
+    entity_prob: float = 0.0
 
     def __post_init__(self) -> None:
+        e = self.entity_prob
+        if isinstance(e, bool) or not isinstance(e, (int, float)) or not 0 <= e <= 1:
+            raise ValueError(f"entity_prob must be a number from 0 to 1 (the share of masked "
+                             f"units that are named entities), got {e!r}")
         if self.synonym_weighting not in ("uniform", "frequency"):
             raise ValueError(f"synonym_weighting must be 'uniform' or 'frequency', got "
                              f"{self.synonym_weighting!r}")
@@ -116,6 +130,11 @@ class MaskingConfig:
             # synonym"); set synonym_weighting="frequency" to draw by the report's distribution.
             "motian": cls(strategy="ngram", mask_prob=0.0, random_prob=0.1, keep_prob=0.1,
                           synonym_prob=0.8, random_mode="word", synonym_fallback="random"),
+            # ERNIE 1.0 (Sun et al. 2019): basic (word), phrase and entity-level units mixed in
+            # one run (the paper trains the levels in stages; here a third of the picked units
+            # are entities, the rest words and 2-4-word phrases by MacBERT's law), BERT's
+            # 80/10/10 replacement. The shards need `motian encode --entities`.
+            "ernie": cls(strategy="ngram", entity_prob=1 / 3),
         }
         if name not in presets:
             raise ValueError(f"unknown masking preset {name!r}; choose one of {sorted(presets)}")
@@ -171,7 +190,9 @@ class Masker:
                               "encode` again to add the weights", stacklevel=2)
 
     def __call__(self, tokens: np.ndarray, word_start: np.ndarray, content: np.ndarray,
-                 synonym_rows: np.ndarray, rng: np.random.Generator) -> MaskedBatch:
+                 synonym_rows: np.ndarray, rng: np.random.Generator,
+                 entity_start: np.ndarray | None = None,
+                 in_entity: np.ndarray | None = None) -> MaskedBatch:
         """Mask a batch.
 
         Args:
@@ -181,6 +202,8 @@ class Masker:
                 padding).
             synonym_rows: (B, L) int, the shards' synonym row at word starts, -1 elsewhere.
             rng: the batch's generator (the loader derives it from seed, epoch and position).
+            entity_start, in_entity: (B, L) bool, bits 3 and 4 of the shard flags; needed
+                (and read) only with ``entity_prob`` > 0.
         """
         B, L = tokens.shape
         flat = np.ascontiguousarray(tokens, dtype=np.int64).reshape(-1)
@@ -189,8 +212,18 @@ class Masker:
         prev_content[:, 1:] = content[:, :-1]
         starts = content if self.config.strategy == "token" else \
             content & (word_start.astype(bool, copy=False) | ~prev_content)
+        inside = None
+        if self.config.entity_prob > 0:
+            if in_entity is None or entity_start is None:
+                raise ValueError("entity_prob > 0 needs the entity flags of the shards")
+            # An entity is one word: its first token (or its first in the row) starts it, the
+            # others do not; encode made the token after it start a word.
+            inside = in_entity.astype(bool, copy=False) & content
+            starts = (starts & ~inside) | (inside & (entity_start.astype(bool, copy=False)
+                                                     | ~prev_content))
         words = _word_table(starts, content)
-        chosen = self._choose_words(words, content.sum(1), rng)
+        is_entity = None if inside is None else inside.reshape(-1)[words.pos]
+        chosen = self._choose_words(words, content.sum(1), rng, is_entity)
         # Token -> its word (-1 outside words) -> chosen?
         tok_word = np.cumsum(starts.reshape(-1)) - 1
         tok_word[~content.reshape(-1)] = -1
@@ -209,9 +242,10 @@ class Masker:
 
     # ------------------------------------------------------------------ choosing words
 
-    def _choose_words(self, words: _Words, n_content: np.ndarray,
-                      rng: np.random.Generator) -> np.ndarray:
-        """Bool (W,): the words to mask, by the budget rule of the module docstring."""
+    def _choose_words(self, words: _Words, n_content: np.ndarray, rng: np.random.Generator,
+                      is_entity: np.ndarray | None = None) -> np.ndarray:
+        """Bool (W,): the words to mask, by the budget rule of the module docstring;
+        `is_entity` (W,) marks entity words (each a unit of its own, picked by the race)."""
         W = len(words.pos)
         if W == 0:
             return np.zeros(0, dtype=bool)
@@ -223,12 +257,19 @@ class Masker:
             unit_start[ends[ends < W]] = True
         else:
             unit_start[:] = True
+        if is_entity is not None:  # an entity is a unit alone: cut before and after it
+            unit_start |= is_entity
+            unit_start[1:] |= is_entity[:-1]
         unit = np.cumsum(unit_start) - 1
-        key = rng.random(unit[-1] + 1)[unit]
-        # Visit order: by row, then unit in random order, then word order within the unit
-        # (stable sort keeps index order among equal keys). Keys are < 1, so row + key sorts
-        # rows first.
-        order = np.argsort(words.row + key, kind="stable")
+        if is_entity is None:
+            key = rng.random(unit[-1] + 1)[unit]
+            # Visit order: by row, then unit in random order, then word order within the unit
+            # (stable sort keeps index order among equal keys). Keys are < 1, so row + key
+            # sorts rows first.
+            order = np.argsort(words.row + key, kind="stable")
+        else:
+            key = self._entity_race(words.row[unit_start], is_entity[unit_start], rng)[unit]
+            order = np.lexsort((np.arange(W), key, words.row))
         lens = words.length[order]
         before = np.cumsum(lens) - lens
         # Rows are contiguous in both orders, so the row's first entry gives its offset. A row
@@ -245,6 +286,26 @@ class Masker:
         chosen = np.empty(W, dtype=bool)
         chosen[order] = take
         return chosen
+
+    def _entity_race(self, row: np.ndarray, entity: np.ndarray,
+                     rng: np.random.Generator) -> np.ndarray:
+        """Float (U,): each unit's arrival time in a race where, per row, entity units arrive
+        at rate p = entity_prob and the others at rate 1 - p, each kind in a random order.
+        Memorylessness makes the next arrival an entity with probability p whenever both kinds
+        remain, so visiting units by time picks entities in the configured share."""
+        p = self.config.entity_prob
+        rate = np.where(entity, max(p, 1e-9), max(1.0 - p, 1e-9))
+        group = row * 2 + entity
+        perm = np.lexsort((rng.random(len(row)), group))  # grouped, random order within
+        gaps = rng.exponential(size=len(row)) / rate[perm]
+        total = np.cumsum(gaps)
+        g = group[perm]
+        first = np.ones(len(g), dtype=bool)
+        first[1:] = g[1:] != g[:-1]
+        before_group = (total - gaps)[first][np.cumsum(first) - 1]
+        times = np.empty(len(row))
+        times[perm] = total - before_group
+        return times
 
     # ------------------------------------------------------------------ replacement
 

@@ -8,7 +8,9 @@ An encoded dataset is a directory::
     shard-00000.tokens.npy         token ids of all documents of the shard, concatenated, no
                                    [CLS]/[SEP] (uint16 when the vocabulary fits, else uint32)
     shard-00000.flags.npy          uint8 per token: bit 0 word start (jieba word, aligned to
-                                   tokens), bit 1 sentence start, bit 2 paragraph start
+                                   tokens), bit 1 sentence start, bit 2 paragraph start;
+                                   with `encode --entities`, bit 3 entity start and bit 4
+                                   inside an entity (manifest settings.entities says so)
     shard-00000.synonyms.npy       int32 per token: at a word start, the row of `SynonymTable`
                                    holding that word's same-length synonyms; -1 elsewhere
     shard-00000.docs.npy           int64 offsets, n_docs + 1: document d is tokens[o[d]:o[d+1]]
@@ -39,6 +41,8 @@ from motian.io import (
 
 FORMAT_VERSION = 1
 WORD_START, SENTENCE_START, PARAGRAPH_START = 1, 2, 4
+# Named entities (encode --entities, motian.data.entities): first token, every token.
+ENTITY_START, IN_ENTITY = 8, 16
 ARRAYS = ("tokens", "flags", "synonyms", "docs")
 
 

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from motian.data.entities import tagged_documents, tagged_spans
 from motian.errors import SkipLog, UserError
 
 BUILTIN = ("pd98", "reviews")
@@ -45,6 +46,9 @@ class Document:
     text: str
     source: str  # a file path or a built-in corpus name
     line: int  # 1-based line on which the document starts
+    # [start, end) character spans of named entities, when read with entity tags (`tags`
+    # of `iter_documents`); None otherwise
+    entities: list[tuple[int, int]] | None = None
 
 
 def package_file(package: str, relative: str) -> Path:
@@ -103,20 +107,29 @@ def pd98_paragraphs(path: Path | None = None) -> Iterator[tuple[int, int, list[t
             yield article, lineno, pairs
 
 
-def _pd98_documents(path: Path | None = None) -> Iterator[Document]:
+def _pd98_documents(path: Path | None = None,
+                    tags: tuple[str, ...] | None = None) -> Iterator[Document]:
+    """One document per article; with `tags`, with the spans of the words so tagged
+    (`motian.data.entities.tagged_spans`)."""
     path = path or pd98_path()
     current: list[str] = []
-    start, current_article = 0, None
+    spans: list[tuple[int, int]] = []
+    start, current_article, offset = 0, None, 0
     for article, lineno, pairs in pd98_paragraphs(path):
         if article != current_article and current:
-            yield Document("\n".join(current), "pd98", start)
-            current = []
+            yield Document("\n".join(current), "pd98", start, spans if tags else None)
+            current, spans, offset = [], [], 0
         if not current:
             start = lineno
+        else:
+            offset += 1  # the newline between paragraphs
         current_article = article
-        current.append("".join(w for w, _ in pairs))
+        text, entities = tagged_spans(pairs, tags or ())
+        spans.extend((offset + s, offset + e) for s, e, _ in entities)
+        current.append(text)
+        offset += len(text)
     if current:
-        yield Document("\n".join(current), "pd98", start)
+        yield Document("\n".join(current), "pd98", start, spans if tags else None)
 
 
 def iter_reviews() -> Iterator[tuple[str, int, int]]:
@@ -281,15 +294,29 @@ def _file_documents(path: Path, txt_mode: TxtMode, text_field: str, max_line_byt
 
 def iter_documents(inputs: list[str | Path], *, txt_mode: TxtMode = "line",
                    text_field: str = "text", max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
-                   skips: SkipLog | None = None) -> Iterator[Document]:
-    """Yield every document of `inputs` in order (see the module docstring for the specs)."""
+                   skips: SkipLog | None = None,
+                   tags: tuple[str, ...] | None = None) -> Iterator[Document]:
+    """Yield every document of `inputs` in order (see the module docstring for the specs).
+
+    With entity `tags` (`motian.data.entities`), documents carry the spans of the words so
+    tagged: pd98's from its POS tags, user files read as tagger output (one document per line
+    of word/TAG tokens), the reviews none."""
     skips = skips if skips is not None else SkipLog()
     for item in resolve_inputs(inputs, skips):
         if item == "pd98":
-            yield from _pd98_documents()
+            yield from _pd98_documents(tags=tags)
         elif item == "reviews":
             for text, _label, lineno in iter_reviews():
-                yield Document(text, "reviews", lineno)
+                yield Document(text, "reviews", lineno, [] if tags else None)
+        elif tags is not None:
+            path = Path(item)
+            if path.name.endswith((".jsonl", ".jsonl.gz")):
+                raise UserError(f"{path}: entity tags are read from tagger output: .txt files "
+                                "with one document per line of word/TAG tokens, not JSON lines; "
+                                "convert it, or give an entity list (--entities FILE) instead")
+            for text, lineno, spans in tagged_documents(
+                    _read_lines(path, max_line_bytes, skips), str(path), tags):
+                yield Document(text, str(path), lineno, spans)
         else:
             yield from _file_documents(Path(item), txt_mode, text_field, max_line_bytes, skips)
 

@@ -48,6 +48,11 @@ TOKENIZER_SIDE_FILES = ("tokenizer_config.json", "special_tokens_map.json")  # H
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 REQUIRED = ("config.json", "model.safetensors", "optimizer.pt", "state.json")
+# A sharded checkpoint (--parallel fsdp, motian.train.sharded): every rank's shards of the model
+# and optimizer in one torch.distributed.checkpoint directory, the model's config as model.json
+# (not config.json: the directory is not a model directory until `motian consolidate`).
+SHARDED = "sharded"
+SHARDED_REQUIRED = ("model.json", f"{SHARDED}/.metadata", "state.json")
 NAME = re.compile(r"step-(\d{8,})")
 
 
@@ -67,7 +72,12 @@ def checkpoint_name(step: int) -> str:
 
 
 def is_complete_checkpoint(path: Path) -> bool:
-    return path.is_dir() and all((path / f).is_file() for f in REQUIRED)
+    return path.is_dir() and (all((path / f).is_file() for f in REQUIRED)
+                              or is_sharded_checkpoint(path))
+
+
+def is_sharded_checkpoint(path: Path) -> bool:
+    return all((Path(path) / f).is_file() for f in SHARDED_REQUIRED)
 
 
 def complete_checkpoints(run_dir: str | Path) -> list[Path]:
@@ -102,10 +112,14 @@ def resolve_model_dir(path: str | Path) -> Path:
     if (path / CONFIG).is_file():
         return path
     latest = latest_checkpoint(path)
-    if latest is not None:
+    if latest is not None and not is_sharded_checkpoint(latest):
         return latest
     if (path / FINAL / CONFIG).is_file():
         return path / FINAL
+    if latest is not None:  # only sharded checkpoints (an FSDP run stopped before its end)
+        raise UserError(f"{path}: its latest checkpoint {latest.name} is sharded (--parallel "
+                        "fsdp); write it as a model directory first: motian consolidate "
+                        f"--checkpoint {latest} --out MODEL_DIR")
     what = "does not exist" if not path.exists() else (
         f"has no {CONFIG}, no complete checkpoint under {CHECKPOINTS}/ and no {FINAL}/ model")
     raise UserError(f"{path}: {what}; give a motian model directory ({CONFIG} + {WEIGHTS}), a "

@@ -70,6 +70,12 @@ class ModelConfig:
     attention_window: int = 256
     attention_dilation: int | list[int] = 1
     global_attention: GlobalAttention = "none"
+    # Structured pruning (motian/pruning.py) leaves layers of different widths. `layer_heads`:
+    # per layer, the heads it kept, as indices into the `heads` of the unpruned model (per-head
+    # position biases - t5, alibi, tupe - follow their head); `layer_ffn`: per layer, the FFN
+    # width. None (the default): every layer has `heads` heads and `ffn` units.
+    layer_heads: list[list[int]] | None = None
+    layer_ffn: list[int] | None = None
 
     def __post_init__(self) -> None:
         self._check_choice("activation", Activation.__args__)
@@ -91,6 +97,27 @@ class ModelConfig:
         self._check_choice("global_attention", GlobalAttention.__args__)
         if self.attention == "sliding":
             self._check_sliding()
+        self._check_layer_sizes()
+
+    def _check_layer_sizes(self) -> None:
+        """Refuse per-layer overrides that do not describe `layers` layers."""
+        for name in ("layer_heads", "layer_ffn"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, list | tuple)
+                                      or len(value) != self.layers):
+                raise UserError(f"model config: {name} must list one entry per layer "
+                                f"(layers={self.layers}), got {value!r}")
+        for i, kept in enumerate(self.layer_heads or []):
+            if (not isinstance(kept, list | tuple) or not kept or len(set(kept)) != len(kept)
+                    or any(not isinstance(h, int) or not 0 <= h < self.heads for h in kept)):
+                raise UserError(f"model config: layer_heads[{i}] must be distinct head indices "
+                                f"in 0..{self.heads - 1} (at least one), got {kept!r}")
+        for i, width in enumerate(self.layer_ffn or []):
+            if not isinstance(width, int) or width < 1:
+                raise UserError(f"model config: layer_ffn[{i}] must be an integer >= 1, got "
+                                f"{width!r}")
+        if self.layer_heads is not None and self.attention != "full":
+            raise UserError("model config: layer_heads (pruned heads) needs attention='full'")
 
     def _check_sliding(self) -> None:
         """Refuse Longformer settings that cannot work, naming the option to change."""
@@ -118,6 +145,14 @@ class ModelConfig:
     @property
     def head_dim(self) -> int:
         return self.hidden // self.heads
+
+    def kept_heads(self, layer: int) -> list[int] | None:
+        """The heads layer `layer` kept after pruning (indices into `heads`); None: all."""
+        return None if self.layer_heads is None else list(self.layer_heads[layer])
+
+    def ffn_width(self, layer: int) -> int:
+        """The FFN width of layer `layer`: `layer_ffn[layer]` after pruning, else `ffn`."""
+        return self.ffn if self.layer_ffn is None else self.layer_ffn[layer]
 
     @property
     def extrapolates(self) -> bool:

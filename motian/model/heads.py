@@ -33,6 +33,7 @@ class ModelOutput:
     losses: dict[str, Tensor] = field(default_factory=dict)
     pair_logits: Tensor | None = None  # PreTrainingModel: (B, 2)
     end_logits: Tensor | None = None  # SpanExtraction: (B, L); `logits` holds the start logits
+    exit_layers: Tensor | None = None  # EarlyExitClassification: (B,) blocks each row ran
 
 
 class MLMHead(nn.Module):

@@ -228,7 +228,8 @@ def is_bert_shaped(model: nn.Module) -> bool:
     c: ModelConfig = model.config
     return (type(model).__name__ in _HEAD_TO_BERT and c.norm == "post" and c.position == "absolute"
             and c.activation == "gelu" and not c.causal and c.type_vocab_size > 0
-            and c.classifier_pooling == "cls" and c.attention == "full")
+            and c.classifier_pooling == "cls" and c.attention == "full"
+            and c.layer_heads is None and c.layer_ffn is None)  # BERT: one width for all layers
 
 
 def export_hf(model: nn.Module, directory: str | Path,

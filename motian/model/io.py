@@ -112,19 +112,28 @@ def read_state_dict(path: Path) -> dict[str, Tensor]:
                         "safetensors") from None
 
 
-def save_pretrained(model: nn.Module, directory: str | Path) -> Path:
-    """Write `model` as config.json (format, head, model config) + model.safetensors."""
+def save_pretrained(model: nn.Module, directory: str | Path,
+                    state: dict[str, Tensor] | None = None) -> Path:
+    """Write `model` as config.json (format, head, model config) + model.safetensors.
+    `state`: the weights to write instead of `model.state_dict()` (an FSDP-sharded model's,
+    gathered whole by `motian.train.distributed.full_model_state`)."""
     model = unwrap_model(model)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    state = model.state_dict() if state is None else state
+    state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+    save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    write_text_atomic(directory / "config.json", json.dumps(model_meta(model), indent=2) + "\n")
+    return directory
+
+
+def model_meta(model: nn.Module) -> dict:
+    """config.json's content for `model`: format, head class and arguments, model config."""
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "head": type(model).__name__,
             "head_kwargs": getattr(model, "head_kwargs", {}), "model": model.config.to_dict()}
     if getattr(model, "vocab_hash", None):  # what its token ids mean (see artifact.check_vocab)
         meta["vocab_hash"] = model.vocab_hash
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
-    write_text_atomic(directory / "config.json", json.dumps(meta, indent=2) + "\n")
-    return directory
+    return meta
 
 
 def from_pretrained(directory: str | Path, strict: bool = True,

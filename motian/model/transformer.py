@@ -54,8 +54,10 @@ class Embeddings(nn.Module):
         self.dropout = Dropout(config.dropout)
 
     def forward(self, input_ids: Tensor, token_type_ids: Tensor | None,
-                position_ids: Tensor) -> Tensor:
-        x = self.word(input_ids)  # (B, L, hidden)
+                position_ids: Tensor, words: Tensor | None = None) -> Tensor:
+        """`words` (B, L, hidden): vectors to use instead of looking up `input_ids` (XLNet's
+        query stream starts from one learned vector, motian.model.xlnet)."""
+        x = self.word(input_ids) if words is None else words  # (B, L, hidden)
         if self.position is not None:
             x = x + self.position(position_ids)
         elif self.config.position == "sinusoidal":
@@ -164,13 +166,18 @@ class KVCache:
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention with a fused q/k/v projection."""
+    """Multi-head self-attention with a fused q/k/v projection. `kept_heads` (a pruned layer,
+    `ModelConfig.layer_heads`): the layer has only those of the config's heads, so q/k/v and
+    the output projection are narrower (heads kept x head_dim)."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, kept_heads: list[int] | None = None):
         super().__init__()
         self.config = config
-        self.qkv = nn.Linear(config.hidden, 3 * config.hidden)
-        self.out = nn.Linear(config.hidden, config.hidden)
+        self.kept_heads = kept_heads
+        self.heads = config.heads if kept_heads is None else len(kept_heads)
+        inner = self.heads * config.head_dim
+        self.qkv = nn.Linear(config.hidden, 3 * inner)
+        self.out = nn.Linear(inner, config.hidden)
         # Set by `capture_internals` (distillation's attention matching): compute the
         # probabilities explicitly and keep them in `probs`; SDPA never returns them.
         self.keep_probs = False
@@ -182,8 +189,9 @@ class Attention(nn.Module):
         then only those queries attend (every position still serves as a key and value).
         With `kv`, the new keys and values join the cached ones and the queries see all."""
         c = self.config
-        B, L, H = x.shape
-        q, k, v = self.qkv(x).view(B, L, 3, c.heads, c.head_dim).permute(2, 0, 3, 1, 4)
+        B, L = x.shape[:2]
+        H = self.heads * c.head_dim  # hidden, or less in a pruned layer
+        q, k, v = self.qkv(x).view(B, L, 3, self.heads, c.head_dim).permute(2, 0, 3, 1, 4)
         # q, k, v: (B, heads, L, head_dim)
         if ctx.rotary is not None:
             q, k = apply_rotary(q, *ctx.rotary), apply_rotary(k, *ctx.rotary)
@@ -198,6 +206,9 @@ class Attention(nn.Module):
         if kv is not None:
             k, v = kv.append(k, v)  # (B, heads, T + L, head_dim)
         mask = None if ctx.mask is None else ctx.mask.to(q.dtype)
+        if self.kept_heads is not None and mask is not None and mask.shape[1] > 1:
+            # a per-head position bias (B|1, heads, L, L) built for all heads: keep this layer's
+            mask = mask.index_select(1, torch.tensor(self.kept_heads, device=mask.device))
         if c.position == "deberta":
             # DeBERTa's extra score terms are a per-layer bias; scaled like q . k.
             bias = deberta_bias(q, k, *self._relative_qk(ctx.relative_table),
@@ -233,7 +244,7 @@ class Attention(nn.Module):
         """Project DeBERTa's shared relative embeddings (2*span, hidden) with this layer's query
         and key weights -> two (heads, 2*span, head_dim) tables."""
         c = self.config
-        rq, rk, _ = self.qkv(rel).view(rel.shape[0], 3, c.heads, c.head_dim).unbind(1)
+        rq, rk, _ = self.qkv(rel).view(rel.shape[0], 3, self.heads, c.head_dim).unbind(1)
         return rq.transpose(0, 1), rk.transpose(0, 1)
 
 
@@ -277,13 +288,15 @@ def query_slots(rows: Tensor, B: int, L: int) -> tuple[Tensor, Tensor]:
 
 
 class FeedForward(nn.Module):
-    """hidden -> ffn -> hidden with GELU, or GEGLU: gelu(x W) * (x V) (Shazeer 2020)."""
+    """hidden -> ffn -> hidden with GELU, or GEGLU: gelu(x W) * (x V) (Shazeer 2020).
+    `width`: the inner size when not `config.ffn` (a pruned layer)."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, width: int | None = None):
         super().__init__()
         self.gated = config.activation == "geglu"
-        self.up = nn.Linear(config.hidden, config.ffn * (2 if self.gated else 1))
-        self.down = nn.Linear(config.ffn, config.hidden)
+        width = config.ffn if width is None else width
+        self.up = nn.Linear(config.hidden, width * (2 if self.gated else 1))
+        self.down = nn.Linear(width, config.hidden)
         self.dropout = Dropout(config.dropout)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -301,12 +314,12 @@ class Block(nn.Module):
     Pre-LN keeps an identity path from output to input, so gradients stay well scaled at depth
     and training needs no long warm-up (Xiong et al. 2020) - the Motian recipe's choice."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, index: int = 0):
         super().__init__()
         self.pre_norm = config.norm == "pre"
-        self.attention = Attention(config)
+        self.attention = Attention(config, config.kept_heads(index))  # index: for pruned sizes
         self.attention_norm = nn.LayerNorm(config.hidden, eps=config.layer_norm_eps)
-        self.ffn = FeedForward(config)
+        self.ffn = FeedForward(config, config.ffn_width(index))
         self.ffn_norm = nn.LayerNorm(config.hidden, eps=config.layer_norm_eps)
         self.dropout = Dropout(config.dropout)
 
@@ -374,7 +387,7 @@ class MotianModel(nn.Module):
         super().__init__()
         self.config = config
         self.embeddings = Embeddings(config)
-        self.blocks = nn.ModuleList(Block(config) for _ in range(config.layers))
+        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.layers))
         # Pre-LN leaves the residual stream unnormalised; one LayerNorm at the end fixes its scale.
         self.final_norm = (nn.LayerNorm(config.hidden, eps=config.layer_norm_eps)
                            if config.norm == "pre" else None)
@@ -389,7 +402,8 @@ class MotianModel(nn.Module):
                 token_type_ids: Tensor | None = None, position_ids: Tensor | None = None,
                 document_ids: Tensor | None = None,
                 output_positions: Tensor | None = None,
-                cache: KVCache | None = None, global_mask: Tensor | None = None) -> Tensor:
+                cache: KVCache | None = None, global_mask: Tensor | None = None,
+                inputs_embeds: Tensor | None = None) -> Tensor:
         """input_ids (B, L) -> hidden states (B, L, hidden); see the batch contract in
         docs/model.md. `document_ids` is ignored unless `cross_document_attention` is False.
 
@@ -403,7 +417,11 @@ class MotianModel(nn.Module):
         and `position_ids` default to continuing after the cached ones.
 
         `global_mask` (B, L), attention="sliding" only: 1 marks a global token (Longformer),
-        which sees and is seen by every token; ignored by full attention, where all are."""
+        which sees and is seen by every token; ignored by full attention, where all are.
+
+        `inputs_embeds` (B, L, hidden): the embedding output to run the blocks on instead of
+        embedding `input_ids`, which then only give the shape (XLNet's two streams side by
+        side, motian.model.xlnet)."""
         c = self.config
         L = input_ids.shape[1]
         start = 0 if cache is None else cache.length
@@ -411,12 +429,15 @@ class MotianModel(nn.Module):
             position_ids = torch.arange(start, start + L, device=input_ids.device)[None]  # (1, L)
         if cache is not None:  # the cache keeps a position per row and key
             position_ids = position_ids.expand(input_ids.shape[0], L)
-        if c.position in ("absolute", "tupe") and start + L > c.max_positions:
-            raise UserError(f"sequence length {start + L} exceeds max_positions="
+        # with inputs_embeds (XLNet's two streams) rows share positions: the largest is the length
+        length = start + L if inputs_embeds is None else int(position_ids.max()) + 1
+        if c.position in ("absolute", "tupe") and length > c.max_positions:
+            raise UserError(f"sequence length {length} exceeds max_positions="
                             f"{c.max_positions} of the "
                             f"'{c.position}' scheme, which cannot extrapolate; use a longer "
                             "max_positions or a relative scheme (t5, alibi, rope, nezha, deberta)")
-        x = self.embeddings(input_ids, token_type_ids, position_ids)
+        x = (self.embeddings(input_ids, token_type_ids, position_ids) if inputs_embeds is None
+             else inputs_embeds)
         ctx = self._attention_context(attention_mask, document_ids, position_ids, L, cache,
                                       global_mask)
         for i, block in enumerate(self.blocks):

@@ -71,13 +71,15 @@ OUTPUTS: dict[str, tuple[str, ...]] = {
     "MaskedLM": ("logits",),
     "PreTrainingModel": ("logits", "pair_logits"),
     "SequenceClassification": ("logits",),
+    # PyTorch only: ONNX and Hugging Face get its full-depth SequenceClassification (`export`)
+    "EarlyExitClassification": ("logits", "exit_layers"),
     "TokenClassification": ("logits",),
     "SpanExtraction": ("start_logits", "end_logits"),
     "MultipleChoice": ("logits",),
     "CausalLM": ("logits",),
 }
 _FIELD = {"start_logits": "logits", "pair_logits": "pair_logits", "end_logits": "end_logits",
-          "logits": "logits", "hidden_states": "hidden_states"}
+          "logits": "logits", "hidden_states": "hidden_states", "exit_layers": "exit_layers"}
 
 
 def input_names(model: nn.Module) -> tuple[str, ...]:
@@ -404,6 +406,9 @@ def export(checkpoint: Path, out: Path, format: Literal["onnx", "hf", "both"] = 
         raise UserError("--int8 quantises the ONNX graph, and --format hf writes none; use "
                         "--format onnx or both")
     model = from_pretrained(checkpoint).eval()
+    early_exit = getattr(model, "exit_threshold", None)
+    if early_exit is not None:  # a static graph runs every row through every block
+        model = model.full_depth()
     if type(model).__name__ not in OUTPUTS:
         raise UserError(no_export_path(type(model).__name__, checkpoint))
     card = TaskCard.read_optional(checkpoint)
@@ -417,6 +422,14 @@ def export(checkpoint: Path, out: Path, format: Literal["onnx", "hf", "both"] = 
     manifest = {"kind": "export", "source": str(checkpoint), "head": head,
                 "inputs": list(input_names(model)), "outputs": list(OUTPUTS[head]),
                 "opset": opset, "tolerance": tolerance, "torch": torch.__version__}
+    if early_exit is not None:
+        manifest["early_exit"] = {
+            "threshold": early_exit, "exported": "full depth (every block, the last head)",
+            "early_exit_backend": "torch: `motian serve --backend torch` / `motian predict` on "
+                                  "this directory (docs/serving.md, Early exit)"}
+        print(f"motian: {checkpoint} exits early (threshold {early_exit:g}); the exported "
+              "graphs run the full depth: serve this directory with --backend torch for early "
+              "exit", flush=True)
     if format in ("onnx", "both"):
         manifest["onnx"] = _export_onnx_checked(model, out, opset, batches, tolerance)
     if int8:

@@ -42,6 +42,7 @@ from prometheus_client import (
 from tokenizers import Tokenizer
 
 from motian.errors import UserError
+from motian.model.early_exit import saved_threshold
 from motian.serving.batcher import DynamicBatcher, QueueFull
 from motian.serving.onnx import ONNX_FILE
 from motian.serving.predict import (
@@ -285,7 +286,9 @@ def serve(model: Path, host: str = "127.0.0.1", port: int = 8000,
         port: TCP port; 0 picks a free one.
         backend: onnx (onnxruntime), onnx-int8 (model.int8.onnx of `motian export --int8`),
             torch (PyTorch), or auto: onnx when the directory has model.onnx, else torch
-            (int8 is never picked on its own: its accuracy is a trade to choose).
+            (int8 is never picked on its own: its accuracy is a trade to choose). An
+            early-exit model (`motian early-exit`) exits early with torch only, which auto
+            picks for it; each result then reports its "exit_layer".
         max_batch: most texts in one forward pass.
         max_wait_ms: longest a text waits for others to share its batch.
         max_queue: most texts waiting for a batch; beyond it requests get 503.
@@ -299,11 +302,15 @@ def serve(model: Path, host: str = "127.0.0.1", port: int = 8000,
     """
     if max_batch < 1 or max_queue < 1 or max_wait_ms < 0:
         raise UserError("--max-batch and --max-queue must be >= 1, --max-wait-ms >= 0")
-    if backend == "auto":
-        backend = "onnx" if (Path(model) / ONNX_FILE).is_file() else "torch"
+    threshold = saved_threshold(model)  # an early-exit model's; None for any other
+    if backend == "auto":  # early exit runs in PyTorch only (its ONNX graph is full depth)
+        backend = "onnx" if (Path(model) / ONNX_FILE).is_file() and threshold is None \
+            else "torch"
     p = load_predictor(Path(model), backend, tokenizer, max_length, threads)
     describe = {"model": str(model), "head": p.head, "backend": backend,
                 "max_length": p.max_length, "labels": p.labels}
+    if threshold is not None:
+        describe["exit_threshold"] = threshold if backend == "torch" else None
     asgi, app = build_app(p, describe, max_batch, max_wait_ms, max_queue, reject_long, top_k)
     sock = _bind(host, port)
     config = uvicorn.Config(asgi, log_level="warning", access_log=False, lifespan="on",

@@ -27,6 +27,7 @@ import hashlib
 from collections import defaultdict
 from functools import lru_cache
 
+from motian.data.entities import tagged_spans
 from motian.data.sources import iter_reviews, pd98_paragraphs
 from motian.errors import UserError
 from motian.tasks.types import Example, Scheme, Task
@@ -133,17 +134,9 @@ def _sentences(words: list[tuple[str, str]]) -> list[list[tuple[str, str]]]:
 
 
 def ner_spans(words: list[tuple[str, str]]) -> tuple[str, list[tuple[int, int, str]]]:
-    """Text and (start, end, type) entities of one sentence; adjacent nr words merge."""
-    text, spans, offset = [], [], 0
-    for word, pos in words:
-        kind = NER_TYPES.get(pos)
-        if kind and kind == "PER" and spans and spans[-1][2] == "PER" and spans[-1][1] == offset:
-            spans[-1] = (spans[-1][0], offset + len(word), "PER")
-        elif kind:
-            spans.append((offset, offset + len(word), kind))
-        text.append(word)
-        offset += len(word)
-    return "".join(text), spans
+    """Text and (start, end, type) entities of one sentence; adjacent nr words merge (the
+    same entities `encode --entities tags` masks as units)."""
+    return tagged_spans(words, NER_TYPES)
 
 
 def word_spans(words: list[tuple[str, str]]) -> tuple[str, list[tuple[int, int, str]]]:

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from motian.errors import UserError
 from motian.model.config import ModelConfig
+from motian.model.elmo import elmo_task_head
 from motian.model.heads import (
     HEADS,
     CausalLM,
@@ -30,7 +31,12 @@ from motian.train.fit import autocast_context, resolve_precision
 def build_head(task: Task, config: ModelConfig, pretrained_head: str | None = None
                ) -> nn.Module:
     """The task model of `config`. A generation task keeps the generating family the model was
-    pretrained as (`pretrained_head`: UNILM's UnifiedLM, MASS's Seq2SeqLM), else a CausalLM."""
+    pretrained as (`pretrained_head`: UNILM's UnifiedLM, MASS's Seq2SeqLM), else a CausalLM.
+    An ELMo biLM (`ElmoLM`) is used feature-based: frozen, a scalar mix of its layers and a
+    small task model (motian.model.elmo)."""
+    if pretrained_head in ELMO_HEADS:
+        return elmo_task_head(task.type, config, len(tag_names(task.labels, task.scheme))
+                              if task.type == "token" else len(task.labels or ()))
     if task.type == "generation":
         if pretrained_head in SEQ2SEQ_GENERATORS:
             return HEADS[pretrained_head](config)
@@ -46,6 +52,8 @@ def build_head(task: Task, config: ModelConfig, pretrained_head: str | None = No
     return MultipleChoice(config)
 
 
+# The ELMo biLM and its task models (a fine-tuned one continues as itself).
+ELMO_HEADS = ("ElmoLM", "ElmoTokenTagger", "ElmoSequenceClassifier")
 # Generation-pretrained families fine-tuned on their own rows (motian.tasks.generation_rows).
 SEQ2SEQ_GENERATORS = ("UnifiedLM", "Seq2SeqLM")
 GENERATION_NEEDS_CAUSAL = (

@@ -108,22 +108,43 @@ def save_checkpoint(run_dir: Path, step: int, model: nn.Module,
                       str(tmp / EXTRA))
         if scaler is not None:
             torch.save(scaler.state_dict(), tmp / "scaler.pt")
-        torch.save({"ranks": rng_states or [capture_rng_state()]}, tmp / "rng.pt")
-        (tmp / "state.json").write_text(state_text, encoding="utf-8")
-        for path in tmp.iterdir():
-            _fsync_file(path)
-        _fsync_dir(tmp)
+        finish_checkpoint_files(tmp, state_text, rng_states)
     except Exception as e:  # writing failed (a full disk, a quota, a file-size limit): the
         # torch and safetensors writers report it in their own words, so any failure here is
         # reported as a failed write; the last checkpoint is untouched either way
-        shutil.rmtree(tmp, ignore_errors=True)
-        latest = latest_checkpoint(run_dir)
-        kept = f"the latest checkpoint {latest} is intact" if latest else "nothing was lost"
-        reason = getattr(e, "strerror", None) or str(e).splitlines()[0][:200]
-        free = shutil.disk_usage(directory).free / 2**20
-        raise UserError(f"{final}: could not be written ({type(e).__name__}: {reason}; "
-                        f"{free:,.0f} MB free on that disk); {kept}. Free space and run the "
-                        "same command again (with --resume for pretrain)") from None
+        raise failed_write(e, tmp, final, run_dir) from None
+    return commit_checkpoint(tmp, final, keep_last)
+
+
+def finish_checkpoint_files(tmp: Path, state_text: str, rng_states: list[dict] | None) -> None:
+    """rng.pt and state.json into the temporary checkpoint `tmp`, then every file in it (and
+    below) and the directories fsynced: what must hold before the rename makes it a checkpoint."""
+    torch.save({"ranks": rng_states or [capture_rng_state()]}, tmp / "rng.pt")
+    (tmp / "state.json").write_text(state_text, encoding="utf-8")
+    for path in sorted(tmp.rglob("*")):
+        if path.is_file():
+            _fsync_file(path)
+    for path in [p for p in tmp.rglob("*") if p.is_dir()] + [tmp]:
+        _fsync_dir(path)
+
+
+def failed_write(e: Exception, tmp: Path, final: Path, run_dir: Path) -> UserError:
+    """Remove the temporary checkpoint and say what failed, how much disk is free, and that the
+    latest checkpoint is intact."""
+    shutil.rmtree(tmp, ignore_errors=True)
+    latest = latest_checkpoint(run_dir)
+    kept = f"the latest checkpoint {latest} is intact" if latest else "nothing was lost"
+    reason = getattr(e, "strerror", None) or str(e).splitlines()[0][:200]
+    free = shutil.disk_usage(final.parent).free / 2**20
+    return UserError(f"{final}: could not be written ({type(e).__name__}: {reason}; "
+                     f"{free:,.0f} MB free on that disk); {kept}. Free space and run the "
+                     "same command again (with --resume for pretrain)")
+
+
+def commit_checkpoint(tmp: Path, final: Path, keep_last: int) -> Path:
+    """Make the complete, fsynced `tmp` the checkpoint `final` (one rename), point `latest` at
+    it, and prune all but the newest `keep_last`."""
+    directory = final.parent
     if final.exists():  # re-saving a step (e.g. after a resume): retire the old copy first
         _retire(final)
     os.rename(tmp, final)

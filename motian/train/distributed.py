@@ -12,7 +12,8 @@ into a message that says what probably happened and where to look. Configuration
 work (a global batch that does not divide, a CUDA device missing on a rank) is refused before
 any training starts.
 
-FSDP is a different wrapper in `wrap_model`; nothing else in the loop assumes DDP.
+FSDP2 (``--parallel fsdp``) is the other wrapper in `wrap_model` (`shard_model`); its
+checkpoints are `motian.train.sharded`. Nothing else in the loop assumes DDP.
 """
 
 from __future__ import annotations
@@ -118,14 +119,105 @@ def process_group(device: str = "auto", timeout_s: float = 300.0) -> Iterator[Di
     teardown()
 
 
-def wrap_model(module: nn.Module, info: DistInfo) -> nn.Module:
-    """DDP across processes (gradients all-reduced and averaged in backward); unchanged alone."""
+def wrap_model(module: nn.Module, info: DistInfo, parallel: str = "ddp",
+               precision: str = "fp32") -> nn.Module:
+    """DDP across processes (gradients all-reduced and averaged in backward), or FSDP2
+    (`shard_model`) for ``parallel="fsdp"``; unchanged alone."""
     if not info.distributed:
         return module
+    if parallel == "fsdp":
+        return shard_model(module, info, precision)
     from torch.nn.parallel import DistributedDataParallel
 
     ids = [info.device.index] if info.device.type == "cuda" else None
     return DistributedDataParallel(module, device_ids=ids)
+
+
+def shard_model(module: nn.Module, info: DistInfo, precision: str = "fp32") -> nn.Module:
+    """FSDP2 (`torch.distributed.fsdp.fully_shard`), in place: one FSDP unit per Transformer
+    block (its parameters all-gathered just before its forward and backward, freed after),
+    then the root (`module`: embeddings, heads, task weights). Each process keeps 1/N of every
+    parameter, gradient and optimizer moment (dim-0 shards, DTensors).
+
+    Mixed precision on a GPU with bf16: blocks compute with bf16 copies of the parameters and
+    gradients are reduced in fp32 (`MixedPrecisionPolicy(param_dtype=bf16,
+    reduce_dtype=fp32)`); the sharded master weights stay fp32. On CPU (and in fp32) no policy:
+    gloo reduces fp32. Activation recomputation (`checkpoint_activations`) runs inside each
+    block's forward, so it composes: the recomputed forward all-gathers the block again."""
+    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+
+    from motian.model.transformer import Block
+
+    if isinstance(module, FSDPModule):  # sharded already (fit shards before the optimizer)
+        return module
+    policy = MixedPrecisionPolicy()
+    if info.device.type == "cuda" and precision == "bf16":
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    for sub in list(module.modules()):
+        if isinstance(sub, Block):
+            fully_shard(sub, mp_policy=policy)
+    fully_shard(module, mp_policy=policy)
+    return module
+
+
+def sync_gradients(step_model: nn.Module, last: bool):
+    """The context of one micro-step's backward: gradients are reduced across processes on
+    the step's last micro-batch only (DDP `no_sync`; FSDP `set_requires_gradient_sync`, which
+    keeps unsharded gradients between micro-steps: memory for fewer reduce-scatters)."""
+    inner = getattr(step_model, "_orig_mod", step_model)  # under torch.compile
+    if hasattr(inner, "set_requires_gradient_sync"):
+        inner.set_requires_gradient_sync(last)
+        return contextlib.nullcontext()
+    if last or not hasattr(step_model, "no_sync"):
+        return contextlib.nullcontext()
+    return step_model.no_sync()
+
+
+@contextlib.contextmanager
+def gathered(step_model: nn.Module, blocks: bool = True) -> Iterator[None]:
+    """FSDP: every parameter whole on every process while the block runs (held-out evaluation),
+    then sharded again. Evaluation lets each rank read its own number of batches; with shards
+    that would hang in the per-block all-gathers, so the units stay unsharded after their
+    forward (`set_reshard_after_forward(False)`) until the end. Memory: the whole model per
+    process for that time, as DDP holds always. `blocks=False`: only the root's parameters
+    (embeddings, heads, task weights: what the logged task weights read). A no-op without
+    FSDP."""
+    from torch.distributed.fsdp import FSDPModule
+
+    root = getattr(step_model, "_orig_mod", step_model)
+    if not isinstance(root, FSDPModule):
+        yield
+        return
+    # The root must know it is the root before a block's own forward could claim it (the
+    # untrained evaluation runs before the first training forward); the first forward does
+    # the same, so this is a no-op afterwards.
+    root._get_fsdp_state()._lazy_init()
+    units = [m for m in root.modules() if isinstance(m, FSDPModule) and m is not root
+             and blocks]
+    for unit in units:
+        unit.set_reshard_after_forward(False, recurse=False)
+    for unit in [root, *units]:
+        unit.unshard()
+    try:
+        yield
+    finally:
+        for unit in units:
+            unit.set_reshard_after_forward(True, recurse=False)
+        for unit in [root, *units]:
+            unit.reshard()
+
+
+def full_model_state(model: nn.Module) -> dict[str, torch.Tensor] | None:
+    """The whole state dict of an FSDP-sharded `model` on rank 0 ({} on the others; every
+    rank must call it: the shards are gathered), None when nothing in it is sharded."""
+    from torch.distributed.tensor import DTensor
+
+    if not any(isinstance(p, DTensor) for p in model.parameters()):
+        return None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
+                                                                cpu_offload=True))
 
 
 @contextlib.contextmanager

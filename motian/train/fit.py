@@ -59,6 +59,7 @@ from tqdm import tqdm
 
 from motian.errors import UserError
 from motian.model import stacking
+from motian.model.artifact import is_sharded_checkpoint
 from motian.train import distributed as dist_utils
 from motian.train.checkpoint import (
     CHECKPOINTS,
@@ -82,9 +83,11 @@ from motian.train.settings import (
     RunSettings,
     Stage,
     accumulation,
+    check_stlr,
     depth_plan,
     stage_bounds,
 )
+from motian.train.sharded import load_sharded_checkpoint, save_sharded_checkpoint
 
 # --------------------------------------------------------------------------- the protocols
 
@@ -185,6 +188,11 @@ class FitConfig:
     # docs/objectives.md).
     grown_optimizer: Literal["restart", "copy"] = "restart"
 
+    def __post_init__(self) -> None:
+        if self.optim.decay == "stlr":  # its own rise: a warm-up on top would be a second one
+            check_stlr(self.optim.cut_frac, self.optim.ratio,
+                       max(s.warmup for s in self.stages), self.optim.min_ratio, self.label)
+
     def stage_bounds(self) -> list[tuple[float, float]]:
         """[(start, end)] of each stage as fractions of the whole run."""
         return stage_bounds(self.stages)
@@ -268,10 +276,11 @@ def learning_rate(config: FitConfig, fraction: float, stage: int) -> float:
     peak x warm-up over the first `stages[0].warmup`, then the decay to the end."""
     o = config.optim
     if config.schedule == "warmup-decay":
-        return o.lr * lr_multiplier(fraction, config.stages[0].warmup, o.decay, o.min_ratio)
+        return o.lr * lr_multiplier(fraction, config.stages[0].warmup, o.decay, o.min_ratio,
+                                    o.cut_frac, o.ratio)
     start, end = config.stage_bounds()[stage]
     in_stage = (fraction - start) / max(end - start, 1e-12)
-    decay = lr_multiplier(fraction, 0.0, o.decay, o.min_ratio)
+    decay = lr_multiplier(fraction, 0.0, o.decay, o.min_ratio, o.cut_frac, o.ratio)
     warm = lr_multiplier(in_stage, config.stages[stage].warmup, "constant")
     return o.lr * decay * warm
 
@@ -316,9 +325,7 @@ def accumulate(step_model: nn.Module, objective: Objective, micro_batches: list[
         torch.manual_seed(seed)
         batch = {name: t.to(info.device, non_blocking=True) for name, t in batch.items()}
         last = k == len(micro_batches) - 1
-        sync = contextlib.nullcontext() if last or not hasattr(step_model, "no_sync") \
-            else step_model.no_sync()
-        with sync:
+        with dist_utils.sync_gradients(step_model, last):
             with autocast:
                 loss, stats = step_model(batch, units_per_rank, len(micro_batches))
             (scaler.scale(loss) if scaler is not None else loss).backward()
@@ -337,6 +344,7 @@ def optimizer_step(trained: nn.Module, optimizer: torch.optim.Optimizer, clip_no
         scaler.unscale_(optimizer)
     params = [p for p in trained.parameters() if p.grad is not None]
     norm = torch.nn.utils.clip_grad_norm_(params, clip_norm if clip_norm > 0 else math.inf)
+    norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP: a DTensor
     skipped = not bool(torch.isfinite(norm))
     if scaler is not None:
         scaler.step(optimizer)  # skips by itself on inf/NaN and lowers the scale
@@ -375,13 +383,20 @@ class _Parts:
     micro_plan: list[tuple[int, int]]
     depths: list[int] | None = None  # blocks trained in each stage (progressive stacking)
     compile: bool = False  # torch.compile the step model (again after the model grows)
+    parallel: str = "ddp"  # RunSettings.parallel: fsdp shards the objective in place
+    precision: str = "fp32"
 
 
 def fit(objective: Objective, source: BatchSource, config: FitConfig, run: RunSettings,
         run_dir: Path | None, info: DistInfo, resume: bool = False,
-        open_logger: Callable[[], MetricsLogger | None] | None = None) -> dict:
+        open_logger: Callable[[], MetricsLogger | None] | None = None,
+        fsdp_ok: bool = False) -> dict:
     """Train `objective` on `source` under `config`; returns a summary (steps, tokens_seen,
     seconds, eval, skipped_steps, last: the last logged values, checkpoint).
+
+    `run.parallel == "fsdp"` shards `objective` in place (`distributed.shard_model`) and
+    checkpoints with `motian.train.sharded`; only a caller that saves its final model from the
+    gathered shards (`distributed.full_model_state`) passes `fsdp_ok` (pretraining does).
 
     `run_dir` holds checkpoints/ (none when None). With checkpoints there and not `resume`,
     the run is refused rather than overwritten; with `resume`, it continues exactly from the
@@ -402,7 +417,6 @@ def fit(objective: Objective, source: BatchSource, config: FitConfig, run: RunSe
     if found and not resume:
         raise UserError(f"{run_dir} already holds checkpoints ({found[-1].name}); pass --resume "
                         "to continue that run, or choose another --out")
-    objective.to(info.device)
     micro_plan = [accumulation(s, run.micro_batch, info.world_size) for s in config.stages]
     # Progressive stacking: the model was built at its final depth; the run starts at the first
     # stage's (the bottom blocks kept), a resume at its checkpoint's (`_restore`).
@@ -410,12 +424,17 @@ def fit(objective: Objective, source: BatchSource, config: FitConfig, run: RunSe
               if any(s.layers for s in config.stages) else None)
     if depths is not None:
         stacking.set_depth(objective.model, depths[0])
+    if run.parallel == "fsdp":  # sharded before the optimizer is built over its parameters,
+        # and before the move to the device: each GPU receives its shards only
+        _check_fsdp(config, run, precision, depths, fsdp_ok)
+        dist_utils.wrap_model(objective, info, "fsdp", precision)
+    objective.to(info.device)
     scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
     budget = config.budget_minutes * 60 if config.budget_minutes > 0 else None
     progress = Progress(None if budget else config.steps, budget, config.budget_clock)
     parts = _Parts(objective, objective, _build_optimizer(objective, config), scaler,
                    autocast_context(precision, info.device), progress, micro_plan, depths,
-                   run.compile)
+                   run.compile, run.parallel, precision)
     state = RunState()
     if resume and run_dir is not None:
         _restore_newest_readable(parts, run_dir, config, state, info)
@@ -474,8 +493,17 @@ def _restore(parts: _Parts, path: Path, config: FitConfig, state: RunState,
         if stacking.depth(parts.objective.model) != layers:
             stacking.set_depth(parts.objective.model, layers)
             parts.optimizer = _build_optimizer(parts.objective, config)
-    load_checkpoint(path, parts.objective.model, parts.optimizer, parts.scaler,
-                    extra=parts.objective)
+    if is_sharded_checkpoint(path) != (parts.parallel == "fsdp"):
+        made, now = ("fsdp", parts.parallel) if is_sharded_checkpoint(path) else ("ddp", "fsdp")
+        raise UserError(f"{path}: written by a --parallel {made} run; resume with --parallel "
+                        f"{made} (this run asks for {now})" + (
+                            ", or write it as a model directory with `motian consolidate` and "
+                            "start a new run from it with --init-from" if made == "fsdp" else ""))
+    if parts.parallel == "fsdp":
+        load_sharded_checkpoint(path, parts.objective, parts.optimizer)
+    else:
+        load_checkpoint(path, parts.objective.model, parts.optimizer, parts.scaler,
+                        extra=parts.objective)
     state.step, state.stage = int(saved["step"]), int(saved["stage"])
     state.bad_steps, state.tokens_seen = int(saved["bad_steps"]), int(saved["tokens_seen"])
     state.skipped_total = int(saved.get("skipped_total", 0))
@@ -583,6 +611,22 @@ def _build_optimizer(objective: Objective, config: FitConfig) -> torch.optim.Opt
                            grad_normalization=o.grad_normalization)
 
 
+def _check_fsdp(config: FitConfig, run: RunSettings, precision: str,
+                depths: list[int] | None, fsdp_ok: bool) -> None:
+    """Refuse, before any work, what --parallel fsdp does not do (yet)."""
+    why = None
+    if not fsdp_ok:
+        why = f"{config.label} saves its model unsharded; only pretrain gathers FSDP shards"
+    elif precision == "fp16":
+        why = "fp16's loss scaler is not shard-aware; use --precision bf16 (or fp32)"
+    elif depths is not None:
+        why = "progressive stacking (stages with layers) copies whole blocks"
+    elif run.compile:
+        why = "--compile with FSDP is untested here"
+    if why:
+        raise UserError(f"--parallel fsdp: {why}. Use --parallel ddp for this run")
+
+
 def _wrap(parts: _Parts, info: DistInfo) -> nn.Module:
     """The module the step runs: DDP across processes, compiled when asked. Built again after
     the model grows: DDP's buckets and gradient hooks cover the parameters it was made with."""
@@ -594,7 +638,7 @@ def _wrap(parts: _Parts, info: DistInfo) -> nn.Module:
         for handle in getattr(old, "_accum_grad_hooks", []):
             handle.remove()
     parts.step_model = parts.objective
-    step_model = dist_utils.wrap_model(parts.objective, info)
+    step_model = dist_utils.wrap_model(parts.objective, info, parts.parallel, parts.precision)
     return torch.compile(step_model) if parts.compile else step_model
 
 
@@ -693,7 +737,8 @@ def _log_values(parts: _Parts, window: dict[str, float], info: DistInfo, lr: flo
     if parts.depths is not None:  # progressive stacking: the depth this step trained
         values["layers"] = parts.depths[stage]
     values.update(parts.objective.summarise(w))
-    values.update(parts.objective.log_extra())
+    with dist_utils.gathered(parts.step_model, blocks=False):  # FSDP: task weights sharded
+        values.update(parts.objective.log_extra())
     if parts.scaler is not None:
         values["loss_scale"] = float(parts.scaler.get_scale())
     values["skipped"] = w.get("skipped", 0.0) / info.world_size
@@ -758,7 +803,8 @@ def _advance_bar(bar, progress: Progress) -> None:
 def _evaluate(parts: _Parts, info: DistInfo, logger: MetricsLogger | None,
               step: int) -> dict | None:
     with dist_utils.collective(info, "held-out evaluation", step):
-        result = parts.objective.evaluate(info, parts.autocast)
+        with dist_utils.gathered(parts.step_model):
+            result = parts.objective.evaluate(info, parts.autocast)
     if result is not None and logger is not None:
         logger.log("eval", step, result)
     return result
@@ -773,12 +819,19 @@ def _checkpoint(run_dir: Path, config: FitConfig, parts: _Parts, state: RunState
     if info.distributed:
         rng = [None] * info.world_size
         torch.distributed.all_gather_object(rng, capture_rng_state())
-    if not info.is_main:
-        return Path(run_dir) / CHECKPOINTS / checkpoint_name(state.step)
     saved = {"fingerprint": config.fingerprint, "stage": state.stage, "data": state.data,
              "progress": parts.progress.state_dict(), "bad_steps": state.bad_steps,
              "skipped_total": state.skipped_total, "tokens_seen": state.tokens_seen,
              "last_eval": state.last_eval, "last_values": state.last_values}
+    if parts.parallel == "fsdp":  # every rank writes its shards
+        path = save_sharded_checkpoint(run_dir, state.step, parts.objective,
+                                       parts.objective.model, parts.optimizer, saved,
+                                       config.keep_last, rng)
+        if say is not None:
+            say(f"step {state.step:,}: checkpoint {path} (sharded)")
+        return path
+    if not info.is_main:
+        return Path(run_dir) / CHECKPOINTS / checkpoint_name(state.step)
     path = save_checkpoint(run_dir, state.step, parts.objective.model, parts.optimizer, saved,
                            parts.scaler, keep_last=config.keep_last, rng_states=rng,
                            extra=parts.objective.extra_state())

@@ -32,6 +32,7 @@ from motian.data.splits import SplitLoader, mass_batches
 from motian.model.seq2seq import Seq2SeqLM
 from motian.train.distributed import DistInfo, all_reduce_sum
 from motian.train.fit import Objective
+from motian.train.objectives import token_summary
 from motian.train.recipe import EvalSpec
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "decoder_input_ids", "decoder_attention_mask",
@@ -61,11 +62,7 @@ class MaskedSeq2Seq(Objective):
         return token_sum / tokens_per_rank, stats
 
     def summarise(self, sums: dict[str, float]) -> dict[str, float]:
-        n = sums.get("mass_tokens", 0.0)
-        if not n:
-            return {}
-        loss = sums["mass_loss_sum"] / n
-        return {"loss": loss, "loss_mass": loss, "acc_mass": sums["mass_correct"] / n}
+        return token_summary(sums, "mass")
 
     @torch.no_grad()
     def evaluate(self, info: DistInfo, autocast) -> dict | None:

@@ -28,6 +28,7 @@ from motian.errors import UserError
 from motian.model import CausalLM, LoadReport, MaskedLM, ModelConfig, PreTrainingModel
 from motian.model.heads import ReplacedTokenDetection, UnifiedLM, pair_loss_sum
 from motian.model.seq2seq import Seq2SeqLM
+from motian.model.xlnet import XLNetLM
 from motian.train.distributed import DistInfo, all_reduce_sum
 from motian.train.fit import Objective
 from motian.train.recipe import ObjectiveSpec
@@ -49,10 +50,12 @@ def build_model(config: ModelConfig, objective: ObjectiveSpec, pair_task: str) -
             raise UserError(f"objective.kind {objective.kind} trains no pair task; set "
                             f"data.pair_task: none (got {pair_task})")
         return ReplacedTokenDetection(config, multi_choice=objective.kind == "mc-bert")
-    if objective.kind in ("unilm", "mass"):  # motian.train.unilm, motian.train.mass
+    if objective.kind in ("unilm", "mass", "xlnet"):  # train/unilm.py, mass.py, xlnet.py
         if pair_task != "none":
             raise UserError(f"objective.kind {objective.kind} trains no pair task; set "
                             f"data.pair_task: none (got {pair_task})")
+        if objective.kind == "xlnet":
+            return XLNetLM(config)
         return UnifiedLM(config) if objective.kind == "unilm" else Seq2SeqLM(config)
     return MaskedLM(config) if pair_task == "none" else PreTrainingModel(config)
 
@@ -231,6 +234,16 @@ def mlm_pair_losses(logits: Tensor, pair_logits: Tensor | None, labels: Tensor,
         stats["pair_correct"] = (pair_logits.detach().argmax(-1)[keep]
                                  == pair_labels[keep]).sum().float()
     return losses, stats
+
+
+def token_summary(sums: dict[str, float], task: str) -> dict[str, float]:
+    """`loss`, `loss_<task>` and `acc_<task>` of a window from the `<task>_loss_sum`,
+    `<task>_tokens` and `<task>_correct` statistics (a token-level objective's `summarise`)."""
+    n = sums.get(f"{task}_tokens", 0.0)
+    if not n:
+        return {}
+    loss = sums[f"{task}_loss_sum"] / n
+    return {"loss": loss, f"loss_{task}": loss, f"acc_{task}": sums[f"{task}_correct"] / n}
 
 
 @torch.no_grad()

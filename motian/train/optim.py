@@ -16,6 +16,7 @@ from typing import Literal
 
 import torch
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 
 from motian.errors import UserError
 
@@ -96,7 +97,9 @@ class Lamb(torch.optim.Optimizer):
         if any(g.is_sparse for g in grads):
             raise RuntimeError("Lamb does not support sparse gradients")
         # Per-tensor norms once: the global norm is their norm, and "block" divides by them.
+        # (Whole-tensor norms also under FSDP; the divisions below act on this rank's shards.)
         norms = _norms(grads)
+        grads = [_local(g) for g in grads]
         self.last_grad_norm = torch.linalg.vector_norm(norms)
         # Every divisor below stays a tensor (no host sync), and the division is in place on
         # .grad, as clip_grad_norm_ does (the loop zeroes the gradients next).
@@ -126,9 +129,14 @@ class Lamb(torch.optim.Optimizer):
             self._update_tensors(group, batch)
 
     def _update_tensors(self, group: dict, params: list[Tensor]) -> None:
-        """The LAMB update of `params` (one device), with foreach ops over the list."""
-        grads = [p.grad for p in params]
+        """The LAMB update of `params` (one device), with foreach ops over the list.
+        FSDP-sharded parameters (DTensors) are updated shard by shard; only the trust ratio's
+        norms need the whole tensor, and `trust_ratios` reduces them over the shards."""
+        sharded = params
+        grads = [_local(p.grad) for p in params]
         exp_avgs, exp_avg_sqs, steps = self._state_of(params)
+        params, exp_avgs, exp_avg_sqs = ([_local(t) for t in ts]
+                                         for ts in (params, exp_avgs, exp_avg_sqs))
         beta1, beta2 = group["betas"]
         # Moments, in place over the batch: m <- b1 m + (1-b1) g; v <- b2 v + (1-b2) g^2.
         torch._foreach_mul_(exp_avgs, beta1)
@@ -153,7 +161,7 @@ class Lamb(torch.optim.Optimizer):
         if group["weight_decay"] != 0:
             torch._foreach_add_(update, params, alpha=group["weight_decay"])
         if group["always_adapt"] or group["weight_decay"] != 0:
-            ratios = trust_ratios(params, update, group["trust_clip"])
+            ratios = trust_ratios(params, update, group["trust_clip"], like=sharded)
             torch._foreach_mul_(update, ratios)
         torch._foreach_add_(params, update, alpha=-group["lr"])
 
@@ -182,10 +190,12 @@ def global_grad_norm(grads: list[Tensor]) -> Tensor:
 
 
 def trust_ratios(params: list[Tensor], update: list[Tensor],
-                 clip: float | None) -> list[Tensor]:
+                 clip: float | None, like: list[Tensor] | None = None) -> list[Tensor]:
     """Per tensor ||w|| / ||u||, 1 where either norm is 0 (a zero-initialised bias, or a
-    parameter whose update vanished), clamped to `clip` when given. 0-d tensors, no sync."""
-    w, u = _norms(params), _norms(update)
+    parameter whose update vanished), clamped to `clip` when given. 0-d tensors, no sync.
+    `like`: the DTensors `params` and `update` are the local shards of (FSDP), whose norms
+    are then the whole tensors' (`_norms`)."""
+    w, u = _norms(params, like), _norms(update, like)
     ratio = torch.where((w > 0) & (u > 0), w / u.clamp(min=torch.finfo(u.dtype).tiny),
                         torch.ones_like(w))
     if clip is not None:
@@ -220,12 +230,51 @@ def _batches(params: list[Tensor]) -> list[list[Tensor]]:
     return batches
 
 
-def _norms(tensors: list[Tensor]) -> Tensor:
+def _norms(tensors: list[Tensor], like: list[Tensor] | None = None) -> Tensor:
     """(n,) the L2 norm of each tensor, accumulated in at least fp32 (bf16 grads would lose
-    the sum of squares), gathered on the first tensor's device."""
+    the sum of squares), gathered on the first tensor's device.
+
+    Sharded tensors (FSDP's DTensors, or local shards of the DTensors in `like`): the norm of
+    the WHOLE tensor, sqrt(sum over ranks of each shard's squared norm): one all-reduce of n
+    numbers over the shards' process group (the same on every rank, as LAMB's trust ratio
+    needs; a shard's own norm would give every rank a different ratio)."""
+    group = _shard_group(like if like is not None else tensors)
+    tensors = [_local(t) for t in tensors]
     dtype = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
-    norms = torch._foreach_norm(tensors, 2, dtype=dtype)
-    return torch.stack([n.to(tensors[0].device) for n in norms])
+    norms = torch.stack([n.to(tensors[0].device)
+                         for n in torch._foreach_norm(tensors, 2, dtype=dtype)])
+    if group is None:
+        return norms
+    squares = norms.square()
+    torch.distributed.all_reduce(squares, group=group)
+    return squares.sqrt()
+
+
+def _local(t: Tensor) -> Tensor:
+    """This rank's shard of a DTensor (a view: in-place ops update the DTensor); else `t`."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def _shard_group(tensors: list[Tensor]):
+    """The process group `tensors` are sharded over (FSDP: one mesh dimension, Shard
+    placements), or None for ordinary tensors. Replicated DTensors need no reduction."""
+    if not tensors or not isinstance(tensors[0], DTensor):
+        return None
+    from torch.distributed.tensor import Shard
+
+    mesh, placements = tensors[0].device_mesh, tensors[0].placements
+    if any(not isinstance(t, DTensor) or t.device_mesh != mesh or t.placements != placements
+           for t in tensors):
+        raise RuntimeError("Lamb: sharded and unsharded parameters (or two shardings) in one "
+                           "list; shard the whole model with fully_shard")
+    if mesh.ndim != 1 or not isinstance(placements[0], Shard):
+        return None if all(p.is_replicate() for p in placements) else _unsupported(placements)
+    return mesh.get_group()
+
+
+def _unsupported(placements) -> None:
+    raise RuntimeError(f"Lamb: DTensor placements {placements} are not supported (FSDP's "
+                       "one-dimensional Shard is)")
 
 
 def _foreach_on_devices(op: Callable, tensors: list[Tensor], scalar: Tensor) -> None:

@@ -113,7 +113,7 @@ class ObjectiveSpec:
     (motian.train.replaced; docs/objectives.md)."""
 
     kind: Literal["mlm", "causal", "electra", "mc-bert", "unilm", "mass",
-                  "transformer-xl"] = "mlm"
+                  "transformer-xl", "xlnet", "elmo"] = "mlm"
     weighting: Literal["uncertainty", "fixed"] = "uncertainty"
     weights: dict = field(default_factory=lambda: {"mlm": 1.0, "pair": 1.0})  # fixed weighting
     # Learned (uncertainty) weighting only: every weight kept in [lo, hi] (None: unbounded),
@@ -152,6 +152,9 @@ class ObjectiveSpec:
     # transformer-xl only (motian.train.xl): tokens of the previous segments each layer keeps
     # as memory (Dai et al. 2019's M; 0 = none).
     memory: int = 0
+    # xlnet only (motian.train.xlnet): partial prediction's K, each row predicts the last
+    # ceil(n / K) tokens of its factorisation order (6 or 7 in XLNet).
+    xlnet_k: int = 6
 
     def __post_init__(self) -> None:
         # Checked whatever the kind, so a bad value fails where it is written, naming its field.
@@ -174,6 +177,10 @@ class ObjectiveSpec:
         if isinstance(self.memory, bool) or not isinstance(self.memory, int) or self.memory < 0:
             raise ValueError(f"objective.memory must be an integer >= 0 (tokens of earlier "
                              f"segments kept per layer, Transformer-XL), got {self.memory!r}")
+        if not _is_int(self.xlnet_k) or self.xlnet_k < 2:
+            raise ValueError(f"objective.xlnet_k must be an integer >= 2 (XLNet predicts the "
+                             f"last 1/K of each factorisation order; K = 6 or 7 in the paper), "
+                             f"got {self.xlnet_k!r}")
 
 
 def unilm_mode_shares(spec: ObjectiveSpec) -> tuple[float, ...]:
@@ -325,10 +332,15 @@ class Recipe:
             d["objective"].pop("mass_span", None)
         if not d["objective"].get("memory"):  # unused: hash as before
             d["objective"].pop("memory", None)
+        if d["objective"]["kind"] != "xlnet":
+            d["objective"].pop("xlnet_k", None)
         if not d["objective"].get("notes"):
             for key in ("notes", "notes_threshold", "notes_min_count", "notes_window",
                         "notes_gamma", "notes_lambda"):
                 d["objective"].pop(key, None)
+        if d["optim"]["decay"] != "stlr":  # unused: hash as before
+            d["optim"].pop("cut_frac", None)
+            d["optim"].pop("ratio", None)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 

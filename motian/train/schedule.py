@@ -1,4 +1,5 @@
-"""Learning-rate schedules as plain functions of training progress, and `Progress`, which
+"""Learning-rate schedules as plain functions of training progress (warm-up, then linear /
+cosine / constant decay, or ULMFiT's slanted triangular rate), and `Progress`, which
 measures that progress in steps or against a wall-clock budget.
 
 There is no scheduler object with hidden state: the loop asks `lr_multiplier(progress, ...)`
@@ -16,17 +17,20 @@ from typing import Literal
 import torch
 
 from motian.errors import UserError
+from motian.train.settings import check_stlr
 
-Decay = Literal["linear", "cosine", "constant"]
+Decay = Literal["linear", "cosine", "constant", "stlr"]
 DECAYS: tuple[str, ...] = Decay.__args__
 
 
-def lr_multiplier(progress: float, warmup: float, decay: Decay,
-                  min_ratio: float = 0.0) -> float:
+def lr_multiplier(progress: float, warmup: float, decay: Decay, min_ratio: float = 0.0,
+                  cut_frac: float = 0.1, ratio: float = 32.0) -> float:
     """The fraction of the peak learning rate at `progress` (0 = start, 1 = end of training).
 
     Linear warm-up from 0 over the first `warmup` fraction, then `decay` from 1 down to
     `min_ratio` at progress 1: linear, cosine (half a cosine period), or constant (stays 1).
+    "stlr" is ULMFiT's slanted triangular schedule (`slanted_triangular`), which has its own
+    rise (`cut_frac`) and floor (1 / `ratio`): it takes no warm-up and no min_ratio.
     Progress outside [0, 1] is clamped. Pass the progress the step being taken will reach
     (`Progress.fraction(ahead=1)`) so the first step does not run at learning rate 0."""
     if not 0.0 <= warmup <= 1.0:
@@ -36,6 +40,9 @@ def lr_multiplier(progress: float, warmup: float, decay: Decay,
     if decay not in DECAYS:
         raise UserError(f"schedule: unknown decay {decay!r}; choose one of {', '.join(DECAYS)}")
     p = min(max(progress, 0.0), 1.0)
+    if decay == "stlr":
+        check_stlr(cut_frac, ratio, warmup, min_ratio)
+        return slanted_triangular(p, cut_frac, ratio)
     if p < warmup:
         return p / warmup
     if decay == "constant":
@@ -44,6 +51,20 @@ def lr_multiplier(progress: float, warmup: float, decay: Decay,
     if decay == "linear":
         return 1.0 - (1.0 - min_ratio) * q
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * q))
+
+
+def slanted_triangular(progress: float, cut_frac: float = 0.1, ratio: float = 32.0) -> float:
+    """ULMFiT's slanted triangular learning rate (Howard & Ruder 2018, "Universal Language
+    Model Fine-tuning for Text Classification", eq. 3), as a fraction of the peak.
+
+    With T steps, cut = T * cut_frac, p = t / cut before the cut and
+    1 - (t - cut) / (cut * (1 / cut_frac - 1)) after it, lr = peak * (1 + p (ratio - 1)) / ratio:
+    a short linear rise from peak / ratio to the peak at `cut_frac` of training, then a long
+    linear fall back to peak / ratio at the end. Here t / T is `progress`, so the same curve
+    serves step- and time-keyed runs (the paper's values: cut_frac 0.1, ratio 32)."""
+    p = min(max(progress, 0.0), 1.0)
+    rise = p / cut_frac if p < cut_frac else 1.0 - (p - cut_frac) / (1.0 - cut_frac)
+    return (1.0 + rise * (ratio - 1.0)) / ratio
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:

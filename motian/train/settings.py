@@ -41,10 +41,41 @@ class OptimSettings:
                     "by max(1, global norm) (a no-op after clip_norm 1); block = every tensor's "
                     "gradient to norm 1, always (LANS); global = the whole gradient to norm 1, "
                     "always; none. adamw accepts only clip"})
-    decay: Literal["linear", "cosine", "constant"] = field(default="linear", metadata={
-        "help": "learning-rate decay after the warm-up"})
+    decay: Literal["linear", "cosine", "constant", "stlr"] = field(default="linear", metadata={
+        "help": "learning-rate decay after the warm-up; stlr = ULMFiT's slanted triangular "
+                "rate (its own rise over cut_frac, floor peak / ratio; needs warm-up 0)"})
     min_ratio: float = field(default=0.0, metadata={
         "help": "final learning rate as a fraction of the peak"})
+    cut_frac: float = field(default=0.1, metadata={
+        "help": "decay stlr only: fraction of training the learning rate rises for"})
+    ratio: float = field(default=32.0, metadata={
+        "cli": "stlr_ratio", "help": "decay stlr only: peak learning rate / the rate at both "
+                                     "ends"})
+
+    def __post_init__(self) -> None:
+        if self.decay == "stlr":
+            check_stlr(self.cut_frac, self.ratio, min_ratio=self.min_ratio, where="optim")
+
+
+def check_stlr(cut_frac: float, ratio: float, warmup: float = 0.0, min_ratio: float = 0.0,
+               where: str = "schedule") -> None:
+    """UserError unless the slanted triangular settings make a schedule: 0 < cut_frac < 1,
+    ratio >= 1, and no warm-up or min_ratio on top of its own rise and floor."""
+    for name, value in (("cut_frac", cut_frac), ("ratio", ratio)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise UserError(f"{where}: decay stlr needs a number for {name}, got {value!r}")
+    if not 0.0 < cut_frac < 1.0:
+        raise UserError(f"{where}: cut_frac is the fraction of training the stlr learning rate "
+                        f"rises for, in (0, 1) (ULMFiT: 0.1), got {cut_frac}")
+    if ratio < 1.0:
+        raise UserError(f"{where}: ratio is how much smaller the stlr learning rate is at its "
+                        f"ends than at its peak, >= 1 (ULMFiT: 32), got {ratio}")
+    if warmup > 0.0:
+        raise UserError(f"{where}: decay stlr rises over its first cut_frac ({cut_frac}) "
+                        f"itself; set the warm-up to 0 (got {warmup}) or choose another decay")
+    if min_ratio > 0.0:
+        raise UserError(f"{where}: decay stlr ends at peak / ratio (1/{ratio:g}); set min_ratio "
+                        f"to 0 (got {min_ratio}) and choose the floor with ratio")
 
 
 @dataclass(frozen=True)
@@ -126,6 +157,10 @@ class RunSettings:
         "help": "recompute activations in backward (less memory, more time)"})
     threads: int = field(default=0, metadata={
         "help": "torch CPU threads per process; 0 = torch's default"})
+    parallel: Literal["ddp", "fsdp"] = field(default="ddp", metadata={
+        "help": "under torchrun: ddp (every process holds the whole model) or fsdp (FSDP2: "
+                "parameters, gradients and optimizer state sharded over the processes, "
+                "distributed checkpoints; pretrain only, docs/scale.md)"})
     dist_timeout_s: float = field(default=300.0, metadata={
         "cli": "dist_timeout", "help": "seconds a rank waits for the others before reporting "
                                        "them dead"})

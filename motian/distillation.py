@@ -202,10 +202,17 @@ def encoder_flops_per_token(config: ModelConfig, seq_len: int) -> int:
     """Forward matmul FLOPs per token of the encoder blocks (2 per multiply-add): q/k/v and
     output projections, the FFN, and the attention scores and weighted sum over `seq_len`
     keys. Embedding look-ups, norms, softmax and the task head are left out (not matmuls, or
-    the same for teacher and student)."""
-    H, F_ = config.hidden, config.ffn * (2 if config.activation == "geglu" else 1)
-    per_layer = 3 * H * H + H * H + H * F_ + config.ffn * H + 2 * seq_len * H
-    return 2 * config.layers * per_layer
+    the same for teacher and student). A pruned model (`layer_heads` / `layer_ffn`) is
+    counted layer by layer with the heads and FFN units it kept."""
+    H, d = config.hidden, config.head_dim
+    total = 0
+    for i in range(config.layers):
+        heads = len(config.layer_heads[i]) if config.layer_heads is not None else config.heads
+        ffn = config.layer_ffn[i] if config.layer_ffn is not None else config.ffn
+        A = heads * d  # width of q, k, v and the attention output
+        ffn_in = ffn * (2 if config.activation == "geglu" else 1)
+        total += 3 * H * A + A * H + H * ffn_in + ffn * H + 2 * seq_len * A
+    return 2 * total
 
 
 # --------------------------------------------------------------------------- the losses

@@ -120,6 +120,24 @@ def test_distillation_loss_decreases(teacher, tok_dir, reviews):
     assert losses[-1] < 0.7 * losses[0]
 
 
+@pytest.mark.parametrize("pruned", [{}, {"layer_heads": [[0, 2], [1]], "layer_ffn": [40, 16]}])
+def test_flops_per_token_match_the_model_counted(pruned):
+    # torch's FLOP counter on the real encoder: every projection and FFN matmul, layer by layer
+    # (a pruned model's kept heads and units). seq_len 0 leaves out the attention-score term,
+    # which the counter does not see inside CPU SDPA; that term grows with seq_len * kept width.
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from motian.model.config import ModelConfig
+    from motian.model.transformer import MotianModel
+
+    config = ModelConfig(vocab_size=100, hidden=32, layers=2, heads=4, ffn=64, **pruned)
+    with FlopCounterMode(display=False) as counter:
+        MotianModel(config).eval()(torch.randint(5, 100, (1, 24)))
+    assert counter.get_total_flops() / 24 == encoder_flops_per_token(config, 0)
+    width = sum(len(h) for h in pruned["layer_heads"]) * 8 if pruned else 2 * 32
+    assert encoder_flops_per_token(config, 24) - encoder_flops_per_token(config, 0) == 4 * 24 * width
+
+
 def test_student_initialised_from_mapped_teacher_layers():
     task = load_task("pd98-ner")
     t_model = build_head(task, preset("tiny", vocab_size=300, **{**TINY, "layers": 4}))

@@ -32,7 +32,7 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 from transformers import pipeline
 
-from motian.serving.server import _bind
+from motian.serving.server import listen_socket
 
 
 def build_app(model: Path, max_length: int) -> FastAPI:
@@ -67,7 +67,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     app = build_app(args.model, args.max_length)
-    sock = _bind("127.0.0.1", args.port)  # loopback only
+    sock = listen_socket("127.0.0.1", args.port)  # loopback only
     print(f"peer: text-classification pipeline (torch, {torch.get_num_threads()} thread(s)) on "
           f"http://127.0.0.1:{sock.getsockname()[1]}", flush=True)
     uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False)).run(

@@ -254,7 +254,9 @@ def build_app(p: Predictor, describe: dict, max_batch: int = 32, max_wait_ms: fl
 # --------------------------------------------------------------------------- the verb
 
 
-def _bind(host: str, port: int) -> socket.socket:
+def listen_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to host:port and listening (also used by benchmarks/peer_server.py,
+    so both servers of a load test bind alike); a port in use is a UserError."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -312,7 +314,7 @@ def serve(model: Path, host: str = "127.0.0.1", port: int = 8000,
     if threshold is not None:
         describe["exit_threshold"] = threshold if backend == "torch" else None
     asgi, app = build_app(p, describe, max_batch, max_wait_ms, max_queue, reject_long, top_k)
-    sock = _bind(host, port)
+    sock = listen_socket(host, port)
     config = uvicorn.Config(asgi, log_level="warning", access_log=False, lifespan="on",
                             timeout_graceful_shutdown=drain_timeout_s)
     server = _Server(config)

@@ -20,13 +20,14 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from motian.data.sources import iter_documents
 
 
-def _tree_rss_bytes(root: int) -> int:
-    """Sum of VmRSS over `root` and all its descendants (Linux /proc)."""
+def tree_pids(root: int) -> list[int]:
+    """`root` and all its descendants (Linux /proc)."""
     children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -36,10 +37,18 @@ def _tree_rss_bytes(root: int) -> int:
                 children.setdefault(ppid, []).append(int(entry))
             except (OSError, IndexError, ValueError):
                 continue
-    total, stack = 0, [root]
+    pids, stack = [], [root]
     while stack:
         pid = stack.pop()
+        pids.append(pid)
         stack.extend(children.get(pid, []))
+    return pids
+
+
+def _tree_rss_bytes(root: int) -> int:
+    """Sum of VmRSS over `root` and all its descendants (Linux /proc)."""
+    total = 0
+    for pid in tree_pids(root):
         try:
             with open(f"/proc/{pid}/status") as f:
                 for line in f:
@@ -50,28 +59,39 @@ def _tree_rss_bytes(root: int) -> int:
     return total
 
 
-def run_measured(cmd: list[str]) -> tuple[float, int]:
-    """Run `cmd`; return (seconds, peak resident bytes of its process tree)."""
+def run_sampled(cmd: list[str], sample: Callable[[int], None], env: dict | None = None
+                ) -> float:
+    """Run `cmd`, calling `sample(pid)` every 50 ms while it runs; return its seconds."""
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    peak = 0
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env=env)
     done = threading.Event()
 
-    def sample() -> None:
-        nonlocal peak
+    def loop() -> None:
         while not done.is_set():
-            peak = max(peak, _tree_rss_bytes(proc.pid))
+            sample(proc.pid)
             time.sleep(0.05)
 
-    sampler = threading.Thread(target=sample, daemon=True)
+    sampler = threading.Thread(target=loop, daemon=True)
     sampler.start()
     _, err = proc.communicate()
     seconds = time.perf_counter() - start
     done.set()
     sampler.join()
     if proc.returncode != 0:
-        sys.exit(f"{' '.join(cmd)} failed:\n{err}")
-    return seconds, peak
+        sys.exit(f"{' '.join(cmd)} failed:\n{err[-3000:]}")
+    return seconds
+
+
+def run_measured(cmd: list[str]) -> tuple[float, int]:
+    """Run `cmd`; return (seconds, peak resident bytes of its process tree)."""
+    peak = 0
+
+    def sample(pid: int) -> None:
+        nonlocal peak
+        peak = max(peak, _tree_rss_bytes(pid))
+
+    return run_sampled(cmd, sample), peak
 
 
 def text_megabytes(inputs: list[str]) -> float:

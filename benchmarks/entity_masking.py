@@ -19,9 +19,13 @@ split `motian.tasks.builtin.pd98_split` gives the task), written as the tagger o
 (word/TAG, one article per line) and encoded once with `--entities tags`: the NER dev and test
 articles' text is never pretrained on, and the three arms read identical shards (the token and
 whole-word arms ignore the entity marks). The minutes are CPU seconds of the training process
-(`budget_clock: cpu`), so arms compare at equal work on a shared machine. Each arm then
-fine-tunes pd98-ner (`--seeds`, `--max-train` examples) and appends its dev/test entity F1 to
---out/results.jsonl; `--arm table` prints them side by side.
+(`budget_clock: cpu`), so arms compare at equal work on a shared machine. Each arm is
+pretrained once per seed of `--seeds` (out/<arm>/seedN, recipe seed N), each model fine-tunes
+pd98-ner (seed 100 N + 1, `--max-train` examples) and appends its dev/test entity F1 to
+--out/results.jsonl; seeds already there are skipped, so a re-run continues. `--arm
+random-init` fine-tunes the entity arm's shape from random weights with the same seeds (the
+control: does the pretraining matter at all at this budget?). `--arm table` prints mean ± std
+per arm and each arm − entity, called only beyond √(std₁² + std₂²) as in docs/objectives.md.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.objectives import _pm, _vs_reference  # noqa: E402
 from motian.data.encode import encode  # noqa: E402
 from motian.data.sources import pd98_paragraphs  # noqa: E402
 from motian.finetuning import finetune  # noqa: E402
@@ -63,50 +68,86 @@ def tagged_corpus(out: Path, articles: int) -> Path:
     return path
 
 
+def done_seeds(out: Path, arm: str) -> set[int]:
+    """Seeds of `arm` with a line in out/results.jsonl (a re-run skips them)."""
+    path = out / "results.jsonl"
+    lines = path.read_text(encoding="utf-8").splitlines() if path.is_file() else []
+    return {json.loads(line).get("seed") for line in lines if json.loads(line)["arm"] == arm}
+
+
 def run_arm(arm: str, out: Path, tokenizer: Path, minutes: float, articles: int,
             seeds: list[int], max_train: int | None, max_eval: int | None, epochs: float,
-            threads: int) -> dict:
+            threads: int) -> list[dict]:
+    """Per pretraining seed N: pretrain out/<arm>/seedN (recipe seed N), fine-tune pd98-ner
+    from it with seed 100 N + 1 and append a line to out/results.jsonl. `random-init`
+    fine-tunes the entity arm's shape from random weights with the same seeds instead."""
     data = out / "encoded"
     encode([str(tagged_corpus(out, articles))], data, tokenizer, entities="tags", workers=1,
            progress=False)  # an earlier run's shards are kept (encode resumes)
-    recipe = with_fields(load_recipe("ernie-demo"), [f"data.masking={MASKING[arm]}"])
-    recipe = replace(with_overrides(recipe, budget_minutes=minutes), budget_clock="cpu",
-                     checkpoint_every=0, name=f"entity-masking-{arm}")
     run = RunSettings(device="cpu", threads=threads, progress=False)
-    run_dir = out / arm
-    summary = pretrain_recipe(recipe, run, data, run_dir, resume=(run_dir / "final").is_dir())
-    ner = finetune("pd98-ner", out / f"ner-{arm}", model=run_dir, seeds=seeds,
-                   max_train=max_train, max_eval=max_eval, save_model=False,
-                   training=TaskTraining(epochs=epochs, batch_size=32), run=run)
-    result = {"arm": arm, "masking": MASKING[arm], "minutes": minutes, "articles": articles,
-              "steps": summary["steps"], "mlm_eval": summary.get("eval"),
-              "ner": ner["summary"], "seeds": seeds, "max_train": max_train,
-              "max_eval": max_eval}
-    with open(out / "results.jsonl", "a", encoding="utf-8") as f:
-        f.write(json.dumps(result) + "\n")
-    return result
+    results = []
+    for seed in sorted(set(seeds) - done_seeds(out, arm)):
+        summary: dict = {}
+        if arm == "random-init":
+            model = out / "entity" / f"seed{seed}"
+            if not (model / "final").is_dir():
+                sys.exit(f"{model}/final: run --arm entity with --seeds {seed} first (the "
+                         "random-init control takes its shape)")
+        else:
+            recipe = with_fields(load_recipe("ernie-demo"),
+                                 [f"data.masking={MASKING[arm]}", f"seed={seed}"])
+            recipe = replace(with_overrides(recipe, budget_minutes=minutes), budget_clock="cpu",
+                             checkpoint_every=0, name=f"entity-masking-{arm}")
+            model = out / arm / f"seed{seed}"
+            summary = pretrain_recipe(recipe, run, data, model,
+                                      resume=(model / "final").is_dir())
+        ner = finetune("pd98-ner", out / f"ner-{arm}" / f"seed{seed}", model=model,
+                       seeds=[100 * seed + 1], max_train=max_train, max_eval=max_eval,
+                       save_model=False, random_init=arm == "random-init",
+                       training=TaskTraining(epochs=epochs, batch_size=32), run=run)
+        result = {"arm": arm, "masking": MASKING.get(arm), "minutes": minutes,
+                  "articles": articles, "seed": seed, "steps": summary.get("steps"),
+                  "mlm_eval": summary.get("eval"), "ner": ner["summary"],
+                  "max_train": max_train, "max_eval": max_eval, "epochs": epochs}
+        with open(out / "results.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps(result) + "\n")
+        results.append(result)
+    return results
 
 
-def table(out: Path) -> str:
-    rows = ["| arm | masking | minutes | steps | held-out MLM acc | NER dev F1 | NER test F1 |",
-            "|---|---|---|---|---|---|---|"]
+def table(out: Path, reference: str = "entity") -> str:
+    """Mean ± std over the pretraining seeds of each arm; "vs entity": arm − entity in F1
+    points, called only beyond the noise of a difference (docs/objectives.md's rule)."""
+    runs: dict[str, list[dict]] = {}
     for line in (out / "results.jsonl").read_text(encoding="utf-8").splitlines():
         r = json.loads(line)
-        dev, test = r["ner"]["dev"]["f1"], r["ner"]["test"]["f1"]
-        acc = r["mlm_eval"]["accuracy"] if r.get("mlm_eval") else float("nan")
-        rows.append(f"| {r['arm']} | {r['masking']} | {r['minutes']:g} | {r['steps']} | "
-                    f"{acc:.2%} | {dev[0]:.4f} ± {dev[1]:.4f} | {test[0]:.4f} ± {test[1]:.4f} |")
+        runs.setdefault(r["arm"], []).append(r)
+    ref_test = [r["ner"]["test"]["f1"][0] for r in runs.get(reference, [])]
+    rows = ["| arm | masking | seeds | steps | held-out MLM acc % | NER dev F1 % | "
+            f"NER test F1 % | test vs {reference} |", "|---|---|---|---:|---:|---:|---:|---|"]
+    for arm in (*MASKING, "random-init"):
+        rs = runs.get(arm, [])
+        if not rs:
+            continue
+        accs = [r["mlm_eval"]["accuracy"] for r in rs if r.get("mlm_eval")]
+        test = [r["ner"]["test"]["f1"][0] for r in rs]
+        rows.append(
+            f"| {arm} | {rs[0]['masking'] or '—'} | {', '.join(str(r['seed']) for r in rs)} | "
+            f"{_pm([r['steps'] for r in rs if r['steps']], 1.0, 0)} | {_pm(accs)} | "
+            f"{_pm([r['ner']['dev']['f1'][0] for r in rs])} | {_pm(test)} | "
+            f"{'ref.' if arm == reference else _vs_reference(ref_test, test)} |")
     return "\n".join(rows)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--arm", choices=[*MASKING, "table"], required=True)
+    p.add_argument("--arm", choices=[*MASKING, "random-init", "table"], required=True)
     p.add_argument("--out", type=Path, default=Path("runs/entity_masking"))
     p.add_argument("--tokenizer", type=Path, default=Path("runs/demo/tokenizer"))
     p.add_argument("--minutes", type=float, default=10.0, help="CPU minutes of pretraining")
     p.add_argument("--articles", type=int, default=0, help="training articles (0 = all)")
-    p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3],
+                   help="pretraining seeds N (each model fine-tuned with seed 100 N + 1)")
     p.add_argument("--max-train", type=int, default=None, help="NER training examples")
     p.add_argument("--max-eval", type=int, default=None, help="NER dev and test examples")
     p.add_argument("--epochs", type=float, default=1.0, help="NER fine-tuning epochs")

@@ -10,10 +10,19 @@ the preset on the encoded demo corpus (runs/demo/encoded), started by torchrun, 
 Measured: each process's peak resident set size, `resource.getrusage(RUSAGE_SELF).ru_maxrss`,
 read when `pretrain` returns; the table gives the largest over the ranks. RSS counts everything
 the process holds: the Python and torch runtime (a few hundred MB before any model), the
-objective as it is built (whole, on every rank: FSDP shards it after building, see
-docs/scale.md), batches, activations, and pages malloc keeps after a free. It is not torch's
-allocator count (benchmarks/plan_memory.py measures that, for one process); on a shared machine
-RSS moves by some MB between identical runs.
+objective as it is built (whole under ddp and on one process; several fsdp processes build it
+on meta, `motian.train.meta_init`; the table in docs/scale.md predates that), batches,
+activations, and pages malloc keeps after a free. It is not torch's allocator count
+(benchmarks/plan_memory.py measures that, for one process); on a shared machine RSS moves by
+some MB between identical runs.
+
+    .venv/bin/python benchmarks/fsdp_memory.py --init --preset base     # initialisation only
+
+`--init` measures only the start of an FSDP run on 2 processes: the objective built, sharded
+(`fully_shard` per block and on the root) and, with meta-device initialisation, materialised
+(`motian.train.meta_init`), once built whole as before and once on meta. Measured: the peak of
+the bytes torch's CPU allocator holds on each rank over those steps (the profiler's memory
+events, `plan_memory.allocated_peak`), not RSS.
 """
 
 from __future__ import annotations
@@ -62,6 +71,64 @@ def worker(args: argparse.Namespace) -> None:
     print(f"RSS rank {summary['rank']} {peak_mb:.0f}", flush=True)
 
 
+def init_peak(build, meta: bool, info) -> tuple[float, int, int]:
+    """(peak bytes torch's CPU allocator holds on this rank while `build(meta)` builds a
+    module, FSDP2 shards it over the process group and, built on meta, materialises it; the
+    module's parameter bytes; its largest parameter's bytes)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from benchmarks.plan_memory import allocated_peak
+    from motian.train.distributed import wrap_model
+    from motian.train.meta_init import materialise
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        module = build(meta)
+        wrap_model(module, info, "fsdp")
+        materialise(module, torch.device("cpu"))
+    sizes = [p.numel() * p.element_size() for p in module.parameters()]  # whole, not shards
+    return allocated_peak(prof), sum(sizes), max(sizes)
+
+
+def init_worker(args: argparse.Namespace) -> None:
+    """One rank of `--init` (`--out` is the recipe file): the recipe's objective built whole,
+    then on meta."""
+    from motian.pretraining import build_objective
+    from motian.train.distributed import process_group
+    from motian.train.recipe import load_recipe
+    from motian.train.settings import RunSettings
+
+    recipe = load_recipe(args.out)
+    run = RunSettings(device="cpu", threads=1, parallel="fsdp")
+    with process_group("cpu") as info:
+        for meta in (False, True):
+            peak, total, largest = init_peak(
+                lambda m: build_objective(recipe, Path(args.data), run, meta=m), meta, info)
+            print(f"INIT rank {info.rank} meta {int(meta)} {peak / 2**20:.1f} "
+                  f"{total / 2**20:.1f} {largest / 2**20:.1f}", flush=True)
+
+
+def init_table(args: argparse.Namespace, torchrun: list[str], env: dict) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        recipe = Path(tmp) / "init.yaml"
+        recipe.write_text(RECIPE.format(preset=args.preset, steps=args.steps), encoding="utf-8")
+        done = subprocess.run([*torchrun, "--log-dir", str(Path(tmp) / "logs"), __file__,
+                               "--worker", "--init", "--data", args.data, "--out", str(recipe)],
+                              env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        sys.exit(f"--init failed:\n{done.stderr[-3000:]}")
+    rows = sorted(line.split()[2:] for line in done.stdout.splitlines()
+                  if line.startswith("INIT rank "))
+    total, largest = rows[0][4], rows[0][5]
+    print(f"preset {args.preset}: parameters {total} MiB fp32, the largest {largest} MiB; "
+          "2 processes, FSDP2 per block and on the root\n")
+    print("| initialisation | rank | peak allocated while building and sharding (MiB) |")
+    print("|---|---|---|")
+    for rank, _, meta, peak, _, _ in sorted(rows, key=lambda r: (r[2], r[0])):
+        print(f"| {'on meta, materialised' if meta == '1' else 'whole, then sharded'} "
+              f"| {rank} | {float(peak):,.1f} |")
+
+
 def parameters(model_dir: Path) -> int:
     from safetensors.torch import load_file
 
@@ -73,16 +140,21 @@ def main() -> None:
     parser.add_argument("--preset", default="base")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--data", default="runs/demo/encoded")
+    parser.add_argument("--init", action="store_true",
+                        help="measure only the initialisation, whole vs on meta, 2 processes")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--parallel", default="ddp", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        worker(args)
+        (init_worker if args.init else worker)(args)
         return
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    if args.init:
+        init_table(args, [torchrun, "--standalone", "--nproc_per_node", "2"], env)
+        return
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for parallel in ("ddp", "fsdp"):

@@ -18,7 +18,12 @@ The demo model shape (2 layers x 128 hidden, 4 heads, FFN 512, Pre-LN, no dropou
   loss is next-token prediction at every position of the segment, as XL trains.
 
 Each (variant, length) cell runs in a fresh subprocess: build, one untimed warm-up step, then
-the median of 3 timed steps. Peak memory is VmHWM (peak resident set) minus VmRSS read just
+the median of 3 timed steps.
+
+`--variants full-eager` adds full attention through SDPA's math backend (the same model and
+loss): the textbook computation, which keeps the (heads, L, L) scores and probabilities of
+every layer for the backward pass, i.e. the full attention Longformer's memory claim is
+measured against; a second table compares the sliding window with it. Peak memory is VmHWM (peak resident set) minus VmRSS read just
 before the model is built, both from /proc/self/status: what the step added (weights,
 gradients, activations, allocator slack). Why RSS: torch has no allocator statistics for CPU
 tensors (they come straight from malloc), `tracemalloc` sees only Python objects, and the
@@ -35,6 +40,7 @@ linear ones) is not run.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -46,13 +52,17 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from motian.model import MaskedLM, ModelConfig, preset
 from motian.model.xl import TransformerXLLM, next_memory
 
 LENGTHS = (512, 1024, 2048, 4096, 8192)
 VARIANTS = ("full", "sliding", "xl")
-GROWTH = {"full": 4.0, "sliding": 2.0, "xl": 2.0}  # step time when the length doubles
+# full attention through SDPA's math backend: the textbook computation, which stores the
+# (heads, L, L) scores and probabilities of every layer for the backward pass
+EAGER = "full-eager"
+GROWTH = {"full": 4.0, EAGER: 4.0, "sliding": 2.0, "xl": 2.0}  # step time when L doubles
 CLS = 101  # [CLS] of the bert-base-chinese vocabulary
 
 
@@ -79,14 +89,19 @@ def build_step(variant: str, length: int, window: int, segment: int, memory: int
     if variant == "xl":
         return _xl_step(TransformerXLLM(config, memory=memory).train(), stream, segment, memory)
     model = MaskedLM(config).train()
+
+    def kernel():  # a fresh context per step (one from contextlib enters once)
+        return sdpa_kernel(SDPBackend.MATH) if variant == EAGER else contextlib.nullcontext()
+
     x = stream[:, :length].clone()
     x[:, 0] = CLS  # the global token of the sliding variant
     positions = (torch.rand(length, generator=g) < 0.15).nonzero().squeeze(1)  # batch 1: flat
     targets = torch.randint(5, vocab, positions.shape, generator=g)
 
     def step() -> float:
-        loss = model(x, mlm_positions=positions, mlm_labels=targets).loss
-        loss.backward()
+        with kernel():
+            loss = model(x, mlm_positions=positions, mlm_labels=targets).loss
+            loss.backward()
         model.zero_grad(set_to_none=True)
         return loss.item()
 
@@ -202,10 +217,22 @@ def print_table(results: dict[tuple[str, int], dict | None], lengths: list[int],
                             ratio(xl, full, "peak_mib"), ratio(xl, full, "seconds")]) + " |")
 
 
+def print_eager_table(results: dict[tuple[str, int], dict | None], lengths: list[int],
+                      limit: float) -> None:
+    """The sliding window against full attention that materialises its (L, L) scores."""
+    print("\n| L | eager full: time | eager full: peak | sliding/eager-full mem | "
+          "sliding/eager-full time |\n|---|---|---|---|---|")
+    for L in lengths:
+        eager, sliding = results.get((EAGER, L)), results.get(("sliding", L))
+        print(f"| {L:,} | " + " | ".join(describe(eager, limit)) + " | "
+              + f"{ratio(sliding, eager, 'peak_mib')} | {ratio(sliding, eager, 'seconds')} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=list(LENGTHS))
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS),
+                        choices=[*VARIANTS, EAGER])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--window", type=int, default=256)
     parser.add_argument("--limit", type=float, default=60.0, help="seconds per step at most")
@@ -235,6 +262,9 @@ def main() -> None:
             print(f"{v:8s} {L:5d}: {json.dumps(cell)}", flush=True)
     print()
     print_table(results, sorted(args.lengths), args.limit)
+    eager = [L for L in sorted(args.lengths) if (EAGER, L) in results]
+    if eager:
+        print_eager_table(results, eager, args.limit)
     print(f"\n{time.perf_counter() - started:.0f} s in all; load average "
           f"{os.getloadavg()[0]:.2f} at end")
 

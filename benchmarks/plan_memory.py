@@ -91,6 +91,12 @@ def measured(config, seq_len: int, micro: int, data: Path = DATA) -> float:
             for _ in range(2):
                 model(**next(batches)).loss.backward()
             optimizer_step(model, optimizer, 1.0)
+    return allocated_peak(prof)
+
+
+def allocated_peak(prof) -> float:
+    """The peak bytes torch's CPU allocator held while `prof` (a finished
+    `torch.profiler.profile(profile_memory=True)`) ran, above what it held when it started."""
     with tempfile.TemporaryDirectory() as tmp:
         trace = Path(tmp) / "trace.json"
         prof.export_chrome_trace(str(trace))

@@ -32,6 +32,7 @@ VERBS: dict[str, str] = {
     "plan": "motian.train.plan:plan",
     "hf-convert": "motian.model.hf:convert_hf",
     "longformer-convert": "motian.model.longformer:longformer_convert",
+    "long-data": "motian.long_text:long_data",
     "export": "motian.serving.export:export",
     "predict": "motian.serving.predict:predict",
     "fill-mask": "motian.serving.predict:fill_mask",

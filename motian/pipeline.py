@@ -12,6 +12,7 @@ re-running after an interruption (or to add a later stage) redoes nothing finish
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -33,7 +34,8 @@ def clean(inputs: list[str], out: Path, txt_mode: Literal["line", "blank"] = "li
           near_dup_threshold: float = 0.8, minhash_perm: int = 128, shingle_chars: int = 5,
           shard_docs: int = 50_000, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
           exclude_heldout: bool = True, exclude: list[Path] | None = None, resume: bool = True,
-          progress: bool = True) -> dict:
+          progress: bool = True, engine: Literal["local", "datatrove"] = "local",
+          tasks: int = 0, encode_tokenizer: Path | None = None) -> dict:
     """Clean a corpus: normalise, filter, remove exact and near duplicates, write shards.
 
     The defaults keep ~99% of the distinct documents of the bundled pd98 + reviews corpus
@@ -79,6 +81,16 @@ def clean(inputs: list[str], out: Path, txt_mode: Literal["line", "blank"] = "li
             says how many texts were read and how many documents were removed.
         resume: continue an interrupted run in `out`; --no-resume starts over.
         progress: show a progress bar with an ETA on stderr.
+        engine: "local" (default): one process reads the corpus in order and decides
+            duplicates, `workers` processes filter and sign; "datatrove": the same steps as
+            datatrove pipeline stages (signatures, LSH buckets sharded over tasks, duplicate
+            rule, filter) run by datatrove's LocalPipelineExecutor, keeping the same documents
+            (one clean-NNNNN.jsonl per task); the launch on many machines is in docs/scale.md.
+            Needs `pip install 'motian[distributed]'`.
+        tasks: datatrove: tasks per stage (inputs are split between them by file); 0 = workers.
+        encode_tokenizer: datatrove: also encode each task's kept documents with this
+            tokenizer (the `motian tokenizer` directory) into out/encoded, one dataset for
+            `motian pretrain`.
     """
     from motian.data.clean import EXCLUDED, CleanSettings, clean_corpus
     from motian.reporting.data import clean_page, clean_summary
@@ -92,7 +104,17 @@ def clean(inputs: list[str], out: Path, txt_mode: Literal["line", "blank"] = "li
     if exclude:
         own, found = exclude_matcher(exclude, text_field)
         matchers.append(own)
-    report = clean_corpus(inputs, out, s, workers, matchers, resume, progress)
+    if engine == "datatrove":
+        from motian.data.engine import clean_distributed
+
+        n = workers or os.cpu_count() or 1
+        report = clean_distributed(inputs, out, s, matchers, tasks or n, n, encode_tokenizer,
+                                   resume)
+    elif encode_tokenizer is not None:
+        raise UserError("--encode-tokenizer needs --engine datatrove; with the local engine run "
+                        "`motian encode` on the cleaned directory (or `motian prepare`)")
+    else:
+        report = clean_corpus(inputs, out, s, workers, matchers, resume, progress)
     if exclude:
         report["excluded"] = {
             **found, "documents_removed": report["documents"]["dropped"].get(EXCLUDED, 0),

@@ -37,11 +37,13 @@ from motian.model.artifact import check_vocab, model_vocab_hash, resolve_model_d
 from motian.model.config import ModelConfig
 from motian.train import distributed as dist_utils
 from motian.train.checkpoint import latest_checkpoint
+from motian.train.continual import ContinualBatches, build_continual_objective, continual
 from motian.train.distributed import DistInfo
 from motian.train.elmo import build_elmo_objective
 from motian.train.fit import FitConfig, fit, resolve_precision
 from motian.train.lock import hold_run_dir
 from motian.train.mass import MaskedSeq2Seq, mass_eval_batches
+from motian.train.meta_init import deferred
 from motian.train.metrics import MetricsLogger, run_metadata
 from motian.train.notes import NotesPretrainer, rare_words_for
 from motian.train.objectives import (
@@ -74,8 +76,8 @@ def pretrain(recipe: str = "demo", data: Path = Path("runs/demo/encoded"),
     Args:
         recipe: a recipe name (demo, motian-demo, bert-base, roberta-base, motian-base,
             motian-1b, spanbert-demo, notes-demo, gpt-demo, unilm-demo, mass-demo,
-            xl-demo, xlnet-demo, ernie-demo, elmo-demo) or a YAML
-            file.
+            xl-demo, xlnet-demo, ernie-demo, ernie2-demo, elmo-demo, longformer-demo)
+            or a YAML file.
         data: a directory written by `motian encode` (or `motian prepare`'s out/encoded).
         out: run directory: checkpoints/, final/, metrics.jsonl, tensorboard/, run.json.
         resume: continue the run in --out from its latest checkpoint, exactly.
@@ -247,10 +249,12 @@ def fit_config(recipe: Recipe) -> FitConfig:
                      fingerprint=recipe.fingerprint())
 
 
-def build_objective(recipe: Recipe, data: Path, run: RunSettings
+def build_objective(recipe: Recipe, data: Path, run: RunSettings, meta: bool = False
                     ) -> Pretrainer | ReplacedTokens | MaskedSeq2Seq:
     """The model the recipe describes (the same initial weights on every rank and every run)
-    inside its objective, with the common evaluation set."""
+    inside its objective, with the common evaluation set. `meta`: the model is built on the
+    meta device and gets its memory and those same weights after sharding
+    (`motian.train.meta_init`; `fit` materialises it)."""
     check_xl_recipe(recipe)
     if recipe.objective.kind == "transformer-xl":  # its own model, batches and eval: train/xl.py
         return build_xl_objective(recipe, data, run.checkpoint_activations)
@@ -266,7 +270,10 @@ def build_objective(recipe: Recipe, data: Path, run: RunSettings
     config = document_attention(recipe, config)
     if not causal and config.causal:
         raise UserError(f"recipe {recipe.name}: a causal model needs objective.kind: causal")
-    model = build_model(config, recipe.objective, recipe.data.pair_task)
+    if continual(recipe):  # ERNIE 2.0's stages of tasks: motian.train.continual
+        return build_continual_objective(recipe, data, config, evalset)
+    with deferred(meta) as built:  # meta: no memory until fit has sharded it
+        built.append(model := build_model(config, recipe.objective, recipe.data.pair_task))
     if recipe.objective.kind == "mass":  # an encoder-decoder with its own held-out rows
         if not recipe.data.cross_document_attention:
             raise UserError(f"recipe {recipe.name}: objective.kind mass reads packed rows "
@@ -337,7 +344,11 @@ def _pretrain(recipe: Recipe, run: RunSettings, data: Path, run_dir: Path, info:
     if existing is not None and not resume:
         raise UserError(f"{run_dir} already holds checkpoints ({existing.name}); pass --resume "
                         "to continue that run, or choose another --out")
-    objective = build_objective(recipe, data, run)
+    # --parallel fsdp: the model is built on meta and each rank materialises only its shards
+    # (not with --init-from, which loads whole weights into the model as built)
+    meta = run.parallel == "fsdp" and info.distributed and (existing is not None
+                                                           or init_from is None)
+    objective = build_objective(recipe, data, run, meta=meta)
     data_hash = EncodedDataset(data).manifest.get("vocab_hash")
     objective.model.vocab_hash = data_hash  # saved with every checkpoint and final/
     if existing is None and init_from is not None:
@@ -348,7 +359,9 @@ def _pretrain(recipe: Recipe, run: RunSettings, data: Path, run_dir: Path, info:
     # has validated a resume: a refused --resume leaves the run as it was.
     open_logger = (lambda: _start_logging(recipe, run, run_dir, info, precision, data)) \
         if info.is_main else None
-    summary = fit(objective, PretrainBatches(data, recipe), fit_config(recipe), run, run_dir,
+    source = ContinualBatches(data, recipe) if continual(recipe) else PretrainBatches(data,
+                                                                                       recipe)
+    summary = fit(objective, source, fit_config(recipe), run, run_dir,
                   info, resume=resume, open_logger=open_logger, fsdp_ok=True)
     return _finish(run_dir, objective, summary, info)
 

@@ -27,8 +27,8 @@ from motian.train.settings import OptimSettings, RunSettings
 PYTHON_NAMES = {
     "clean", "train_tokenizer", "encode", "prepare", "demo", "pretrain", "inspect_batch",
     "convert_hf", "export", "predict", "fill_mask", "generate", "serve", "finetune", "evaluate",
-    "multitask", "report", "distill", "distill_corpus", "longformer_convert", "prune",
-    "early_exit", "early_exit_curve", "consolidate", "adapt", "plan",
+    "multitask", "report", "distill", "distill_corpus", "longformer_convert", "long_data",
+    "prune", "early_exit", "early_exit_curve", "consolidate", "adapt", "plan",
 }
 # The verbs whose function name is not the verb with "-" -> "_" (documented in motian/api.py).
 RENAMED = {"tokenizer": "train_tokenizer", "hf-convert": "convert_hf"}

@@ -1,5 +1,6 @@
 """Exporting a decoder (`CausalLM`, e.g. gpt-demo's final/): the Hugging Face directory loads
-with `AutoModelForCausalLM` (remote code: no motian decoder is GPT-2, see hf_remote.py), gives
+with `AutoModelForCausalLM` (remote code for these decoders, which GPT-2 cannot express; the
+GPT-2-shaped ones are tests/test_export_gpt2.py), gives
 motian's logits on real tokenised text, and its `generate()` picks motian's tokens; the ONNX
 graph (input_ids, attention_mask -> logits) matches PyTorch in onnxruntime; a head with no
 export path is refused with what to do instead."""

@@ -14,3 +14,17 @@ def test_cells_run_at_tiny_sizes(capsys):
     print_table(results, [64, 128], limit=0.0)
     table = capsys.readouterr().out
     assert "| 64 |" in table and "skipped: >0 s" in table
+
+
+def test_eager_full_attention_is_the_same_model_through_the_materialising_kernel():
+    import torch
+
+    from benchmarks.long import EAGER, build_step
+
+    fused, eager = (build_step(v, 64, 16, 16, 16, 200) for v in ("full", EAGER))
+    assert abs(fused() - eager()) < 1e-5
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        eager()
+    ops = {e.key for e in prof.key_averages()}
+    assert "aten::_softmax" in ops  # the (heads, L, L) probabilities are spelled out
+    assert not any("flash_attention" in op for op in ops)

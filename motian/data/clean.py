@@ -488,6 +488,26 @@ class HeldOut:
         return h.hexdigest()[:16]
 
 
+def count_read_and_filter(t: Tally, doc: Document, r: BatchResult, i: int,
+                          heldout: list[HeldOut], s: CleanSettings) -> bool:
+    """Count document `i` of batch `r` as read in `t`; if a held-out matcher or a quality
+    filter drops it, count the drop (reason, example) and return True. Shared by the local run
+    and the datatrove steps (`motian.data.engine`), so both drop the same documents."""
+    t.read_docs += 1
+    t.read_chars += int(r.in_chars[i])
+    t.read_bytes += int(r.in_bytes[i])
+    t.normalised_away_chars += int(r.in_chars[i] - r.n_chars[i])
+    reason = r.reasons[i]
+    why = next(((m.reason, w) for m in heldout
+                if (w := m(doc, r.texts[i] if reason is None else None))), None)
+    if why is not None:
+        t.drop(why[0], int(r.n_chars[i]), f"{doc.source}:{doc.line}", r.texts[i], why[1])
+    elif reason is not None:
+        t.drop(reason, int(r.n_chars[i]), f"{doc.source}:{doc.line}", r.texts[i],
+               _detail(reason, r, i, s))
+    return why is not None or reason is not None
+
+
 def _run(out: _Output, docs: Iterator[Document], workers: int, bar: ByteProgress,
          heldout: list[HeldOut]) -> None:
     s, t = out.s, out.tally
@@ -502,20 +522,8 @@ def _run(out: _Output, docs: Iterator[Document], workers: int, bar: ByteProgress
             for i, doc in enumerate(batch):
                 consumed += 1
                 bar.advance(int(r.in_bytes[i]) + 1, doc.source)
-                t.read_docs += 1
-                t.read_chars += int(r.in_chars[i])
-                t.read_bytes += int(r.in_bytes[i])
-                t.normalised_away_chars += int(r.in_chars[i] - r.n_chars[i])
-                reason = r.reasons[i]
-                why = next(((m.reason, w) for m in heldout
-                            if (w := m(doc, r.texts[i] if reason is None else None))), None)
-                if why is not None:
-                    t.drop(why[0], int(r.n_chars[i]), f"{doc.source}:{doc.line}", r.texts[i],
-                           why[1])
-                elif reason is not None:
-                    t.drop(reason, int(r.n_chars[i]), f"{doc.source}:{doc.line}", r.texts[i],
-                           _detail(reason, r, i, s))
-                elif _dedup(out, doc, r, i) is None:
+                if not count_read_and_filter(t, doc, r, i, heldout, s) \
+                        and _dedup(out, doc, r, i) is None:
                     t.kept_docs += 1
                     t.kept_chars += int(r.n_chars[i])
                     out.write(doc, r.texts[i])
@@ -621,6 +629,18 @@ def check_text_field(inputs: list[str], text_field: str, max_line_bytes: int) ->
                         f"{hint}. Every record without it would be skipped.")
 
 
+def with_exclusions(settings: CleanSettings, exclude: HeldOut | list[HeldOut] | None
+                    ) -> tuple[CleanSettings, list[HeldOut]]:
+    """The settings recording which exclusions are given (checked), and the matchers as a
+    list: shared by `clean_corpus` and the datatrove engine (`motian.data.engine`)."""
+    matchers = [exclude] if isinstance(exclude, HeldOut) else list(exclude or [])
+    own = [m for m in matchers if m.reason == EXCLUDED]
+    s = replace(settings, exclude_heldout=any(m.reason == HELDOUT for m in matchers),
+                exclude_digest="+".join(m.digest() for m in own))
+    s.check()
+    return s, matchers
+
+
 def clean_corpus(inputs: list[str], out: Path, settings: CleanSettings = CleanSettings(),
                  workers: int = 0, exclude: HeldOut | list[HeldOut] | None = None,
                  resume: bool = True, progress: bool = True) -> dict:
@@ -637,11 +657,7 @@ def clean_corpus(inputs: list[str], out: Path, settings: CleanSettings = CleanSe
     interrupted run in `out` (False starts over); `progress`: a progress bar with an ETA on
     stderr.
     """
-    matchers = [exclude] if isinstance(exclude, HeldOut) else list(exclude or [])
-    own = [m for m in matchers if m.reason == EXCLUDED]
-    s = replace(settings, exclude_heldout=any(m.reason == HELDOUT for m in matchers),
-                exclude_digest="+".join(m.digest() for m in own))
-    s.check()
+    s, matchers = with_exclusions(settings, exclude)
     inputs = [str(x) for x in inputs]
     fingerprint = _fingerprint(inputs)  # UserError for a missing input, before any work
     check_text_field(inputs, s.text_field, s.max_line_bytes)

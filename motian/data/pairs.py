@@ -108,10 +108,10 @@ def sentence_index(shards: list[Shard]) -> SentenceIndex:
     return SentenceIndex(*cols, n_docs=doc_base)
 
 
-def _chunks(s: SentenceIndex, cap: int, rng: np.random.Generator
-            ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(first sentence, first sentence of B, last sentence) of every chunk of two or more
-    sentences of this epoch's windows (see the module docstring)."""
+def window_chunks(s: SentenceIndex, cap: int, rng: np.random.Generator,
+                  min_sentences: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    """(first sentence, sentence count) of every chunk of at least `min_sentences` sentences
+    of this epoch's windows of `cap` tokens (see the module docstring)."""
     # A document that fits one window stays whole (a random phase would only halve it).
     phase = np.where(s.doc_len > cap, rng.integers(0, cap, size=max(s.n_docs, 1))[s.doc], 0)
     window = (s.offset + phase) // cap
@@ -119,7 +119,14 @@ def _chunks(s: SentenceIndex, cap: int, rng: np.random.Generator
     new[1:] = (s.doc[1:] != s.doc[:-1]) | (window[1:] != window[:-1])
     first = np.flatnonzero(new)
     n = np.diff(np.append(first, len(s.start)))  # sentences per chunk
-    first, n = first[n >= 2], n[n >= 2]
+    return first[n >= min_sentences], n[n >= min_sentences]
+
+
+def _chunks(s: SentenceIndex, cap: int, rng: np.random.Generator
+            ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(first sentence, first sentence of B, last sentence) of every chunk of two or more
+    sentences of this epoch's windows (see the module docstring)."""
+    first, n = window_chunks(s, cap, rng)
     split = first + 1 + (rng.random(len(first)) * (n - 1)).astype(np.int64)  # first of B
     return first, split, first + n - 1
 
@@ -160,12 +167,7 @@ def nsp_plan(sentences: SentenceIndex, cap: int, rng: np.random.Generator,
     a_start, a_end = s.start[first], s.end[split - 1]
     p = PairPlan(s.shard[first], a_start, a_end - a_start, s.start[split],
                  s.end[last] - s.start[split], np.ones(len(first), np.int64)).truncated(cap)
-    # A random other document for every pair (uniform over the others), then a random
-    # sentence of it as the start of B.
-    own = np.searchsorted(docs, s.doc[first])
-    other = docs[(own + 1 + rng.integers(0, len(docs) - 1, len(first))) % len(docs)]
-    lo, hi = np.searchsorted(s.doc, other, "left"), np.searchsorted(s.doc, other, "right")
-    j = lo + (rng.random(len(first)) * (hi - lo)).astype(np.int64)
+    j = other_document_sentence(s, docs, s.doc[first], rng)
     doc_end = s.start[j] - s.offset[j] + s.doc_len[j]
     random_b = rng.random(len(first)) < random_prob
     b_start = np.where(random_b, s.start[j], p.b_start)
@@ -173,6 +175,16 @@ def nsp_plan(sentences: SentenceIndex, cap: int, rng: np.random.Generator,
     return PairPlan(p.shard, p.a_start, p.a_len, b_start, b_len,
                     (~random_b).astype(np.int64),
                     b_shard=np.where(random_b, s.shard[j], p.shard))
+
+
+def other_document_sentence(s: SentenceIndex, docs: np.ndarray, own_doc: np.ndarray,
+                            rng: np.random.Generator) -> np.ndarray:
+    """For each document id of `own_doc`, a random sentence (index into `s`) of a random
+    *other* document (uniform over the others of `docs`, the sorted ids present in `s`)."""
+    own = np.searchsorted(docs, own_doc)
+    other = docs[(own + 1 + rng.integers(0, len(docs) - 1, len(own_doc))) % len(docs)]
+    lo, hi = np.searchsorted(s.doc, other, "left"), np.searchsorted(s.doc, other, "right")
+    return lo + (rng.random(len(own_doc)) * (hi - lo)).astype(np.int64)
 
 
 # --------------------------------------------------------------------------- click logs

@@ -30,18 +30,25 @@ from motian.data.splits import SplitLoader
 from motian.errors import UserError
 
 
-def document_stream(data: Path, holdout_every: int, held_out: bool) -> tuple[np.ndarray, int]:
-    """The training (or held-out) documents of `data` end to end, each followed by [SEP], and
-    the vocabulary size of the data."""
+def split_documents(data: Path, holdout_every: int, held_out: bool
+                    ) -> tuple[list[np.ndarray], list[str]]:
+    """The token ids of the training (or held-out) documents of `data`, in dataset order, and
+    the vocabulary of the data."""
     split = SplitLoader(Path(data), LoaderConfig(seq_len=8, batch_size=1,
                                                  masking=MaskingConfig(strategy="token")),
                         holdout_every, held_out)
-    sep = split.vocab.index("[SEP]")
-    pieces = []
-    for shard, start, length in zip(split.doc_shard, split.doc_start, split.doc_len):
-        pieces.append(np.asarray(split.shards[shard].tokens[start:start + length]))
-        pieces.append(np.array([sep], dtype=pieces[-1].dtype))
-    return np.concatenate(pieces).astype(np.int64), len(split.vocab)
+    docs = [np.asarray(split.shards[shard].tokens[start:start + length])
+            for shard, start, length in zip(split.doc_shard, split.doc_start, split.doc_len)]
+    return docs, split.vocab
+
+
+def document_stream(data: Path, holdout_every: int, held_out: bool) -> tuple[np.ndarray, int]:
+    """The training (or held-out) documents of `data` end to end, each followed by [SEP], and
+    the vocabulary size of the data."""
+    docs, vocab = split_documents(data, holdout_every, held_out)
+    sep = np.array([vocab.index("[SEP]")], dtype=docs[0].dtype)
+    pieces = [piece for doc in docs for piece in (doc, sep)]
+    return np.concatenate(pieces).astype(np.int64), len(vocab)
 
 
 class StreamLoader:

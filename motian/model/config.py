@@ -76,6 +76,11 @@ class ModelConfig:
     # width. None (the default): every layer has `heads` heads and `ffn` units.
     layer_heads: list[list[int]] | None = None
     layer_ffn: list[int] | None = None
+    # BERT's embeddings end in a LayerNorm (the default). GPT-2's do not: its embeddings go
+    # straight into the first Pre-LN block, whose own LayerNorm normalises them. False is what
+    # a decoder needs to be exported as a native GPT2LMHeadModel (motian.model.hf, recipe
+    # gpt2-demo); older checkpoints, without the field, keep their LayerNorm.
+    embedding_norm: bool = True
 
     def __post_init__(self) -> None:
         self._check_choice("activation", Activation.__args__)

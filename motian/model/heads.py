@@ -325,18 +325,27 @@ class CausalLM(_Backbone):
                 position_ids: Tensor | None = None, document_ids: Tensor | None = None,
                 labels: Tensor | None = None,
                 prefix_lengths: Tensor | None = None,
-                cache: KVCache | None = None) -> ModelOutput:
+                cache: KVCache | None = None, last_only: bool = False) -> ModelOutput:
         """`prefix_lengths` (B,): a prefix LM (UNILM, Dong et al. 2019, arXiv:1905.03197): the
         first prefix_lengths[b] tokens of row b (the source) see each other in both directions,
         the rest see the whole source and their own past. Set `labels` to -100 on the source
         to train on the target only. Without it, plain left-to-right attention.
 
         `cache`: a `KVCache` of the tokens already read (generation, motian.serving.generate);
-        `input_ids` are then only the new tokens, and the cache is extended in place."""
+        `input_ids` are then only the new tokens, and the cache is extended in place.
+
+        `last_only`: logits (B, 1, vocab) of the last column only, what decoding reads: the
+        last block's output projection and FFN and the output layer (vocab-wide) then run on
+        one row per sequence instead of L (`MotianModel`'s `output_positions`)."""
         if prefix_lengths is not None:
             attention_mask = prefix_lm_mask(prefix_lengths, input_ids.shape[1], attention_mask)
+        (B, L), rows = input_ids.shape, None
+        if last_only and L > 1:
+            rows = torch.arange(B, device=input_ids.device) * L + (L - 1)  # flat into B * L
         h = self.backbone(input_ids, attention_mask, None, position_ids, document_ids,
-                          cache=cache)
+                          rows, cache=cache)
+        if rows is not None:
+            h = h[:, None]  # (B, 1, hidden)
         weight = (self.backbone.embeddings.word.weight if self.decoder is None
                   else self.decoder.weight)
         logits = F.linear(h, weight)  # (B, L, vocab)

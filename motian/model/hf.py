@@ -5,9 +5,11 @@
   `weights_only=True`, sharded or not) -> motian Post-LN + absolute model, with a loud report of
   every key that did not load (the MLM head included).
 - `export_hf(model, directory)`: a BERT-shaped model -> a directory `transformers` loads natively
-  (BertForMaskedLM, ...); any other configuration (Pre-LN, relative positions, GEGLU, decoder) ->
-  a directory that loads with `trust_remote_code=True` from a `modeling_motian.py` generated from
-  motian's own model source files, so no model code is written twice. Either kind gets the
+  (BertForMaskedLM, ...); a GPT-2-shaped decoder (`gpt2_mismatches` is empty: Pre-LN, learned
+  absolute positions, no embedding LayerNorm) -> a native `GPT2LMHeadModel`; any other
+  configuration (Pre-LN encoders, relative positions, GEGLU, other decoders) -> a directory that
+  loads with `trust_remote_code=True` from a `modeling_motian.py` generated from motian's own
+  model source files, so no model code is written twice. Either kind gets the
   tokenizer files `AutoTokenizer.from_pretrained(directory)` loads (`write_hf_tokenizer`).
 - `convert_hf(source, out)`: either direction, directory to directory (`motian hf-convert`).
 """
@@ -228,8 +230,46 @@ def is_bert_shaped(model: nn.Module) -> bool:
     c: ModelConfig = model.config
     return (type(model).__name__ in _HEAD_TO_BERT and c.norm == "post" and c.position == "absolute"
             and c.activation == "gelu" and not c.causal and c.type_vocab_size > 0
-            and c.classifier_pooling == "cls" and c.attention == "full"
+            and c.classifier_pooling == "cls" and c.attention == "full" and c.embedding_norm
             and c.layer_heads is None and c.layer_ffn is None)  # BERT: one width for all layers
+
+
+def gpt2_mismatches(model: nn.Module) -> list[str]:
+    """Why `transformers`' GPT2LMHeadModel cannot compute what `model` computes, each with the
+    setting that would change it; [] when it can. GPT-2 is a Pre-LN decoder with learned absolute
+    positions, exact-GELU MLPs (activation_function "gelu"; the original's tanh "gelu_new" is
+    another option of the same class), a final LayerNorm and a plain linear output layer, which
+    is motian's CausalLM with these settings. Segment embeddings need no match: a CausalLM reads
+    segment 0 everywhere, a constant that `motian_to_gpt2` adds to the position table."""
+    head, c = type(model).__name__, model.config
+    if head != "CausalLM":
+        return [f"a {head} is not a decoder (GPT-2 exports a CausalLM)"]
+    why = []
+    if c.embedding_norm:
+        why.append("its embeddings end in a LayerNorm, which GPT-2 has no place for "
+                   "(embedding_norm: false)")
+    if c.position != "absolute":
+        why.append(f"'{c.position}' positions (GPT-2 learns absolute ones: position: absolute)")
+    if c.norm != "pre":
+        why.append("Post-LN blocks (GPT-2 is Pre-LN: norm: pre)")
+    if c.activation != "gelu":
+        why.append(f"{c.activation} feed-forward layers (GPT-2's MLP is one GELU: activation: "
+                   "gelu)")
+    if c.attention != "full":
+        why.append(f"{c.attention} attention (GPT-2 attends to every earlier token: attention: "
+                   "full)")
+    if c.layer_heads is not None or c.layer_ffn is not None:
+        why.append("pruned layers of different widths (GPT-2 has one width for all layers)")
+    return why
+
+
+def require_gpt2(model: nn.Module, source: str = "model") -> None:
+    """Raise a UserError naming every setting that keeps `model` from being a GPT-2."""
+    why = gpt2_mismatches(unwrap_model(model))
+    if why:
+        raise UserError(f"{source}: not GPT-2-compatible: {'; '.join(why)}. Train a decoder "
+                        "with those settings (recipe gpt2-demo), or export it as remote code "
+                        "(motian export --format hf does so by itself)")
 
 
 def export_hf(model: nn.Module, directory: str | Path,
@@ -243,11 +283,20 @@ def export_hf(model: nn.Module, directory: str | Path,
     directory.mkdir(parents=True, exist_ok=True)
     if is_bert_shaped(model):
         _export_bert(model, directory)
+    elif not gpt2_mismatches(model):
+        _export_gpt2(model, directory)
     else:
+        if type(model).__name__ == "CausalLM":
+            print("motian: note: writing remote code (trust_remote_code), not a native "
+                  f"GPT2LMHeadModel: {'; '.join(gpt2_mismatches(model))}", file=sys.stderr)
         _export_remote(model, directory)
     if tokenizer is not None:
-        write_hf_tokenizer(tokenizer, directory, model.config.max_positions)
-        if type(model).__name__ == "CausalLM":
+        decoder = type(model).__name__ == "CausalLM"
+        # A decoder reads no segments, and GPT-2 would look token_type_ids up in its word
+        # embeddings: its tokenizer returns input_ids and attention_mask only.
+        write_hf_tokenizer(tokenizer, directory, model.config.max_positions,
+                           ["input_ids", "attention_mask"] if decoder else None)
+        if decoder:
             write_generation_config(tokenizer, directory)
     return directory
 
@@ -274,7 +323,8 @@ HF_TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json",
 
 
 def write_hf_tokenizer(source: str | Path, directory: str | Path,
-                       max_length: int | None = None) -> list[Path]:
+                       max_length: int | None = None,
+                       input_names: list[str] | None = None) -> list[Path]:
     """Write the tokenizer at `source` (a directory, tokenizer.json or vocab.txt) into
     `directory` as `transformers` loads it with `AutoTokenizer.from_pretrained(directory)`,
     remote-code exports included: tokenizer.json (the exact pipeline motian tokenises with),
@@ -284,7 +334,8 @@ def write_hf_tokenizer(source: str | Path, directory: str | Path,
     the normaliser's own settings (BertTokenizerFast rebuilds a normaliser whose lowercase /
     strip_accents / chinese-character settings differ from its arguments; a tokenizer.json
     with another normaliser gets PreTrainedTokenizerFast, which runs it as it is), and
-    special_tokens_map.json. Returns the files written."""
+    special_tokens_map.json. `input_names`: what the tokenizer returns (`model_input_names`;
+    default the class's, token_type_ids included). Returns the files written."""
     from motian.data.tokenizer import SPECIAL_TOKENS, load_tokenizer, vocab_tokens
     from motian.io import write_text_atomic
 
@@ -304,6 +355,8 @@ def write_hf_tokenizer(source: str | Path, directory: str | Path,
     settings.update(clean_up_tokenization_spaces=False, **special)
     if max_length:
         settings["model_max_length"] = int(max_length)
+    if input_names:
+        settings["model_input_names"] = list(input_names)
     tok.save(str(directory / "tokenizer.json"))
     write_text_atomic(directory / "vocab.txt", "\n".join(vocab_tokens(tok)) + "\n")
     _write_json(directory / "tokenizer_config.json", settings)
@@ -355,6 +408,53 @@ def motian_to_bert(state: dict[str, Tensor], head: str, layers: int) -> dict[str
     if head == "MotianModel":  # BertModel is saved without the `bert.` prefix
         out = {k.removeprefix("bert."): v for k, v in out.items()}
     return out
+
+
+# GPT-2 name (inside `transformer.h.{i}.`) <-> motian name (inside `backbone.blocks.{i}.`).
+# GPT-2's Conv1D layers hold the transpose of a Linear's weight; c_attn is q, k, v fused in
+# motian's order.
+_GPT2_LAYER = [("ln_1", "attention_norm"), ("attn.c_attn", "attention.qkv"),
+               ("attn.c_proj", "attention.out"), ("ln_2", "ffn_norm"), ("mlp.c_fc", "ffn.up"),
+               ("mlp.c_proj", "ffn.down")]
+
+
+def motian_to_gpt2(model: nn.Module) -> dict[str, Tensor]:
+    """A GPT-2-shaped CausalLM's weights under GPT2LMHeadModel's names (see
+    `gpt2_mismatches`). Segment 0's embedding, which a CausalLM adds at every position, is
+    folded into the position table."""
+    backbone, c = model.backbone, model.config
+    embeddings = backbone.embeddings
+    positions = embeddings.position.weight
+    if embeddings.token_type is not None:
+        positions = positions + embeddings.token_type.weight[0]
+    out = {"transformer.wte.weight": embeddings.word.weight, "transformer.wpe.weight": positions,
+           "transformer.ln_f.weight": backbone.final_norm.weight,
+           "transformer.ln_f.bias": backbone.final_norm.bias}
+    for i, block in enumerate(backbone.blocks):
+        for theirs, ours in _GPT2_LAYER:
+            layer = block.get_submodule(ours)
+            conv = isinstance(layer, nn.Linear)  # a Conv1D in GPT-2: (in, out)
+            out[f"transformer.h.{i}.{theirs}.weight"] = layer.weight.t() if conv else layer.weight
+            out[f"transformer.h.{i}.{theirs}.bias"] = layer.bias
+    if not c.tie_word_embeddings:
+        out["lm_head.weight"] = model.decoder.weight
+    return {k: v.detach().contiguous().cpu() for k, v in out.items()}
+
+
+def _export_gpt2(model: nn.Module, directory: Path) -> None:
+    c = model.config
+    save_file(motian_to_gpt2(model), str(directory / "model.safetensors"),
+              metadata={"format": "pt"})
+    _write_json(directory / "config.json", {
+        "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": c.vocab_size,
+        "n_positions": c.max_positions, "n_embd": c.hidden, "n_layer": c.layers,
+        "n_head": c.heads, "n_inner": c.ffn, "activation_function": "gelu",
+        "resid_pdrop": c.dropout, "embd_pdrop": c.dropout, "attn_pdrop": c.attention_dropout,
+        "layer_norm_epsilon": c.layer_norm_eps, "initializer_range": c.initializer_range,
+        "scale_attn_weights": True, "tie_word_embeddings": c.tie_word_embeddings,
+        # GPT-2's defaults name its own vocabulary's <|endoftext|>; generation_config.json
+        # (written with the tokenizer) names this vocabulary's [CLS], [SEP] and [PAD]
+        "bos_token_id": None, "eos_token_id": None, "torch_dtype": "float32"})
 
 
 REMOTE_SOURCES = ("config.py", "dropout.py", "positions.py", "sparse_attention.py", "transformer.py",
@@ -440,6 +540,7 @@ def convert_hf(source: Path, out: Path, head: Head = "auto", strict: bool = Fals
         return out
     model = from_pretrained(source)
     export_hf(model, out, tokenizer)
-    kind = "BERT (native)" if is_bert_shaped(model) else "trust_remote_code"
+    kind = ("BERT (native)" if is_bert_shaped(model) else
+            "GPT-2 (native)" if not gpt2_mismatches(model) else "trust_remote_code")
     print(f"motian: wrote {kind} Hugging Face model to {out}")
     return out

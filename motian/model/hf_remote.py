@@ -101,8 +101,9 @@ class MotianForCausalLM(MotianPreTrainedModel, GenerationMixin):
     GenerationMixin: greedy, sampling, beam search) with motian's own `KVCache` as
     `past_key_values`, decoding exactly as `motian generate` does: positions count real tokens
     only (a left-padded prompt reads as it would alone), and the cache is the one
-    motian.serving.generate fills. Not GPT-2's classes: motian's embeddings end in a LayerNorm,
-    which GPT-2 has no place for, so no motian decoder is a GPT2LMHeadModel.
+    motian.serving.generate fills. For decoders GPT-2's classes cannot express (an embedding
+    LayerNorm, relative positions, Post-LN, ...); a GPT-2-shaped one (`motian.model.hf.
+    gpt2_mismatches`, recipe gpt2-demo) is exported as a native GPT2LMHeadModel instead.
 
     A plain call (no `past_key_values`, `use_cache` not set) is the motian forward unchanged,
     what the export parity check compares. TUPE and DeBERTa positions have no cache: their

@@ -40,7 +40,8 @@ from motian.model.sparse_attention import SlidingPlan, sliding_attention, slidin
 
 
 class Embeddings(nn.Module):
-    """word + segment (+ absolute position) embeddings, then LayerNorm and dropout (as BERT)."""
+    """word + segment (+ absolute position) embeddings, then LayerNorm (as BERT; none with
+    `embedding_norm=False`, as GPT-2) and dropout."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -50,7 +51,8 @@ class Embeddings(nn.Module):
                          if config.position == "absolute" else None)
         self.token_type = (nn.Embedding(config.type_vocab_size, config.hidden)
                            if config.type_vocab_size > 0 else None)
-        self.norm = nn.LayerNorm(config.hidden, eps=config.layer_norm_eps)
+        self.norm = (nn.LayerNorm(config.hidden, eps=config.layer_norm_eps)
+                     if config.embedding_norm else None)
         self.dropout = Dropout(config.dropout)
 
     def forward(self, input_ids: Tensor, token_type_ids: Tensor | None,
@@ -66,7 +68,7 @@ class Embeddings(nn.Module):
             if token_type_ids is None:
                 token_type_ids = torch.zeros_like(input_ids)
             x = x + self.token_type(token_type_ids)
-        return self.dropout(self.norm(x))
+        return self.dropout(x if self.norm is None else self.norm(x))
 
 
 @dataclass

@@ -14,6 +14,9 @@ The ONNX contract (what `motian predict --backend onnx` and any other runtime fe
 | MultipleChoice | input_ids, attention_mask, token_type_ids* (B, C, L) | logits (B, C) |
 | CausalLM | input_ids, attention_mask (B, L) | logits (B, L, vocab) |
 
+A CausalLM also gets decoder_kv.onnx, the same decoder with a KV cache (past keys and values
+in, present ones out: motian/serving/onnx_decoder.py), checked by decoding greedily with it.
+
 (*) only when the model has segment embeddings (type_vocab_size > 0). B, C and L are dynamic.
 MLM logits cover every position, not only the masked ones: a served fill-mask request names its
 [MASK] positions by token, so a second "positions" input would only move that lookup into every
@@ -56,6 +59,12 @@ from motian.model.artifact import (
 from motian.model.hf import write_hf_tokenizer
 from motian.model.io import from_pretrained
 from motian.serving.onnx import INT8_FILE, ONNX_FILE, onnx_session, run_session
+from motian.serving.onnx_decoder import (
+    KV_FILE,
+    check_onnx_decoder,
+    export_onnx_decoder,
+    has_kv_graph,
+)
 from motian.tasks.features import Featurizer, collate
 from motian.tasks.types import Example, Task, tag_names
 
@@ -312,14 +321,10 @@ def check_hf_generation(model: nn.Module, directory: Path, tokenizer_dir: Path,
     logits within 1e-4 can still flip a near-tie, so a mismatch is reported, not fatal."""
     from motian.serving.generate import Decoding, generate_ids, left_pad
 
-    tok = load_tokenizer(tokenizer_dir)
-    special = special_token_ids(tok)
-    texts = [t for t, _, _ in islice(iter_reviews(), 0, 30, 10)]
-    prompts = [[special["cls"]] + tok.encode(t[:n], add_special_tokens=False).ids
-               for t, n in zip(texts, (4, 9, 6))]
+    special = special_token_ids(tokenizer_dir)
+    prompts = generation_prompts(tokenizer_dir)
+    new_tokens = generation_steps(model, prompts, new_tokens)
     c = model.config
-    if not c.extrapolates:  # learned absolute positions end at max_positions
-        new_tokens = min(new_tokens, c.max_positions - max(map(len, prompts)))
     banned = [special[k] for k in ("pad", "cls", "mask", "unk")]
     decoding = Decoding(max_new_tokens=new_tokens, cache=c.position not in ("tupe", "deberta"))
     ours = generate_ids(model, prompts, decoding, special["pad"], [special["sep"]], banned)
@@ -329,6 +334,22 @@ def check_hf_generation(model: nn.Module, directory: Path, tokenizer_dir: Path,
     theirs = [row[:row.index(special["sep"])] if special["sep"] in row else row
               for row in out[:, ids.shape[1]:].tolist()]
     return theirs == ours.tokens
+
+
+def generation_prompts(tokenizer_dir: Path) -> list[list[int]]:
+    """The generation checks' prompts: the starts (4, 9 and 6 characters) of three bundled
+    reviews as `motian generate` reads them, [CLS] + tokens; decoded left-padded."""
+    tok = load_tokenizer(tokenizer_dir)
+    cls = special_token_ids(tok)["cls"]
+    texts = [t for t, _, _ in islice(iter_reviews(), 0, 30, 10)]
+    return [[cls] + tok.encode(t[:n], add_special_tokens=False).ids
+            for t, n in zip(texts, (4, 9, 6))]
+
+
+def generation_steps(model: nn.Module, prompts: list[list[int]], wanted: int) -> int:
+    """`wanted` new tokens, fewer where learned absolute positions end at max_positions."""
+    c = model.config
+    return wanted if c.extrapolates else min(wanted, c.max_positions - max(map(len, prompts)))
 
 
 def _zero_padding(model: nn.Module, outputs: dict[str, np.ndarray],
@@ -432,6 +453,9 @@ def export(checkpoint: Path, out: Path, format: Literal["onnx", "hf", "both"] = 
               "exit", flush=True)
     if format in ("onnx", "both"):
         manifest["onnx"] = _export_onnx_checked(model, out, opset, batches, tolerance)
+        if has_kv_graph(model):
+            manifest["onnx_kv"] = _export_kv_checked(model, out, opset, tokenizer_dir,
+                                                     tolerance, check)
     if int8:
         from motian.serving.quantize import check_int8, quantize_int8
 
@@ -480,16 +504,40 @@ def _export_onnx_checked(model: nn.Module, out: Path, opset: int,
     return result
 
 
+def _export_kv_checked(model: nn.Module, out: Path, opset: int, tokenizer_dir: Path,
+                       tolerance: float, check: bool) -> dict:
+    """decoder_kv.onnx, kept if greedy decoding with it in onnxruntime gives PyTorch's cached
+    logits within `tolerance` at every step (tokens that differ are reported, not fatal: logits
+    within it may still flip a near-tie)."""
+    path = export_onnx_decoder(model, out / KV_FILE, opset)
+    result: dict = {"file": KV_FILE, "checked": check}
+    if check:
+        prompts = generation_prompts(tokenizer_dir)
+        steps = generation_steps(model, prompts, 8)
+        result |= check_onnx_decoder(model, path, prompts,
+                                     special_token_ids(tokenizer_dir)["pad"], steps)
+        worst = result["max_abs_diff"]["logits"]
+        print(f"motian: onnx with KV cache vs PyTorch cached decoding, greedy on "
+              f"{len(prompts)} real prompts x {steps} steps: max |diff| logits {worst:.1e}, "
+              f"{'same tokens' if result['same_tokens'] else 'DIFFERENT tokens'}", flush=True)
+        if worst > tolerance:
+            os.replace(path, out / "decoder_kv.rejected.onnx")  # kept for inspection
+            require_parity(Parity(result["max_abs_diff"], [[len(prompts), steps]]), tolerance,
+                           f"the KV-cache ONNX decoder ({out / 'decoder_kv.rejected.onnx'})")
+    print(f"motian: wrote {path} ({path.stat().st_size / 1e6:.1f} MB)", flush=True)
+    return result
+
+
 def _export_hf_checked(model: nn.Module, directory: Path, tokenizer_dir: Path,
                        batches: list[dict[str, Tensor]], tolerance: float,
                        labels: list[str] | None) -> dict:
-    from motian.model.hf import export_hf, is_bert_shaped
+    from motian.model.hf import export_hf, gpt2_mismatches, is_bert_shaped
 
     export_hf(model, directory, tokenizer_dir)
     if labels and "num_labels" in getattr(model, "head_kwargs", {}):
         _name_hf_labels(directory, labels)
     result: dict = {"directory": "hf", "native_bert": is_bert_shaped(model),
-                    "checked": bool(batches)}
+                    "native_gpt2": not gpt2_mismatches(model), "checked": bool(batches)}
     if batches:
         parity = check_hf(model, directory, batches)
         result.update(asdict(parity))
@@ -500,8 +548,9 @@ def _export_hf_checked(model: nn.Module, directory: Path, tokenizer_dir: Path,
             print("motian: hugging face generate() vs motian generate, greedy on 3 real "
                   f"prompts: {'same tokens' if result['generate_matches'] else 'DIFFERENT tokens'}",
                   flush=True)
-    print(f"motian: wrote {directory} ({'native BERT' if result['native_bert'] else 'trust_remote_code'})",
-          flush=True)
+    kind = ("native BERT" if result["native_bert"] else
+            "native GPT2LMHeadModel" if result["native_gpt2"] else "trust_remote_code")
+    print(f"motian: wrote {directory} ({kind})", flush=True)
     return result
 
 

@@ -110,7 +110,7 @@ class _Sequences(GrowingBatch):
         """Next-token logits (B, vocab) in fp32 after the last column."""
         n = self.unread if self.cache is not None else self.ids.shape[1]
         out = self.model(self.ids[:, -n:], self.mask[:, -n:], position_ids=self.positions[:, -n:],
-                         cache=self.cache)
+                         cache=self.cache, last_only=True)
         self.unread = 0
         return out.logits[:, -1].float()
 

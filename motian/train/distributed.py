@@ -143,7 +143,9 @@ def shard_model(module: nn.Module, info: DistInfo, precision: str = "fp32") -> n
     gradients are reduced in fp32 (`MixedPrecisionPolicy(param_dtype=bf16,
     reduce_dtype=fp32)`); the sharded master weights stay fp32. On CPU (and in fp32) no policy:
     gloo reduces fp32. Activation recomputation (`checkpoint_activations`) runs inside each
-    block's forward, so it composes: the recomputed forward all-gathers the block again."""
+    block's forward, so it composes: the recomputed forward all-gathers the block again.
+    A module built on meta (`motian.train.meta_init`) is sharded on meta; `materialise`
+    then gives each rank its shards."""
     from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
     from motian.model.transformer import Block
@@ -163,10 +165,18 @@ def shard_model(module: nn.Module, info: DistInfo, precision: str = "fp32") -> n
 def sync_gradients(step_model: nn.Module, last: bool):
     """The context of one micro-step's backward: gradients are reduced across processes on
     the step's last micro-batch only (DDP `no_sync`; FSDP `set_requires_gradient_sync`, which
-    keeps unsharded gradients between micro-steps: memory for fewer reduce-scatters)."""
+    keeps unsharded gradients between micro-steps: memory for fewer reduce-scatters).
+
+    FSDP also keeps the root unit (embeddings, heads, task weights) gathered from one
+    micro-step's backward to the next one's forward (`set_reshard_after_backward(False)` on
+    the root only): its all-gather, the largest single one (the word embeddings), runs once per
+    optimizer step instead of once per micro-step, for the root's parameters held whole during
+    accumulation. The blocks still reshard after every backward: keeping them too would hold
+    the whole model's parameters between micro-steps, the memory FSDP exists to save."""
     inner = getattr(step_model, "_orig_mod", step_model)  # under torch.compile
     if hasattr(inner, "set_requires_gradient_sync"):
         inner.set_requires_gradient_sync(last)
+        inner.set_reshard_after_backward(last, recurse=False)
         return contextlib.nullcontext()
     if last or not hasattr(step_model, "no_sync"):
         return contextlib.nullcontext()

@@ -75,6 +75,7 @@ from motian.train.checkpoint import (
 )
 from motian.train.distributed import DistInfo
 from motian.train.intervals import Every, parse_every
+from motian.train.meta_init import materialise
 from motian.train.metrics import MetricsLogger
 from motian.train.optim import build_optimizer, param_groups
 from motian.train.schedule import Progress, lr_multiplier, set_lr
@@ -428,6 +429,7 @@ def fit(objective: Objective, source: BatchSource, config: FitConfig, run: RunSe
         # and before the move to the device: each GPU receives its shards only
         _check_fsdp(config, run, precision, depths, fsdp_ok)
         dist_utils.wrap_model(objective, info, "fsdp", precision)
+        materialise(objective, info.device)  # built on meta: each rank its shards only
     objective.to(info.device)
     scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
     budget = config.budget_minutes * 60 if config.budget_minutes > 0 else None

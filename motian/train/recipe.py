@@ -89,6 +89,10 @@ class DataSpec:
     click_full_weight_impressions: int = 10
     cross_document_attention: bool = True
     seed: int = 0
+    # ERNIE 2.0's sentence reordering task (stages' tasks: reorder): a row is a document
+    # window cut into this many parts at sentence ends, shuffled; its label is the permutation
+    # (parts! classes; motian.data.discourse).
+    reorder_parts: int = 3
 
     def __post_init__(self) -> None:
         if self.pair_task == "click" and not self.click_files:
@@ -306,6 +310,9 @@ class Recipe:
                             f"{masking.strategy!r} (data.masking: {self.data.masking})")
         if any(s.layers for s in self.stages):  # progressive stacking: a plan that can run
             depth_plan(self.stages, self.model.build().layers, f"recipe {self.name}")
+        from motian.train.continual import check_schedule
+
+        check_schedule(self)  # stages' tasks: ERNIE 2.0's continual multi-task schedule
 
     def stage_bounds(self) -> list[tuple[float, float]]:
         """[(start, end)] of each stage as fractions of the whole run."""
@@ -320,6 +327,10 @@ class Recipe:
         for stage in d["stages"]:  # a stage at full depth hashes as before stacking existed
             if not stage.get("layers"):
                 stage.pop("layers", None)
+            if not stage.get("tasks"):  # no task schedule: hash as before it existed
+                stage.pop("tasks", None)
+        if not any(stage.get("tasks") for stage in d["stages"]):
+            d["data"].pop("reorder_parts", None)
         if d["objective"]["kind"] not in ("electra", "mc-bert"):  # unused: hash as before
             for key in ("generator_width", "generator_depth", "rtd_weight", "candidates"):
                 d["objective"].pop(key, None)

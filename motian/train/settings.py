@@ -83,7 +83,9 @@ class Stage:
     """A part of the run: `fraction` of all steps (or of the time budget) at `seq_len` tokens
     with `global_batch` rows per optimizer step, after its own warm-up (fraction of the stage).
     `layers` > 0 trains that many Transformer blocks in this stage (progressive stacking, see
-    `depth_plan`); 0 = the model's full depth."""
+    `depth_plan`); 0 = the model's full depth. `tasks` (pretraining only) names the stage's
+    tasks with their sampling weights, ERNIE 2.0's continual multi-task schedule
+    (`motian.train.continual`); empty = the recipe's objective as it stands."""
 
     fraction: float = 1.0
     seq_len: int = 128
@@ -91,6 +93,7 @@ class Stage:
     warmup: float = 0.06
     name: str = ""
     layers: int = 0
+    tasks: dict = field(default_factory=dict)
 
 
 def stage_bounds(stages: tuple[Stage, ...]) -> list[tuple[float, float]]:

@@ -163,15 +163,25 @@ def ft_seeds(args: argparse.Namespace, seed: int) -> list[int]:
 
 
 def waves(args: argparse.Namespace, arms: list[Arm]) -> list[list[tuple[Arm, int]]]:
-    """Pairs of (arm, seed) to pretrain together: different arms in a pair, the pairing rotated
-    per seed so no two arms always share a wave."""
-    runs = []
-    for k, seed in enumerate(args.seeds):
-        order = arms[k % len(arms):] + arms[:k % len(arms)]
-        runs += [(a, seed) for a in order]
-    todo = [(a, s) for a, s in runs
-            if not (run_dir(args, a, s) / "pretrain" / "summary.json").is_file()]
-    return [todo[i:i + 2] for i in range(0, len(todo), 2)]
+    """Pairs of (arm, seed) to pretrain together: different arms in a pair, and no two arms in
+    a pair twice while another partner is left (the runs in seed order, each paired with the
+    next run whose arm differs and has not shared a wave with it yet)."""
+    runs = [(a, seed) for seed in args.seeds for a in arms
+            if not (run_dir(args, a, seed) / "pretrain" / "summary.json").is_file()]
+    used: set[frozenset[str]] = set()
+    plan = []
+    while runs:
+        first = runs.pop(0)
+        others = [r for r in runs if r[0].slug != first[0].slug]
+        fresh = [r for r in others if frozenset((first[0].slug, r[0].slug)) not in used]
+        if not (fresh or others):
+            plan.append([first])
+            continue
+        partner = (fresh or others)[0]
+        runs.remove(partner)
+        used.add(frozenset((first[0].slug, partner[0].slug)))
+        plan.append([first, partner])
+    return plan
 
 
 def run_all(args: argparse.Namespace, arms: list[Arm]) -> None:

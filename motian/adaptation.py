@@ -119,8 +119,10 @@ def adapt(task: str, model: Path, out: Path, steps: int = 300, data: Path | None
         steps=steps, eval=EvalSpec(every="50%", holdout_every=HOLDOUT_EVERY, seq_len=seq_len,
                                     batch=8),
         checkpoint_every=0)
+    # init_from is applied only when `out` holds no checkpoint yet, so --resume on a stage that
+    # never saved one still starts from --model (not from random weights)
     summary = pretrain_recipe(recipe, run, out / "encoded", out, resume=resume,
-                              init_from=None if resume else resolve_model_dir(model))
+                              init_from=resolve_model_dir(model))
     if summary["rank"] == 0:
         print(adapt_line(out, task), file=sys.stderr, flush=True)
     return summary

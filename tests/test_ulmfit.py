@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import json
+from pathlib import Path
 
 import pytest
 
@@ -130,6 +131,18 @@ def test_adapt_trains_on_the_task_text_then_finetune_starts_from_it(news_model, 
                       run=RunSettings(progress=False, threads=1))
     assert result["model"]["sha256"] == sha256_file(adapted / "model.safetensors")
     assert str(adapted) in result["model"]["source"]
+
+
+def test_adapt_resume_on_a_new_stage_starts_from_the_model(news_model, tmp_path):
+    # --resume with no checkpoint yet is a new stage: it must start from --model, as without
+    # --resume (it once started from random weights), so both runs' step-0 losses are the same
+    def first_loss(out: Path, resume: bool) -> float:
+        adapt("reviews-sentiment", news_model, out, steps=1, max_train=200, seq_len=64,
+              batch_size=8, resume=resume, run=RunSettings(progress=False, threads=1))
+        return read_metrics(out / "metrics.jsonl", "eval")[0]["loss"]
+
+    assert first_loss(tmp_path / "resumed", True) == pytest.approx(
+        first_loss(tmp_path / "new", False), abs=1e-6)
 
 
 def test_adapt_refuses_bad_input(news_model, tmp_path):

@@ -28,8 +28,9 @@ from torch import Tensor
 
 from motian.errors import UserError
 from motian.model.elmo import ElmoLM
-from motian.train.distributed import DistInfo, all_reduce_sum
+from motian.train.distributed import DistInfo
 from motian.train.fit import Objective
+from motian.train.objectives import held_out_sums
 
 DIRECTIONS = ("forward", "backward")
 
@@ -80,20 +81,15 @@ class BiLMObjective(Objective):
     def evaluate(self, info: DistInfo, autocast) -> dict | None:
         if not self.evalset:
             return None
-        was_training = self.model.training
-        self.model.eval()
-        sums = torch.zeros(5, dtype=torch.float64)  # loss fwd, loss bwd, correct x2, tokens
-        for batch in self.evalset[info.rank::info.world_size]:
-            batch = {k: v.to(info.device) for k, v in batch.items()}
+        def add(batch: dict[str, Tensor]) -> list[float]:  # loss fwd, bwd, correct x2, tokens
             with autocast:
                 out = self.model(batch["input_ids"], batch["attention_mask"],
                                  labels=batch["labels"])
-            sums += torch.tensor([float(out.losses["forward"]), float(out.losses["backward"]),
-                                  float(out.losses["forward_correct"]),
-                                  float(out.losses["backward_correct"]),
-                                  self.units(batch) / 2], dtype=torch.float64)
-        all_reduce_sum(sums, info)
-        self.model.train(was_training)
+            return [float(out.losses["forward"]), float(out.losses["backward"]),
+                    float(out.losses["forward_correct"]), float(out.losses["backward_correct"]),
+                    self.units(batch) / 2]
+
+        sums = held_out_sums(self.model, self.evalset, info, 5, add)
         result = direction_summary(sums[:2].tolist(), sums[2:4].tolist(), float(sums[4]))
         result = {"loss": result["loss"], "accuracy": result["acc"],
                   "perplexity": result["ppl"], "tokens": int(sums[4]) * 2,

@@ -30,9 +30,9 @@ from torch import Tensor
 from motian.data.loader import LoaderConfig
 from motian.data.splits import SplitLoader, mass_batches
 from motian.model.seq2seq import Seq2SeqLM
-from motian.train.distributed import DistInfo, all_reduce_sum
+from motian.train.distributed import DistInfo
 from motian.train.fit import Objective
-from motian.train.objectives import token_summary
+from motian.train.objectives import held_out_sums, token_summary
 from motian.train.recipe import EvalSpec
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "decoder_input_ids", "decoder_attention_mask",
@@ -68,20 +68,15 @@ class MaskedSeq2Seq(Objective):
     def evaluate(self, info: DistInfo, autocast) -> dict | None:
         if not self.evalset:
             return None
-        was_training = self.model.training
-        self.model.eval()
-        sums = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, tokens
-        for batch in self.evalset[info.rank::info.world_size]:
-            batch = {k: v.to(info.device) for k, v in batch.items()}
+        def add(batch: dict[str, Tensor]) -> list[float]:  # loss sum, correct, tokens
             with autocast:
                 logits = self.model(**{k: batch[k] for k in MODEL_INPUTS}).logits.float()
             labels = batch["decoder_labels"]
             labels = labels[labels != -100]
-            sums[0] += float(F.cross_entropy(logits, labels, reduction="sum"))
-            sums[1] += float((logits.argmax(-1) == labels).sum())
-            sums[2] += labels.numel()
-        all_reduce_sum(sums, info)
-        self.model.train(was_training)
+            return [float(F.cross_entropy(logits, labels, reduction="sum")),
+                    float((logits.argmax(-1) == labels).sum()), labels.numel()]
+
+        sums = held_out_sums(self.model, self.evalset, info, 3, add)
         n = max(float(sums[2]), 1.0)
         loss = float(sums[0]) / n
         return {"loss": loss, "accuracy": float(sums[1]) / n, "tokens": int(sums[2]),

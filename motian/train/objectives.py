@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -247,15 +248,31 @@ def token_summary(sums: dict[str, float], task: str) -> dict[str, float]:
 
 
 @torch.no_grad()
+def held_out_sums(model: nn.Module, batches: list[dict], info: DistInfo, size: int,
+                  add: Callable[[dict[str, Tensor]], list[float]]) -> Tensor:
+    """The held-out loop every objective's evaluation shares: `model` in eval mode, each rank
+    taking every world_size-th batch (moved to the rank's device), `add(batch)` giving that
+    batch's `size` sums, which are added up in float64 and all-reduced, so every rank gets the
+    same totals. The model's training mode is restored."""
+    was_training = model.training
+    model.eval()
+    sums = torch.zeros(size, dtype=torch.float64)
+    try:
+        for batch in batches[info.rank::info.world_size]:
+            batch = {k: v.to(info.device) for k, v in batch.items()}
+            sums += torch.tensor(add(batch), dtype=torch.float64)
+    finally:
+        model.train(was_training)
+    all_reduce_sum(sums, info)
+    return sums
+
+
+@torch.no_grad()
 def evaluate_lm(model: nn.Module, batches: list[dict], info: DistInfo,
                 autocast) -> dict[str, float]:
     """Held-out masked-token (or next-token) loss and accuracy, each rank taking every
     world_size-th batch; sums are all-reduced so every rank gets the same numbers."""
-    was_training = model.training
-    model.eval()
-    sums = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, tokens
-    for batch in batches[info.rank::info.world_size]:
-        batch = {k: v.to(info.device) for k, v in batch.items()}
+    def add(batch: dict[str, Tensor]) -> list[float]:  # loss sum, correct, tokens
         with autocast:
             if "labels" in batch:  # causal
                 logits = model(**causal_inputs(batch)).logits[:, :-1]
@@ -267,11 +284,10 @@ def evaluate_lm(model: nn.Module, batches: list[dict], info: DistInfo,
                 logits = model(**{k: v for k, v in batch.items() if k != "mlm_labels"}).logits
                 labels = batch["mlm_labels"]
         logits = logits.float()
-        sums[0] += float(nn.functional.cross_entropy(logits, labels, reduction="sum"))
-        sums[1] += float((logits.argmax(-1) == labels).sum())
-        sums[2] += labels.numel()
-    all_reduce_sum(sums, info)
-    model.train(was_training)
+        return [float(nn.functional.cross_entropy(logits, labels, reduction="sum")),
+                float((logits.argmax(-1) == labels).sum()), labels.numel()]
+
+    sums = held_out_sums(model, batches, info, 3, add)
     n = max(float(sums[2]), 1.0)
     result = {"loss": float(sums[0]) / n, "accuracy": float(sums[1]) / n,
               "tokens": int(sums[2])}
@@ -295,11 +311,7 @@ def evaluate_pairs(model: PreTrainingModel, batches: list[dict], info: DistInfo,
     read whole: the masked tokens are put back first, since the pair task is used (and
     fine-tuned) on unmasked text, and the evaluation's [MASK] tokens are a token a recipe
     with Motian masking (synonyms and random words) never trains on."""
-    was_training = model.training
-    model.eval()
-    sums = torch.zeros(4, dtype=torch.float64)  # loss sum, correct, rows, positive labels
-    for batch in batches[info.rank::info.world_size]:
-        batch = {k: v.to(info.device) for k, v in batch.items()}
+    def add(batch: dict[str, Tensor]) -> list[float]:  # loss sum, correct, rows, positives
         labels = batch["pair_labels"]
         whole = batch["input_ids"].clone()
         whole.view(-1)[batch["mlm_positions"]] = batch["mlm_labels"]
@@ -307,12 +319,11 @@ def evaluate_pairs(model: PreTrainingModel, batches: list[dict], info: DistInfo,
             logits = model(**{k: v for k, v in batch.items() if k not in (
                 "mlm_labels", "pair_labels", "pair_weights", "input_ids")},
                 input_ids=whole).pair_logits.float()
-        sums[0] += float(nn.functional.cross_entropy(logits, labels, reduction="sum"))
-        sums[1] += float((logits.argmax(-1) == labels).sum())
-        sums[2] += labels.numel()
-        sums[3] += float(labels.sum())
-    all_reduce_sum(sums, info)
-    model.train(was_training)
+        return [float(nn.functional.cross_entropy(logits, labels, reduction="sum")),
+                float((logits.argmax(-1) == labels).sum()), labels.numel(),
+                float(labels.sum())]
+
+    sums = held_out_sums(model, batches, info, 4, add)
     n = max(float(sums[2]), 1.0)
     positive = float(sums[3]) / n
     return {"pair_loss": float(sums[0]) / n, "pair_accuracy": float(sums[1]) / n,
